@@ -1,0 +1,177 @@
+"""The plain 3D Vision Transformer encoder shared by Hi-End-MAE pretraining and nnU-Net fine-tuning.
+
+Parameter names follow the Hi-End-MAE reference encoder (``patch_embed.proj``, ``cls_token``, ``blocks.N.*``,
+``norm``) so that released reference checkpoints load by a plain key mapping. Blocks are timm's pre-norm ``Block``
+(fused qkv with bias, GELU MLP, attention through ``F.scaled_dot_product_attention``).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+# Presets are data: every encoder is built from one of these plus in_channels / pos-embed options.
+PRESETS: dict[str, dict] = {
+    "vit_tiny": dict(embed_dim=96, depth=4, num_heads=4, token_size=16),  # CPU tests and the demo
+    "vit_b16": dict(embed_dim=768, depth=12, num_heads=12, token_size=16),
+    "vit_l16": dict(embed_dim=1536, depth=12, num_heads=16, token_size=16),
+    "vit_l12": dict(embed_dim=1536, depth=12, num_heads=16, token_size=12),  # the released Hi-End-MAE model
+}
+
+Grid = tuple[int, int, int]
+
+
+def sincos_pos_embed_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 3D sin-cos embedding ``[1, gh*gw*gd, dim]`` in raster (h, w, d) order, as in the reference.
+
+    Layout per token: [sin(h w), cos(h w), sin(w w), cos(w w), sin(d w), cos(d w)] with F = dim/6 frequencies.
+    """
+    if dim % 6:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 6, got {dim}")
+    f = dim // 6
+    omega = 1.0 / temperature ** (torch.arange(f, dtype=torch.float32) / f)
+    axes = torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij")
+    parts = []
+    for a in axes:
+        out = a.flatten()[:, None] * omega[None]  # [L, F]
+        parts += [torch.sin(out), torch.cos(out)]
+    return torch.cat(parts, dim=1)[None]
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
+    """Resize a learned ``[1, L, E]`` embedding from one token grid to another (trilinear)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    e = pos_embed.shape[-1]
+    vol = pos_embed.reshape(1, *old_grid, e).permute(0, 4, 1, 2, 3)
+    vol = F.interpolate(vol.float(), size=tuple(new_grid), mode="trilinear", align_corners=False)
+    return vol.permute(0, 2, 3, 4, 1).reshape(1, -1, e).to(pos_embed.dtype)
+
+
+def tap_indices(depth: int) -> tuple[int, int, int]:
+    """Blocks whose raw outputs feed the decoder / UNETR skips: 3, 6, 9 for depth 12 (reference convention)."""
+    return depth // 4, 2 * depth // 4, 3 * depth // 4
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv with kernel = stride = token size: equal to a Linear on each flattened (ph, pw, pd, C) patch."""
+
+    def __init__(self, in_channels: int, embed_dim: int, token_size: Grid):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=token_size, stride=token_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, H, W, D] -> [B, L, E]
+
+
+class ViTEncoder3D(nn.Module):
+    """Pre-norm 3D ViT with a CLS token (zero positional embedding) and a final LayerNorm.
+
+    ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, 1+N, E]`` (CLS first) and the raw
+    residual stream after every block (list of ``depth`` tensors ``[B, 1+N, E]``). With ``keep`` (``[B, N]`` token
+    indices in raster order) only those tokens enter the transformer: MAE's visible set.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        token_size: int | Sequence[int] = 16,
+        mlp_ratio: float = 4.0,
+        pos_embed: str = "sincos",
+        pos_embed_grid: Sequence[int] | None = None,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
+        self.token_size: Grid = tuple(token_size) if isinstance(token_size, Sequence) else (token_size,) * 3
+        self.embed_dim, self.depth, self.in_channels = embed_dim, depth, in_channels
+        self.pos_embed_type = pos_embed
+        self.patch_embed = PatchEmbed3D(in_channels, embed_dim, self.token_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm) for i in range(depth)
+        )
+        self.norm = norm(embed_dim)
+        if pos_embed == "learned":
+            if pos_embed_grid is None:
+                raise ValueError("a learned position embedding needs pos_embed_grid")
+            self.pos_embed_grid: Grid | None = tuple(pos_embed_grid)
+            self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.pos_embed_grid, embed_dim))
+        else:
+            self.pos_embed_grid = None
+        self._sincos_cache: dict[Grid, torch.Tensor] = {}
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @property
+    def taps(self) -> tuple[int, int, int]:
+        return tap_indices(self.depth)
+
+    def grid(self, spatial_shape: Sequence[int]) -> Grid:
+        """Token grid of an input; every axis must be a multiple of the token size."""
+        if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
+            raise ValueError(
+                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} on every axis"
+            )
+        return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
+
+    def pos_embed_for(self, grid: Grid, device: torch.device) -> torch.Tensor:
+        """``[1, L, E]`` positional embedding for a token grid (sin-cos built and cached, learned interpolated)."""
+        if self.pos_embed_type == "learned":
+            return interpolate_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
+        key = tuple(grid)
+        pe = self._sincos_cache.get(key)
+        if pe is None or pe.device != device:
+            pe = self._sincos_cache[key] = sincos_pos_embed_3d(grid, self.embed_dim).to(device)
+        return pe
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        grid = self.grid(x.shape[2:])
+        tokens = self.patch_embed(x) + self.pos_embed_for(grid, x.device)  # [B, L, E]
+        if keep is not None:  # visible tokens only: [B, N, E]
+            tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # CLS has zero pos-embed
+        hidden = []
+        for blk in self.blocks:
+            x = blk(x)
+            hidden.append(x)
+        return self.norm(x), hidden
+
+
+def encoder_config(arch: str, in_channels: int = 1, pos_embed: str = "sincos",
+                   pos_embed_grid: Sequence[int] | None = None) -> dict:
+    """Every constructor argument of an encoder built from a preset: stored in checkpoints and plans."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[arch], in_channels=in_channels, mlp_ratio=4.0, pos_embed=pos_embed,
+               pos_embed_grid=list(pos_embed_grid) if pos_embed_grid is not None else None)
+    return {"arch": arch, **cfg}
+
+
+def build_encoder(config: dict, **overrides) -> ViTEncoder3D:
+    """Build an encoder from :func:`encoder_config` output (the ``arch`` key is informational)."""
+    kwargs = {k: v for k, v in config.items() if k != "arch"}
+    kwargs.update(overrides)
+    return ViTEncoder3D(**kwargs)
