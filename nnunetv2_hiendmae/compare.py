@@ -1,0 +1,605 @@
+"""Compare nnU-Net validation results of several trainer/plans pairs, fold by fold.
+
+nnU-Net writes ``fold_<f>/validation/summary.json`` for every trained fold; this module reads those
+files for each ``TRAINER__PLANS`` entry, so our Hi-End-MAE trainers and nnU-Net's own baselines
+(``nnUNetTrainer__nnUNetPlans``, Primus, ResEnc) are compared on exactly the numbers nnU-Net reports.
+It prints a table (Dice per class, mean foreground Dice, mean +- std over folds, paired difference to
+the first entry) and writes it as CSV, Markdown and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from nnunetv2_hiendmae.errors import UserError, cli_entry
+
+DEFAULT_CONFIGURATION = "3d_fullres"
+FG_COLUMN = "mean fg Dice"
+_ENTRY_RE = re.compile(r"^([A-Za-z0-9_.\-]+?)__([A-Za-z0-9_.\-]+)$")
+_FOLD_DIR_RE = re.compile(r"^fold_(\d+)$")
+
+ClassKey = tuple  # canonical label/region: (1,) for label 1, (1, 2, 3) for a region
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class FoldResult:
+    """Dice values of one fold's validation set, as nnU-Net's summary.json reports them."""
+
+    fold: int
+    class_dice: dict[ClassKey, float]
+    fg_dice: float
+
+
+@dataclass
+class EntryResult:
+    """All folds found for one ``TRAINER__PLANS`` entry."""
+
+    name: str
+    folder: Path
+    folds: dict[int, FoldResult]
+
+    def fold_ids(self) -> list[int]:
+        """Folds that have a validation summary, sorted."""
+        return sorted(self.folds)
+
+    def values(self, column: ClassKey | str) -> dict[int, float]:
+        """Per-fold values of one class (ClassKey) or of the mean foreground Dice (FG_COLUMN)."""
+        if column == FG_COLUMN:
+            return {f: r.fg_dice for f, r in self.folds.items()}
+        return {f: r.class_dice.get(column, math.nan) for f, r in self.folds.items()}
+
+
+@dataclass
+class Paired:
+    """Paired difference entry - reference over the folds both have (NaN folds dropped)."""
+
+    mean: float
+    std: float
+    folds: list[int]
+
+
+@dataclass
+class Comparison:
+    """Everything the tool computed; what ``main`` prints and writes, usable from Python too."""
+
+    dataset: str
+    configuration: str
+    classes: list[ClassKey]
+    class_names: dict[ClassKey, str]
+    entries: list[EntryResult]
+    warnings: list[str] = field(default_factory=list)
+    out_dir: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[ClassKey | str]:
+        """Metric columns in table order: every class, then the mean foreground Dice."""
+        return [*self.classes, FG_COLUMN]
+
+    def column_name(self, column: ClassKey | str) -> str:
+        """Human-readable name of a metric column."""
+        return column if isinstance(column, str) else self.class_names[column]
+
+    def mean_std(self, entry: EntryResult, column: ClassKey | str) -> tuple[float, float]:
+        """Mean and sample std over the entry's folds of one column."""
+        return mean_std(entry.values(column).values())
+
+    def paired(self, entry: EntryResult, column: ClassKey | str) -> Paired:
+        """Paired difference of one column between ``entry`` and the first (reference) entry."""
+        return paired_difference(entry.values(column), self.entries[0].values(column))
+
+
+# --------------------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample std (n-1) ignoring NaN; std is NaN below two values, so one fold shows no spread."""
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return math.nan, math.nan
+    std = float(np.std(arr, ddof=1)) if arr.size > 1 else math.nan
+    return float(np.mean(arr)), std
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> Paired:
+    """Difference per shared fold, then mean/std: removes fold-to-fold difficulty from the comparison."""
+    shared = sorted(set(values) & set(reference))
+    diffs = {f: values[f] - reference[f] for f in shared}
+    used = [f for f in shared if not math.isnan(diffs[f])]
+    m, s = mean_std(diffs[f] for f in used)
+    return Paired(m, s, used)
+
+
+# ------------------------------------------------------------------------------------- locating data
+
+
+def results_root() -> Path:
+    """``$nnUNet_results`` as a Path; nnU-Net's only place for trained models, so it must exist."""
+    value = os.environ.get("nnUNet_results")
+    if not value:
+        raise UserError("nnUNet_results is not set; export nnUNet_results=/path/to/nnUNet_results")
+    root = Path(value)
+    if not root.is_dir():
+        raise UserError(f"nnUNet_results={value} is not a directory")
+    return root
+
+
+def resolve_dataset(dataset: str, root: Path) -> str:
+    """Dataset id or name -> ``DatasetXXX_Name`` with a folder in nnUNet_results, as nnU-Net resolves it."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = str(maybe_convert_to_dataset_name(dataset))
+    except (RuntimeError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "More than one" in first_line:
+            raise UserError(f"dataset {dataset!r} is ambiguous: more than one DatasetXXX_* folder has that id "
+                            "in nnUNet_raw/nnUNet_preprocessed/nnUNet_results") from None
+        raise UserError(f"dataset {dataset!r} not found (looked in nnUNet_raw, nnUNet_preprocessed and "
+                        f"nnUNet_results={root}); give an id like 1 or a name like Dataset001_Name") from None
+    if not (root / name).is_dir():
+        raise UserError(f"dataset {name} has no results folder: {root / name} does not exist")
+    return name
+
+
+def parse_entry(value: str) -> tuple[str, str]:
+    """``TRAINER__PLANS`` -> (trainer, plans); rejects anything else so typos fail loudly."""
+    match = _ENTRY_RE.match(value)
+    if match is None or "__" in match.group(2):
+        hint = ""
+        if value.count("__") == 2:
+            hint = " (drop the configuration part; pass it with -c)"
+        raise UserError(f"-r value {value!r} is not TRAINER__PLANS, e.g. nnUNetTrainer__nnUNetPlans{hint}")
+    return match.group(1), match.group(2)
+
+
+def entry_folder(dataset_dir: Path, entry: str, configuration: str) -> Path:
+    """Folder nnU-Net trains ``entry`` into; names the available ones when it is missing."""
+    trainer, plans = parse_entry(entry)
+    folder = dataset_dir / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        available = sorted(p.name for p in dataset_dir.iterdir() if p.is_dir() and p.name.count("__") == 2)
+        listing = ", ".join(available) if available else "none"
+        raise UserError(f"no results for {entry} with configuration {configuration}: {folder} does not exist "
+                        f"(found: {listing})")
+    return folder
+
+
+def fold_dirs(folder: Path) -> dict[int, Path]:
+    """Numbered ``fold_<f>`` folders; ``fold_all`` is skipped because it validates on its training data."""
+    found = {}
+    for p in folder.iterdir():
+        match = _FOLD_DIR_RE.match(p.name)
+        if match and p.is_dir():
+            found[int(match.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def summary_path(fold_dir: Path) -> Path:
+    """Where nnU-Net's final validation writes its metrics."""
+    return fold_dir / "validation" / "summary.json"
+
+
+# -------------------------------------------------------------------------------------- reading data
+
+
+def canonical_key(key: str) -> ClassKey:
+    """summary.json class key ("1" or "(1, 2)") -> tuple, so labels and regions sort and match together.
+
+    Same parsing as nnunetv2.evaluation.evaluate_predictions.key_to_label_or_region, re-done here because
+    importing that module pulls in torch and every image reader (seconds of start-up for reading JSON).
+    """
+    try:
+        return (int(key),)
+    except ValueError:
+        parts = key.replace("(", "").replace(")", "").split(",")
+        return tuple(int(p) for p in parts if p.strip())
+
+
+def _as_float(value: object) -> float:
+    """JSON number or null -> float; nnU-Net writes NaN for classes absent from every validation case."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+def load_fold(path: Path, fold: int) -> tuple[FoldResult, list[ClassKey]]:
+    """Read one summary.json; returns the fold and the classes whose Dice is NaN in it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        means = data["mean"]
+        class_dice = {canonical_key(str(k)): _as_float(v["Dice"]) for k, v in means.items()}
+        stored_fg = _as_float(data.get("foreground_mean", {}).get("Dice"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read {path}: not an nnU-Net summary.json ({type(e).__name__}: {e})") from None
+    if not class_dice:
+        raise UserError(f"cannot read {path}: it lists no classes under 'mean'")
+    nan_classes = [k for k, v in class_dice.items() if math.isnan(v)]
+    fg = stored_fg
+    if math.isnan(fg):
+        # nnU-Net averages with np.mean, so one absent class makes its foreground mean NaN; average the rest
+        fg_values = [v for k, v in class_dice.items() if k != (0,) and not math.isnan(v)]
+        fg = float(np.mean(fg_values)) if fg_values else math.nan
+    return FoldResult(fold, class_dice, fg), nan_classes
+
+
+def load_label_names(folders: Sequence[Path]) -> dict[ClassKey, str]:
+    """Class names from the dataset.json nnU-Net copies into each results folder (first readable one)."""
+    for folder in folders:
+        try:
+            with open(folder / "dataset.json", encoding="utf-8") as f:
+                labels = json.load(f)["labels"]
+            names = {}
+            for name, value in labels.items():
+                key = (int(value),) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
+                names[key] = str(name)
+            return names
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return {}
+
+
+def class_display_names(classes: Sequence[ClassKey], labels: dict[ClassKey, str]) -> dict[ClassKey, str]:
+    """Name per class: dataset.json's name, else ``label 1`` / ``region (1, 2)``; always unique."""
+    names: dict[ClassKey, str] = {}
+    for key in classes:
+        fallback = f"label {key[0]}" if len(key) == 1 else f"region {key}"
+        name = labels.get(key, fallback)
+        names[key] = name if name not in names.values() else f"{name} {fallback}"
+    return names
+
+
+def collect_entry(name: str, folder: Path, folds: Sequence[int] | None,
+                  names: dict[ClassKey, str] | None = None) -> tuple[EntryResult, list[str]]:
+    """Load the requested (or all) folds of one entry; returns it with warnings about what was skipped."""
+    warnings: list[str] = []
+    present = fold_dirs(folder)
+    wanted = sorted(set(folds)) if folds is not None else list(present)
+    results: dict[int, FoldResult] = {}
+    for f in wanted:
+        if f not in present:
+            warnings.append(f"{name}: fold {f} missing (no {folder.name}/fold_{f} folder)")
+            continue
+        path = summary_path(present[f])
+        if not path.is_file():
+            warnings.append(f"{name}: fold {f} skipped, {folder.name}/fold_{f}/validation/summary.json not found "
+                            "(training not finished?)")
+            continue
+        result, nan_classes = load_fold(path, f)
+        results[f] = result
+        for key in nan_classes:
+            label = (names or {}).get(key, str(key[0]) if len(key) == 1 else str(key))
+            warnings.append(f"{name}: fold {f}: Dice of class {label} is nan (absent from every validation case); "
+                            "excluded from that fold's mean fg Dice")
+    if not results:
+        which = f"folds {' '.join(map(str, wanted))}" if folds is not None else "any fold"
+        raise UserError(f"{name}: no validation/summary.json for {which} in {folder}")
+    return EntryResult(name, folder, results), warnings
+
+
+def fold_set_warnings(entries: Sequence[EntryResult]) -> list[str]:
+    """Say plainly when entries were evaluated on different folds, since their means then differ in kind."""
+    sets = {e.name: e.fold_ids() for e in entries}
+    if len({tuple(v) for v in sets.values()}) <= 1:
+        return []
+    listing = "; ".join(f"{n}: {' '.join(map(str, v))}" for n, v in sets.items())
+    warnings = [f"folds differ between entries ({listing}); mean ± std is over each entry's own folds, "
+                "paired differences use only the folds shared with the first entry"]
+    ref = set(entries[0].folds)
+    for e in entries[1:]:
+        if not ref & set(e.folds):
+            warnings.append(f"{e.name} shares no fold with {entries[0].name}: no paired difference")
+    return warnings
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+def _num(x: float) -> str:
+    """Full-precision CSV number (empty for not-applicable is handled by the caller)."""
+    return "nan" if math.isnan(x) else repr(float(x))
+
+
+def _fmt(mean: float, std: float, signed: bool = False) -> str:
+    """``0.8123 ± 0.0100`` for Markdown; just the mean when there is only one fold."""
+    if math.isnan(mean):
+        return "nan"
+    m = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return m if math.isnan(std) else f"{m} ± {std:.4f}"
+
+
+def render_csv(comp: Comparison) -> str:
+    """One row per entry and fold, plus ``mean`` and ``std`` rows: both per-fold and aggregate numbers."""
+    columns = comp.columns
+    header = ["entry", "fold", "n_folds", "folds", "paired_folds"]
+    for c in columns:
+        name = comp.column_name(c)
+        header += [f"Dice {name}" if c != FG_COLUMN else FG_COLUMN, f"delta {name}"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    ref = comp.entries[0]
+    for i, entry in enumerate(comp.entries):
+        for f in entry.fold_ids():
+            row = [entry.name, str(f), "1", str(f), str(f) if (i > 0 and f in ref.folds) else ""]
+            for c in columns:
+                v = entry.values(c)[f]
+                delta = _num(v - ref.values(c)[f]) if (i > 0 and f in ref.folds) else ""
+                row += [_num(v), delta]
+            writer.writerow(row)
+        folds = " ".join(map(str, entry.fold_ids()))
+        for stat in ("mean", "std"):
+            paired_folds = " ".join(map(str, comp.paired(entry, FG_COLUMN).folds)) if i > 0 else ""
+            row = [entry.name, stat, str(len(entry.folds)), folds, paired_folds]
+            for c in columns:
+                ms = comp.mean_std(entry, c)
+                value = ms[0] if stat == "mean" else ms[1]
+                delta = ""
+                if i > 0:
+                    p = comp.paired(entry, c)
+                    delta = _num(p.mean if stat == "mean" else p.std)
+                row += [_num(value), delta]
+            writer.writerow(row)
+    return buf.getvalue()
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown pipe table lines."""
+    esc = [[cell.replace("|", "\\|") for cell in r] for r in [header, *rows]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return lines
+
+
+def render_markdown(comp: Comparison, notes: bool = True) -> str:
+    """Human-readable report: summary table, paired differences per class, mean fg Dice per fold, notes."""
+    ref = comp.entries[0]
+    lines = [f"# Validation Dice: {comp.dataset}, {comp.configuration}", "",
+             "Mean ± sample std over folds (nnU-Net `fold_<f>/validation/summary.json`). "
+             f"Δ = paired difference to {ref.name} over the folds both have.", ""]
+    header = ["entry", "folds", *[comp.column_name(c) for c in comp.classes], FG_COLUMN, f"Δ {FG_COLUMN}"]
+    rows = []
+    for i, e in enumerate(comp.entries):
+        cells = [e.name, " ".join(map(str, e.fold_ids()))]
+        cells += [_fmt(*comp.mean_std(e, c)) for c in comp.columns]
+        if i == 0:
+            cells.append("reference")
+        else:
+            p = comp.paired(e, FG_COLUMN)
+            cells.append(f"{_fmt(p.mean, p.std, signed=True)} (n={len(p.folds)})" if p.folds else "no shared fold")
+        rows.append(cells)
+    lines += _md_table(header, rows)
+
+    if len(comp.entries) > 1:
+        lines += ["", f"## Paired difference to {ref.name}", ""]
+        header = ["entry", "paired folds", *[f"Δ {comp.column_name(c)}" for c in comp.columns]]
+        rows = []
+        for e in comp.entries[1:]:
+            paired = [comp.paired(e, c) for c in comp.columns]
+            folds = " ".join(map(str, comp.paired(e, FG_COLUMN).folds)) or "none"
+            rows.append([e.name, folds, *[_fmt(p.mean, p.std, signed=True) for p in paired]])
+        lines += _md_table(header, rows)
+
+    all_folds = sorted(set().union(*(e.folds for e in comp.entries)))
+    lines += ["", f"## {FG_COLUMN} per fold", ""]
+    rows = [[e.name, *[f"{e.folds[f].fg_dice:.4f}" if f in e.folds else "—" for f in all_folds]]
+            for e in comp.entries]
+    lines += _md_table(["entry", *[f"fold {f}" for f in all_folds]], rows)
+
+    if notes and comp.warnings:
+        lines += ["", "## Notes", ""] + [f"- {w}" for w in comp.warnings]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(comp: Comparison) -> bytes:
+    """Bar chart of mean fg Dice (± std, per-fold points) and per-class grouped bars, as PNG bytes.
+
+    Uses the Agg canvas directly instead of pyplot so no window opens and no global backend is changed.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(comp.entries)
+    show_classes = 1 < len(comp.classes) <= 40
+    width = 3 + 1.1 * n + (4 + 0.35 * n * len(comp.classes) if show_classes else 0)
+    fig = Figure(figsize=(min(max(width, 7), 30), 5.5))
+    FigureCanvasAgg(fig)
+    colors = [f"C{i % 10}" for i in range(n)]
+    ax = fig.add_subplot(1, 2 if show_classes else 1, 1)
+    x = np.arange(n)
+    stats = [comp.mean_std(e, FG_COLUMN) for e in comp.entries]
+    ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
+           color=colors, alpha=0.7, capsize=4)
+    for i, e in enumerate(comp.entries):
+        folds = e.fold_ids()
+        offsets = np.linspace(-0.2, 0.2, len(folds)) if len(folds) > 1 else [0.0]
+        for off, f in zip(offsets, folds):
+            ax.scatter(i + off, e.folds[f].fg_dice, color="black", s=14, zorder=3)
+            ax.annotate(str(f), (i + off, e.folds[f].fg_dice), textcoords="offset points", xytext=(3, 2),
+                        fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([e.name for e in comp.entries], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_title("mean fg Dice: mean ± std, dots = folds", fontsize=10)
+
+    if show_classes:
+        ax2 = fig.add_subplot(1, 2, 2)
+        cx = np.arange(len(comp.classes))
+        bw = 0.8 / n
+        for i, e in enumerate(comp.entries):
+            ms = [comp.mean_std(e, c) for c in comp.classes]
+            ax2.bar(cx - 0.4 + bw * (i + 0.5), [m for m, _ in ms], bw,
+                    yerr=[0 if math.isnan(s) else s for _, s in ms], color=colors[i], capsize=2, label=e.name)
+        ax2.set_xticks(cx)
+        ax2.set_xticklabels([comp.class_names[c] for c in comp.classes], rotation=30, ha="right", fontsize=8)
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("Dice (validation)")
+        ax2.set_title("Dice per class: mean ± std over folds", fontsize=10)
+        ax2.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{comp.dataset} — {comp.configuration}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def write_atomically(files: dict[Path, bytes]) -> None:
+    """Write every file to a temp name first, then rename: a crash never leaves a half-written file."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for target, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            temps.append((tmp, target))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"cannot write results to {next(iter(files)).parent}: {e}") from None
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the output folder, reporting a clash with a file as a user error rather than a traceback."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out_dir}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEFAULT_CONFIGURATION,
+            folds: Sequence[int] | None = None, out_dir: str | Path | None = None,
+            write: bool = True) -> Comparison:
+    """Load every entry's fold summaries, compute the table and (if ``write``) save CSV, Markdown and PNG.
+
+    ``entries`` are ``TRAINER__PLANS`` strings; the first one is the reference for paired differences.
+    ``folds`` restricts the folds (default: every ``fold_<f>`` folder found). ``out_dir`` defaults to
+    ``$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>``. Raises UserError on bad input before
+    anything is written.
+    """
+    if not entries:
+        raise UserError("give at least one -r TRAINER__PLANS entry")
+    for e in entries:
+        parse_entry(e)
+    if len(set(entries)) != len(entries):
+        dup = next(e for e in entries if list(entries).count(e) > 1)
+        raise UserError(f"-r value {dup!r} is given more than once")
+    if folds is not None:
+        bad = [f for f in folds if int(f) < 0]
+        if bad or not folds:
+            raise UserError(f"-f needs non-negative fold numbers, got {' '.join(map(str, folds)) or 'none'}")
+    root = results_root()
+    name = resolve_dataset(str(dataset), root)
+    folders = [entry_folder(root / name, e, configuration) for e in entries]
+    labels = load_label_names(folders)
+
+    loaded: list[EntryResult] = []
+    warnings: list[str] = []
+    for e, folder in zip(entries, folders):
+        result, w = collect_entry(e, folder, folds, labels)
+        loaded.append(result)
+        warnings += w
+    warnings += fold_set_warnings(loaded)
+
+    keys = set().union(*(r.class_dice for e in loaded for r in e.folds.values()))
+    classes = sorted(keys)
+    comp = Comparison(name, configuration, classes, class_display_names(classes, labels), loaded, warnings)
+
+    if write:
+        target = Path(out_dir) if out_dir is not None else root / name / f"hiendmae_compare_{configuration}"
+        payload = {target / "comparison.csv": render_csv(comp).encode("utf-8"),
+                   target / "comparison.md": render_markdown(comp).encode("utf-8"),
+                   target / "comparison.png": render_png(comp)}
+        prepare_out_dir(target)
+        write_atomically(payload)
+        comp.out_dir = target
+        comp.files = list(payload)
+    return comp
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as one ``error:`` line (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``nnUNetv2_hiendmae_compare``."""
+    p = _Parser(
+        prog="nnUNetv2_hiendmae_compare",
+        description="Compare nnU-Net validation Dice of several trainer/plans pairs (ours and nnU-Net's own "
+                    "baselines) from $nnUNet_results/<Dataset>/<TRAINER>__<PLANS>__<CONFIG>/fold_<f>/validation/"
+                    "summary.json. Prints a Markdown table and writes comparison.csv, comparison.md and "
+                    "comparison.png.",
+        epilog="Values are mean ± sample std (n-1) over the folds found. The Δ columns are paired differences "
+               "to the first -r entry, computed fold by fold over the folds both entries have. Classes whose "
+               "Dice is nan (absent from every validation case) are reported as nan and left out of that fold's "
+               "mean fg Dice. Warnings about missing or differing folds go to stderr and into comparison.md.",
+    )
+    p.add_argument("-d", "--dataset", required=True,
+                   help="dataset id (e.g. 4) or full name (e.g. Dataset004_Hippocampus); must have a folder in "
+                        "$nnUNet_results")
+    p.add_argument("-c", "--configuration", default=DEFAULT_CONFIGURATION,
+                   help=f"nnU-Net configuration the entries were trained with (default: {DEFAULT_CONFIGURATION})")
+    p.add_argument("-r", "--entries", nargs="+", required=True, metavar="TRAINER__PLANS",
+                   help="one or more trainer/plans pairs joined by a double underscore, e.g. "
+                        "nnUNetTrainer__nnUNetPlans nnUNetTrainer__nnUNetResEncUNetMPlans; the first one is the "
+                        "reference for the paired differences")
+    p.add_argument("-f", "--folds", nargs="+", type=int, metavar="F",
+                   help="only use these folds, e.g. -f 0 1 2 3 4 (default: every fold_<f> folder found; "
+                        "fold_all is never used because it validates on its own training data)")
+    p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
+                   help="where to write comparison.csv/.md/.png (default: "
+                        "$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>)")
+    return p
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: parse flags, run :func:`compare`, print the table and warnings."""
+    args = build_parser().parse_args(argv)
+    comp = compare(args.dataset, args.entries, args.configuration, args.folds, args.output_dir)
+    for w in comp.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(render_markdown(comp, notes=False), end="")  # the notes just went to stderr
+    print(f"\nwrote {', '.join(str(f) for f in comp.files)}")
+
+
+if __name__ == "__main__":
+    main()

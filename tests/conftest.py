@@ -1,0 +1,67 @@
+"""Shared fixtures: a private nnU-Net folder tree and a tiny synthetic dataset preprocessed by the real nnU-Net.
+
+nnunetv2 reads ``nnUNet_raw/preprocessed/results`` when ``nnunetv2.paths`` is first imported, so they are set here,
+at collection time, before any test imports nnunetv2.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(tempfile.mkdtemp(prefix="hiendmae_tests_"))
+for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+    os.environ[_name] = str(_ROOT / _name)
+    (_ROOT / _name).mkdir()
+os.environ.pop("nnUNet_n_proc_DA", None)  # 0 crashes nnU-Net's planning
+os.environ.setdefault("nnUNet_compile", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+DATASET_ID = 990  # labelled; 991 is the unlabelled pretraining pool
+BIN = Path(sys.executable).parent
+
+
+def console_script(name: str) -> str:
+    """Path of a console script installed next to the running interpreter."""
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """Run one of the real commands (ours or nnU-Net's) as a subprocess, capturing its output."""
+    cmd = [console_script(args[0]), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def nnunet_dirs() -> dict[str, Path]:
+    return {k: Path(os.environ[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+
+
+@pytest.fixture(scope="session")
+def preprocessed_dataset(nnunet_dirs) -> dict:
+    """Datasets 990 (6 labelled + 1 test case) and 991 (3 unlabelled), through ``nnUNetv2_plan_and_preprocess``."""
+    from nnunetv2_hiendmae.demo.synthetic import make_datasets
+
+    folders = make_datasets(nnunet_dirs["nnUNet_raw"], DATASET_ID, name="HiEndTest", n_labelled=6, n_unlabelled=3,
+                            n_test=1, seed=0, scale=0.6)
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-c", "3d_fullres",
+            "-np", "2", "--verify_dataset_integrity", check=True)
+    pre = nnunet_dirs["nnUNet_preprocessed"]
+    return {
+        "id": DATASET_ID,
+        "name": folders["labelled"].name,
+        "unlabelled_id": DATASET_ID + 1,
+        "unlabelled_name": folders["unlabelled"].name,
+        "raw": folders["labelled"],
+        "preprocessed": pre / folders["labelled"].name,
+        "unlabelled_preprocessed": pre / folders["unlabelled"].name,
+    }
