@@ -314,8 +314,8 @@ def fold_set_warnings(entries: Sequence[EntryResult]) -> list[str]:
 
 
 def _num(x: float) -> str:
-    """Full-precision CSV number (empty for not-applicable is handled by the caller)."""
-    return "nan" if math.isnan(x) else repr(float(x))
+    """CSV number: 10 significant digits, far beyond Dice's meaning but free of float noise like ...0000002."""
+    return "nan" if math.isnan(x) else f"{x:.10g}"
 
 
 def _fmt(mean: float, std: float, signed: bool = False) -> str:
@@ -394,8 +394,11 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
         rows = []
         for e in comp.entries[1:]:
             paired = [comp.paired(e, c) for c in comp.columns]
-            folds = " ".join(map(str, comp.paired(e, FG_COLUMN).folds)) or "none"
-            rows.append([e.name, folds, *[_fmt(p.mean, p.std, signed=True) for p in paired]])
+            fg_folds = paired[-1].folds
+            # a class that is nan in some fold is paired over fewer folds: say so in its cell
+            cells = [_fmt(p.mean, p.std, signed=True) + ("" if p.folds == fg_folds else f" (n={len(p.folds)})")
+                     for p in paired]
+            rows.append([e.name, " ".join(map(str, fg_folds)) or "none", *cells])
         lines += _md_table(header, rows)
 
     all_folds = sorted(set().union(*(e.folds for e in comp.entries)))
@@ -427,7 +430,7 @@ def render_png(comp: Comparison) -> bytes:
     x = np.arange(n)
     stats = [comp.mean_std(e, FG_COLUMN) for e in comp.entries]
     ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
-           color=colors, alpha=0.7, capsize=4)
+           color=colors, alpha=0.8, capsize=4)
     for i, e in enumerate(comp.entries):
         folds = e.fold_ids()
         offsets = np.linspace(-0.2, 0.2, len(folds)) if len(folds) > 1 else [0.0]
@@ -448,15 +451,21 @@ def render_png(comp: Comparison) -> bytes:
         for i, e in enumerate(comp.entries):
             ms = [comp.mean_std(e, c) for c in comp.classes]
             ax2.bar(cx - 0.4 + bw * (i + 0.5), [m for m, _ in ms], bw,
-                    yerr=[0 if math.isnan(s) else s for _, s in ms], color=colors[i], capsize=2, label=e.name)
+                    yerr=[0 if math.isnan(s) else s for _, s in ms], color=colors[i], alpha=0.8, capsize=2,
+                    label=e.name)
         ax2.set_xticks(cx)
         ax2.set_xticklabels([comp.class_names[c] for c in comp.classes], rotation=30, ha="right", fontsize=8)
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("Dice (validation)")
         ax2.set_title("Dice per class: mean ± std over folds", fontsize=10)
-        ax2.legend(fontsize=7, loc="lower right")
+    bottom = 0.0
+    if show_classes:
+        # legend below both panels so it never hides bars that reach Dice 1
+        ncol = min(n, 3)
+        fig.legend(*ax2.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        bottom = 0.05 * math.ceil(n / ncol)
     fig.suptitle(f"{comp.dataset} — {comp.configuration}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
@@ -468,10 +477,13 @@ def render_png(comp: Comparison) -> bytes:
 def write_atomically(files: dict[Path, bytes]) -> None:
     """Write every file to a temp name first, then rename: a crash never leaves a half-written file."""
     temps: list[tuple[str, Path]] = []
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         for target, data in files.items():
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             temps.append((tmp, target))
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -517,9 +529,12 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
         dup = next(e for e in entries if list(entries).count(e) > 1)
         raise UserError(f"-r value {dup!r} is given more than once")
     if folds is not None:
-        bad = [f for f in folds if int(f) < 0]
-        if bad or not folds:
-            raise UserError(f"-f needs non-negative fold numbers, got {' '.join(map(str, folds)) or 'none'}")
+        try:
+            folds = [int(f) for f in folds]
+        except (TypeError, ValueError):
+            folds = []
+        if not folds or any(f < 0 for f in folds):
+            raise UserError("-f needs one or more non-negative fold numbers, e.g. -f 0 1 2 3 4")
     root = results_root()
     name = resolve_dataset(str(dataset), root)
     folders = [entry_folder(root / name, e, configuration) for e in entries]
@@ -598,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for w in comp.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(render_markdown(comp, notes=False), end="")  # the notes just went to stderr
-    print(f"\nwrote {', '.join(str(f) for f in comp.files)}")
+    print(f"\nwrote {', '.join(f.name for f in comp.files)} to {comp.out_dir}")
 
 
 if __name__ == "__main__":

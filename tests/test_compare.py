@@ -257,6 +257,7 @@ def _broken_tree(results: Path) -> None:
     (["-d", "7", "-r", f"{REF}__3d_fullres"], False, "drop the configuration part"),
     (["-d", "7", "-r", REF, REF], False, "is given more than once"),
     (["-d", "7", "-r", REF, "-f", "x"], False, "error: argument -f/--folds: invalid int value"),
+    (["-d", "7", "-r", REF, "-f", "-1"], False, "error: -f needs one or more non-negative fold numbers"),
     (["-r", REF], False, "error: the following arguments are required: -d/--dataset"),
 ])
 def test_bad_input(env, results, args, unset, expected):
