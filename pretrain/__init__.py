@@ -1,0 +1,1 @@
+"""Hi-End-MAE self-supervised pretraining on nnU-Net preprocessed data."""

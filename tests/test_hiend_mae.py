@@ -1,0 +1,139 @@
+"""The Hi-End-MAE model: masking, encoder taps, decoder wiring, loss on masked patches only, parameter names."""
+import math
+
+import pytest
+import torch
+
+from nnunetv2_hiendmae.vit import encoder_config, sincos_pos_embed_3d
+from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE, no_weight_decay, patchify, unpatchify
+
+
+def tiny(token: int = 16, channels: int = 1, mask_ratio: float = 0.75) -> HiEndMAE:
+    enc = dict(encoder_config("vit_tiny", channels), token_size=token)
+    return HiEndMAE(enc, DECODER_PRESETS["vit_tiny"], mask_ratio)
+
+
+@pytest.mark.parametrize("token,shape", [(16, (32, 32, 32)), (16, (16, 48, 32)), (12, (24, 36, 12)), (12, (36, 36, 36))])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_output_shapes_cubic_and_non_cubic(token, shape, channels):
+    model = tiny(token, channels)
+    x = torch.randn(3, channels, *shape)
+    loss, pred, shuffle = model(x)
+    n_tokens = math.prod(s // token for s in shape)
+    n_masked = n_tokens - int(n_tokens * 0.25)
+    assert pred.shape == (3, n_masked, token ** 3 * channels)
+    assert shuffle.shape == (3, n_tokens)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    masked, recon = model.reconstruct(x)
+    assert masked.shape == recon.shape == x.shape
+
+
+def test_patchify_order_and_inverse():
+    x = torch.randn(2, 3, 32, 16, 48)
+    p = patchify(x, (16, 16, 16))
+    assert p.shape == (2, 2 * 1 * 3, 16 ** 3 * 3)
+    # token 1 is grid position (0, 0, 1): voxels [0:16, 0:16, 16:32]; vector ordered (ph, pw, pd, C), channel last
+    assert torch.equal(p[0, 1].reshape(16, 16, 16, 3), x[0, :, 0:16, 0:16, 16:32].permute(1, 2, 3, 0))
+    assert torch.equal(unpatchify(p, (16, 16, 16), (2, 1, 3), 3), x)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.6, 0.9])
+def test_visible_token_count_and_per_sample_masks(mask_ratio):
+    model = tiny(mask_ratio=mask_ratio)
+    seen = {}
+    model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("n", i[0].shape[1]))
+    x = torch.randn(4, 1, 48, 48, 48)  # 27 tokens
+    _, _, shuffle = model(x)
+    n_vis = math.floor(27 * (1 - mask_ratio))
+    assert seen["n"] == 1 + n_vis  # CLS + visible tokens only
+    visible_sets = {tuple(sorted(row[:n_vis].tolist())) for row in shuffle}
+    assert len(visible_sets) > 1  # different masks per sample
+    assert all(sorted(row.tolist()) == list(range(27)) for row in shuffle)  # permutations
+
+
+def test_taps_come_from_the_right_blocks_deep_to_shallow():
+    model = tiny()
+    assert model.encoder.taps == (1, 2, 3)  # depth 4: d//4, 2d//4, 3d//4 (3, 6, 9 for depth 12)
+    block_out, proj_in, proj_out, memory = {}, {}, {}, {}
+    for i, blk in enumerate(model.encoder.blocks):
+        blk.register_forward_hook(lambda m, inp, out, i=i: block_out.__setitem__(i, out))
+    def record_projection(j):
+        def hook(module, inp, out):
+            proj_in[j], proj_out[j] = inp[0], out
+        return hook
+
+    for j, lin in enumerate(model.encoder_to_decoder):
+        lin.register_forward_hook(record_projection(j))
+    for k, blk in enumerate(model.decoder.cross_attention_blocks):
+        blk.register_forward_hook(lambda m, inp, out, k=k: memory.__setitem__(k, inp[1]))
+    normed = {}
+    model.encoder.norm.register_forward_hook(lambda m, inp, out: normed.__setitem__("x", out))
+    model(torch.randn(2, 1, 32, 32, 32))
+    for j, t in enumerate(model.encoder.taps):
+        assert torch.equal(proj_in[j], block_out[t])  # raw (pre-norm) residual stream of the tapped block
+    assert torch.equal(proj_in[3], normed["x"])  # the query stream starts from the final normed tokens
+    for k, j in enumerate((2, 1, 0)):  # cross-attention blocks see taps deep -> shallow
+        assert torch.equal(memory[k], proj_out[j])
+
+
+def test_loss_is_mse_on_masked_patches_only():
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randn(2, 1, 32, 32, 48)
+    shuffle = model.random_shuffle(2, 12, x.device)
+    n_vis = int(12 * 0.25)
+    full = {}
+    model.decoder.head.register_forward_hook(lambda m, i, o: full.__setitem__("out", o))
+    loss, _, _ = model(x, shuffle)
+    patches = patchify(x, (16, 16, 16))
+    target = torch.stack([patches[b, shuffle[b, n_vis:]] for b in range(2)])
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    expected = ((full["out"][:, 1 + n_vis:] - target) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+
+    # Whatever the decoder predicts at the CLS and visible positions does not change the loss.
+    def corrupt_visible(m, i, o):
+        o = o.clone()
+        o[:, : 1 + n_vis] += 1000.0
+        return o
+
+    handle = model.decoder.head.register_forward_hook(corrupt_visible)
+    loss_corrupted, _, _ = model(x, shuffle)
+    handle.remove()
+    torch.testing.assert_close(loss_corrupted, loss)
+
+
+def test_decoder_position_embedding_follows_the_shuffle():
+    """Positions are added in shuffled order: permuting the token order must not change the loss's value set."""
+    torch.manual_seed(1)
+    model = tiny(mask_ratio=0.5).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    shuffle = torch.randperm(8)[None]
+    loss_a, _, _ = model(x, shuffle)
+    n_vis = 4
+    reordered = torch.cat([shuffle[:, :n_vis].flip(1), shuffle[:, n_vis:].flip(1)], dim=1)
+    loss_b, _, _ = model(x, reordered)  # same visible/masked sets, different order: attention is permutation equivariant
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert sincos_pos_embed_3d((2, 2, 2), 48).shape == (1, 8, 48)
+
+
+def test_reference_parameter_names_and_sizes():
+    keys = set(tiny().state_dict())
+    for name in ("encoder.patch_embed.proj.weight", "encoder.cls_token", "encoder.blocks.0.norm1.weight",
+                 "encoder.blocks.0.attn.qkv.bias", "encoder.blocks.3.attn.proj.weight", "encoder.blocks.0.norm2.bias",
+                 "encoder.blocks.0.mlp.fc1.weight", "encoder.blocks.0.mlp.fc2.bias", "encoder.norm.weight",
+                 "mask_token", "encoder_to_decoder.3.weight", "decoder.blocks.1.attn.qkv.weight",
+                 "decoder.cross_attention_blocks.2.cross_attn.kv.weight", "decoder.cross_attention_blocks.0.norm0.weight",
+                 "decoder.cross_attention_blocks.0.self_attn.qkv.weight", "decoder.head.bias", "decoder.norm.weight"):
+        assert name in keys, name
+    # ViT-B/16 Hi-End-MAE has 101.6M trainable parameters, 12.2M in the decoder (reference, methods.md §1.2)
+    big = HiEndMAE(encoder_config("vit_b16"), DECODER_PRESETS["vit_b16"])
+    assert round(sum(p.numel() for p in big.parameters()) / 1e6, 1) == 101.6
+    assert round(sum(p.numel() for p in big.decoder.parameters()) / 1e6, 1) == 12.2
+
+
+def test_no_weight_decay_groups():
+    model = tiny()
+    names = {n for n, p in model.named_parameters() if no_weight_decay(n, p)}
+    assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= names
+    assert "encoder.blocks.0.attn.qkv.weight" not in names and "decoder.head.weight" not in names
