@@ -23,11 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-
 import torch
-
-# timm's import-time deprecation notice would otherwise precede this tool's one-line messages.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated", category=FutureWarning)
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, make_checkpoint, save_atomic, sha256
 from nnunetv2_hiendmae.errors import UserError, cli_entry
@@ -74,7 +70,10 @@ def load_reference_file(path: str | Path, allow_unpickle: bool = True) -> object
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
+        msg = str(e).lower()
+        # Fall back only when the file is a valid pickle that names classes outside torch's allow-list
+        # ("Unsupported global" since torch 2.4, "Unsupported class" before); garbage fails here for good.
+        if "unsupported global" not in msg and "unsupported class" not in msg:
             raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
         if not allow_unpickle:
             raise UserError(
@@ -286,20 +285,23 @@ def convert(obj: object, arch: str | None = None, crop_size: Sequence[int] = (DE
 
 
 def _plain(v: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU tensor that owns exactly its storage (so that saving it does not drag along a larger one)."""
     v = v.detach().cpu()
-    if v.is_floating_point():
+    if v.is_floating_point() and v.dtype != torch.float32:
         v = v.float()
-    return v.clone().contiguous()
+    if not v.is_contiguous() or v.storage_offset() or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+        v = v.clone(memory_format=torch.contiguous_format)
+    return v
 
 
 def import_reference(inp: str | Path, out: str | Path, arch: str | None = None, force: bool = False,
                      crop_size: Sequence[int] = (DEFAULT_CROP,) * 3, allow_unpickle: bool = True) -> dict:
     """Read ``inp`` (reference layout), write ``out`` (our format); returns the written checkpoint dict."""
     inp, out = Path(inp), Path(out)
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder; give the path of the checkpoint file to write")
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out} is a directory")
     if not out.parent.is_dir():
         raise UserError(f"output folder does not exist: {out.parent}")
     obj = load_reference_file(inp, allow_unpickle=allow_unpickle)

@@ -97,7 +97,7 @@ class ViTEncoder3D(nn.Module):
         self.patch_embed = PatchEmbed3D(in_channels, embed_dim, self.token_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         norm = partial(nn.LayerNorm, eps=1e-6)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm) for i in range(depth)
         )
