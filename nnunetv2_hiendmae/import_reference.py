@@ -19,7 +19,6 @@ import argparse
 import pickle
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Sequence
 

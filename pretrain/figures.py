@@ -33,13 +33,14 @@ def plot_progress(history: dict[str, list[float]], path: Path) -> None:
 
 
 def plot_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path, title: str) -> None:
-    """Central slices along each axis of one crop (channel 0): input, masked input, reconstruction."""
+    """Central slices along each axis of the first crop of a batch ``[B, C, H, W, D]`` (channel 0): input, masked
+    input, reconstruction."""
     rows = (("input", image), ("masked input", masked), ("reconstruction", recon))
-    vol = image[0].float().cpu()
+    vol = image[0, 0].float().cpu()
     lo, hi = float(vol.quantile(0.01)), float(vol.quantile(0.99))
     fig, axes = plt.subplots(3, 3, figsize=(9, 9))
     for r, (name, v) in enumerate(rows):
-        v = v[0].float().cpu()
+        v = v[0, 0].float().cpu()
         slices = (v[v.shape[0] // 2], v[:, v.shape[1] // 2], v[:, :, v.shape[2] // 2])
         for c, s in enumerate(slices):
             axes[r, c].imshow(s.numpy(), cmap="gray", vmin=lo, vmax=hi)

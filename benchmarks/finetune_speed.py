@@ -1,0 +1,150 @@
+"""Fine-tuning cost of our ViT-UNETR against nnU-Net's default network and a Primus network, side by side.
+
+All networks are built by their trainers' own ``build_network_architecture`` from one synthetic plans file (nnU-Net's
+topology rule for the default U-Net), at the same patch and batch size, in one process. Per network: seconds per
+training iteration (forward, loss, backward, AdamW step), peak GPU memory, and nnU-Net's sliding-window inference
+time for one case; then the ratios to nnU-Net's default. One JSON line.
+
+    python benchmarks/finetune_speed.py --patch-size 32 64 64 --batch-size 2 --case-size 48 96 96 --arch vit_tiny --primus S
+    python benchmarks/finetune_speed.py --device cuda            # vit_b16, 96^3 patches, batch 2, Primus-M
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from nnunetv2_hiendmae.vit import encoder_config
+
+
+def default_unet_architecture(patch_size: list[int], spacing: list[float]) -> dict:
+    """nnU-Net's 3d_fullres PlainConvUNet for this patch size, by its own topology rule."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    _, pools, kernels, patch, _ = get_pool_and_conv_props(spacing, patch_size, 4, 999999)
+    n = len(pools)
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": n, "features_per_stage": [min(32 * 2 ** i, 320) for i in range(n)],
+                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": pools,
+                            "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cfg = {"data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch_size,
+           "patch_size": patch_size, "median_image_size_in_voxels": patch_size, "spacing": [1.0, 1.0, 1.0],
+           "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+           "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+           "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {},
+           "resampling_fn_seg_kwargs": {}, "resampling_fn_probabilities_kwargs": {}, "architecture": architecture,
+           "batch_dice": False}
+    return PlansManager({"dataset_name": "Dataset999_Bench", "plans_name": "bench", "original_median_spacing_after_transp": [1, 1, 1],
+                         "original_median_shape_after_transp": patch_size, "image_reader_writer": "SimpleITKIO",
+                         "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": cfg},
+                         "experiment_planner_used": "bench", "label_manager": "LabelManager",
+                         "foreground_intensity_properties_per_channel": {}})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(net: torch.nn.Module, patch: list[int], batch: int, classes: int, case: list[int], device: torch.device,
+            dtype, steps: int, warmup: int) -> dict:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, 1, *patch, device=device)
+    y = torch.randint(0, classes, (batch, *patch), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(x)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            loss = loss_fn(out.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(device)
+    s_iter = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+    net.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
+                                perform_everything_on_device=device.type == "cuda", verbose=False, allow_tqdm=False)
+    predictor.network, predictor.configuration_manager = net, type("CM", (), {"patch_size": patch})()
+    predictor.label_manager = type("LM", (), {"num_segmentation_heads": classes})()
+    predictor.allowed_mirroring_axes, predictor.list_of_parameters = None, None
+    image = torch.randn(1, *case)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        predictor._internal_maybe_mirror_and_predict(torch.zeros(1, 1, *patch, device=device))  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        predictor.predict_sliding_window_return_logits(image)
+        _sync(device)
+    return {"params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2), "s_per_iter": round(s_iter, 4),
+            "peak_mem_gib": round(peak, 2), "sliding_window_s": round(time.perf_counter() - t0, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="vit_b16", help="our ViT preset (default: %(default)s)")
+    p.add_argument("--primus", default="M", choices=["S", "B", "M", "L"], help="Primus size (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--case-size", type=int, nargs=3, default=[160, 192, 192], help="image size for sliding-window inference")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args()
+
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as base
+    from nnunetv2.training.nnUNetTrainer.primus import primus_trainers
+
+    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch
+
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    ours = {"network_class_name": "nnunetv2_hiendmae.network.HiEndUNETR",
+            "arch_kwargs": {"encoder": encoder_config(a.arch), "feature_size": 16}, "_kw_requires_import": []}
+    primus = getattr(primus_trainers, f"nnUNet_Primus_{a.primus}_Trainer")
+    entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, default_unet_architecture(a.patch_size, [1.0] * 3)),
+               (f"Primus-{a.primus}", primus, default_unet_architecture(a.patch_size, [1.0] * 3)),
+               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
+    result = {"device": a.device, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "precision": "bf16" if dtype else "fp32", "patch_size": a.patch_size,
+              "batch_size": a.batch_size, "case_size": a.case_size, "networks": {}}
+    for name, trainer, arch in entries:
+        pm = plans_manager(a.patch_size, arch, a.batch_size)
+        torch.manual_seed(0)
+        net = trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
+        result["networks"][name] = measure(net, a.patch_size, a.batch_size, a.classes, a.case_size, device, dtype,
+                                           a.steps, a.warmup)
+        del net
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ref = result["networks"][entries[0][0]]
+    result["ratios_to_default"] = {n: {k: round(v[k] / ref[k], 2) if ref[k] else None
+                                       for k in ("s_per_iter", "peak_mem_gib", "sliding_window_s")}
+                                   for n, v in result["networks"].items()}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""``nnUNetv2_hiendmae_demo``: the whole workflow on a generated CT-like dataset, with the real commands.
+
+generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_hiendmae_pretrain -> nnUNetv2_hiendmae_plan ->
+nnUNetv2_train (pretrained ViT, scratch ViT, nnU-Net default) -> nnUNetv2_predict on held-out cases ->
+nnUNetv2_hiendmae_compare + held-out Dice. Everything lives under one demo folder with its own nnU-Net tree;
+finished steps are skipped when the demo is run again (``--fresh`` starts clean).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nnunetv2_hiendmae.errors import UserError, cli_entry
+
+DATASET_ID = 501
+PLANS = "nnUNetPlans_HiEndMAE"
+EPILOG = """\
+The defaults fit a 2-core CPU in about 15 minutes (vit_tiny, short schedules, fold 0). To scale up, e.g. on a GPU:
+  nnUNetv2_hiendmae_demo --device cuda --arch vit_b16 --pretrain-epochs 200 --schedule 250epochs --folds 0 1 2 3 4
+"""
+# trainer suffix per --schedule; the baseline is nnU-Net's own trainer with the same length where nnU-Net has one
+SCHEDULES = {
+    "smoke": ("_smoke", "nnUNetTrainerHiEndMAEBaseline_smoke"),
+    "demo": ("_demo", "nnUNetTrainerHiEndMAEBaseline_demo"),
+    "100epochs": ("_100epochs", "nnUNetTrainer_100epochs"),
+    "250epochs": ("_250epochs", "nnUNetTrainer_250epochs"),
+    "full": ("", "nnUNetTrainer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnUNetv2_hiendmae_demo", description=__doc__.split(":", 1)[1].strip(),
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", default="demo_output", help="demo folder; holds its own nnUNet_raw/preprocessed/results (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start clean (default: continue, skipping finished steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for pretraining, training and prediction (default: %(default)s)")
+    p.add_argument("--arch", default="vit_tiny", help="ViT preset to pretrain and fine-tune: vit_tiny, vit_b16, vit_l16, vit_l12 (default: %(default)s)")
+    p.add_argument("--labelled", type=int, default=20, help="labelled training cases to generate (default: %(default)s)")
+    p.add_argument("--unlabelled", type=int, default=10, help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
+    p.add_argument("--test", type=int, default=4, help="held-out test cases for prediction and Dice (default: %(default)s)")
+    p.add_argument("--crop", type=int, nargs=3, default=[32, 64, 64], metavar=("X", "Y", "Z"),
+                   help="pretraining crop size, multiple of the token size (default: 32 64 64)")
+    p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
+    p.add_argument("--pretrain-iters", type=int, default=25, help="pretraining iterations per epoch (default: %(default)s)")
+    p.add_argument("--pretrain-batch", type=int, default=4, help="volumes per pretraining iteration (default: %(default)s)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="demo",
+                   help="fine-tuning length for all three trainers: smoke (seconds, for checks), demo (short, CPU), 100epochs, 250epochs or full "
+                        "(1000 epochs; nnU-Net's defaults) (default: %(default)s)")
+    p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, e.g. 0 1 2 3 4 (default: 0)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes for pretraining and nnU-Net (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="size of the generated volumes relative to the default (~28x75x75 voxels), e.g. 0.6 for quick checks")
+    return p
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.root = Path(args.output).resolve()
+        self.raw, self.pre, self.res = self.root / "nnUNet_raw", self.root / "nnUNet_preprocessed", self.root / "nnUNet_results"
+        from nnunetv2_hiendmae.ext import ext_path
+
+        self.env = {**os.environ, "nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.pre),
+                    "nnUNet_results": str(self.res), "nnUNet_compile": os.environ.get("nnUNet_compile", "0"),
+                    "nnUNet_extTrainer": str(ext_path())}
+        self.env.pop("nnUNet_n_proc_DA", None)  # set per command: 0 would crash nnU-Net's planning
+        self.dataset = f"Dataset{DATASET_ID:03d}_HiEndDemo"
+        suffix, baseline = SCHEDULES[args.schedule]
+        self.trainers = [(f"nnUNetTrainerHiEndMAE{suffix}", PLANS, "pretrained ViT"),
+                         (f"nnUNetTrainerHiEndMAE_scratch{suffix}", PLANS, "ViT from scratch"),
+                         (baseline, "nnUNetPlans", "nnU-Net default")]
+        self.n_steps, self.step_no, self.t0 = 8, 0, time.time()
+
+    def step(self, title: str) -> None:
+        self.step_no += 1
+        print(f"\n=== [{self.step_no}/{self.n_steps}] {title}  (t = {time.time() - self.t0:.0f} s)", flush=True)
+
+    def run(self, *cmd: str, extra_env: dict | None = None) -> None:
+        """Run one real command; stream its output; stop the demo with a clear message if it fails."""
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        proc = subprocess.run(cmd, env={**self.env, **(extra_env or {})})
+        if proc.returncode != 0:
+            raise UserError(f"step {self.step_no} failed: `{cmd[0]}` exited with {proc.returncode} (output above). "
+                            f"Re-run to continue from this step, or add --fresh to start clean")
+
+    def main(self) -> None:
+        a = self.args
+        if a.fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        for d in (self.raw, self.pre, self.res):
+            d.mkdir(parents=True, exist_ok=True)
+        train_env = {"nnUNet_n_proc_DA": str(a.num_workers), "nnUNet_def_n_proc": str(max(1, a.num_workers))}
+
+        self.step("generate a CT-like dataset (labelled + unlabelled pool + held-out test cases)")
+        if not (self.raw / self.dataset / "dataset.json").exists():
+            from nnunetv2_hiendmae.demo.synthetic import make_datasets
+
+            make_datasets(self.raw, DATASET_ID, n_labelled=a.labelled, n_unlabelled=a.unlabelled, n_test=a.test, seed=a.seed,
+                          scale=a.scale)
+        print(f"raw data: {self.raw}")
+
+        self.step("nnU-Net planning and preprocessing")
+        if not (self.pre / self.dataset / "nnUNetPlans_3d_fullres").is_dir():
+            self.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-c", "3d_fullres",
+                     "-np", str(max(1, a.num_workers)), "--verify_dataset_integrity")
+
+        self.step("Hi-End-MAE pretraining on the labelled and unlabelled images")
+        ckpt = self.root / "pretrain" / "checkpoint_final.pth"
+        if not ckpt.exists():
+            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-o", str(ckpt.parent),
+                   "--arch", a.arch, "--patch-size", *map(str, a.crop), "--batch-size", str(a.pretrain_batch),
+                   "--crops-per-volume", "4", "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
+                   "--warmup-epochs", "1", "--lr", "1e-3" if a.arch == "vit_tiny" else "1e-4", "--recon-every", "4",
+                   "--num-workers", str(a.num_workers), "--device", a.device]
+            if (ckpt.parent / "checkpoint_latest.pth").exists():
+                cmd.append("--resume")
+            self.run(*cmd)
+
+        self.step("write the fine-tuning plans from the checkpoint")
+        if not (self.pre / self.dataset / f"{PLANS}.json").exists():
+            self.run("nnUNetv2_hiendmae_plan", "-d", str(DATASET_ID), "-pt", str(ckpt), "-o", PLANS,
+                     "-np", str(max(1, a.num_workers)))
+
+        self.step(f"nnUNetv2_train, fold(s) {' '.join(a.folds)}: " + ", ".join(t for t, _, _ in self.trainers))
+        for trainer, plans, _ in self.trainers:
+            for fold in a.folds:
+                fold_dir = self.res / self.dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
+                if (fold_dir / "validation" / "summary.json").exists():
+                    continue
+                cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", a.device]
+                if (fold_dir / "checkpoint_latest.pth").exists() or (fold_dir / "checkpoint_final.pth").exists():
+                    cmd.append("--c")
+                self.run(*cmd, extra_env=train_env)
+
+        self.step("nnUNetv2_predict on the held-out test cases")
+        pred_root = self.root / "predictions"
+        for trainer, plans, _ in self.trainers:
+            out = pred_root / trainer
+            if len(list(out.glob("*.nii.gz"))) < a.test:
+                self.run("nnUNetv2_predict", "-i", str(self.raw / self.dataset / "imagesTs"), "-o", str(out),
+                         "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-p", plans, "-f", *a.folds,
+                         "-device", a.device, "-npp", "1", "-nps", "1", "--disable_progress_bar", extra_env=train_env)
+
+        self.step("compare the cross-validation results (nnUNetv2_hiendmae_compare)")
+        compare_dir = self.root / "comparison"
+        self.run("nnUNetv2_hiendmae_compare", "-d", str(DATASET_ID), "-c", "3d_fullres", "-o", str(compare_dir),
+                 "-r", *[f"{t}__{p}" for t, p, _ in self.trainers])
+
+        self.step("Dice on the held-out test cases")
+        held_out = self.held_out_dice(pred_root)
+        self.report(held_out, compare_dir, ckpt.parent, pred_root)
+
+    def held_out_dice(self, pred_root: Path) -> dict[str, dict]:
+        """nnU-Net's own evaluation of each trainer's predictions against labelsTs."""
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+
+        labels = json.loads((self.raw / self.dataset / "dataset.json").read_text())["labels"]
+        fg = [v for k, v in labels.items() if v != 0]
+        result = {}
+        for trainer, _, name in self.trainers:
+            summary = pred_root / trainer / "summary_heldout.json"
+            compute_metrics_on_folder_simple(str(self.raw / self.dataset / "labelsTs"), str(pred_root / trainer), fg,
+                                             str(summary), num_processes=1, chill=False)
+            s = json.loads(summary.read_text())
+            result[name] = {"mean": s["foreground_mean"]["Dice"],
+                            **{k: s["mean"][str(v)]["Dice"] for k, v in labels.items() if v != 0}}
+        return result
+
+    def report(self, held_out: dict, compare_dir: Path, pretrain_dir: Path, pred_root: Path) -> None:
+        classes = [k for k in next(iter(held_out.values())) if k != "mean"]
+        print("\nHeld-out test Dice (nnU-Net's evaluation of nnUNetv2_predict outputs):")
+        print("| trainer | " + " | ".join(classes) + " | mean fg Dice |")
+        print("|---" * (len(classes) + 2) + "|")
+        for name, d in held_out.items():
+            print(f"| {name} | " + " | ".join(f"{d[c]:.3f}" for c in classes) + f" | {d['mean']:.3f} |")
+        (self.root / "heldout_dice.json").write_text(json.dumps(held_out, indent=2))
+        print(f"\nDemo finished in {time.time() - self.t0:.0f} s. Where to look:")
+        print(f"  comparison table and plot:   {compare_dir}/comparison.md, comparison.png")
+        print(f"  pretraining curves:          {pretrain_dir}/progress.png")
+        print(f"  reconstructions:             {pretrain_dir}/reconstruction_epoch_*.png")
+        print(f"  nnU-Net training folders:    {self.res / self.dataset}")
+        print(f"  held-out predictions:        {pred_root}/<trainer>/*.nii.gz")
+        print(f"  held-out Dice:               {self.root / 'heldout_dice.json'}")
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    Demo(build_parser().parse_args(argv)).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""UNETR fine-tuning network around the shared Hi-End-MAE encoder, built the way nnU-Net builds its networks.
+
+Why this file exists: the reference fine-tunes a local copy of MONAI UNETR that hard-codes a 96^3 input and token 12
+(spec methods.md §1.11) and renames the encoder's parameters. Here the encoder *is* the pretraining
+:class:`~nnunetv2_hiendmae.vit.ViTEncoder3D` (state-dict keys ``encoder.*``, exactly as in our checkpoints), the
+decoder is MONAI's UNETR blocks (feature_size 16, instance norm, residual blocks), and any patch that is a multiple of
+the token size on every axis works, so nnU-Net's plans patch size can be used directly.
+
+Decoder scales: the token grid G is upsampled three times by 2 (G*2, G*4, G*8); the last stage goes from G*8 to the
+input size, i.e. by token/8 per axis. For token 16 that is the standard UNETR ×2 transposed conv; for any token that
+is a multiple of 8 it is a transposed conv with kernel = stride = token/8; otherwise (token 12: ×1.5, the released
+model) it resizes trilinearly to the stem's exact size and convolves, as the reference's ``Upsample(size=96^3)``.
+
+nnU-Net contract (spec nnunet.md §1.2-1.4): constructor ``(input_channels, num_classes, ..., deep_supervision)``,
+one logits tensor out, a state dict independent of ``deep_supervision``, and no ``initialize`` method.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, get_conv_layer
+from torch import nn
+
+from nnunetv2_hiendmae.vit import build_encoder
+
+NORM = "instance"
+
+
+class ResizeUpBlock(nn.Module):
+    """UNETR up-block for a fractional scale: resize to the skip's size, 3x3x3 conv, concat, residual block."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = get_conv_layer(3, in_channels, out_channels, kernel_size=3, stride=1, conv_only=True)
+        self.conv_block = UnetResBlock(3, 2 * out_channels, out_channels, kernel_size=3, stride=1, norm_name=NORM)
+
+    def forward(self, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = F.interpolate(inp, size=skip.shape[2:], mode="trilinear", align_corners=False)  # [B, C, *skip]
+        return self.conv_block(torch.cat((self.conv(out), skip), dim=1))
+
+
+def last_up_block(in_channels: int, out_channels: int, token_size: Sequence[int]) -> nn.Module:
+    """The stage from the G*8 grid to full resolution: exact transposed conv when token/8 is whole, else resize."""
+    if any(t < 8 for t in token_size):
+        raise ValueError(f"UNETR needs a token size of at least 8 per axis (three x2 decoder steps), got {token_size}")
+    if all(t % 8 == 0 for t in token_size):
+        return UnetrUpBlock(3, in_channels, out_channels, kernel_size=3,
+                            upsample_kernel_size=tuple(t // 8 for t in token_size), norm_name=NORM, res_block=True)
+    return ResizeUpBlock(in_channels, out_channels)
+
+
+def pr_up_block(embed_dim: int, out_channels: int, num_layer: int) -> UnetrPrUpBlock:
+    """Skip from a token grid G to G * 2^(num_layer+1) (MONAI UNETR's encoder2/3/4)."""
+    return UnetrPrUpBlock(3, embed_dim, out_channels, num_layer=num_layer, kernel_size=3, stride=1,
+                          upsample_kernel_size=2, norm_name=NORM, conv_block=True, res_block=True)
+
+
+def up_block(in_channels: int, out_channels: int) -> UnetrUpBlock:
+    """x2 transposed conv, concat with the skip, residual block (MONAI UNETR's decoder5/4/3)."""
+    return UnetrUpBlock(3, in_channels, out_channels, kernel_size=3, upsample_kernel_size=2, norm_name=NORM,
+                        res_block=True)
+
+
+def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``[B, 1+N, E]`` (CLS first) -> ``[B, E, *grid]``: the CLS token has no position, so it is dropped."""
+    return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+
+
+class HiEndUNETR(nn.Module):
+    """UNETR with the shared ViT encoder: skips from the encoder taps, bottleneck from the final normed tokens.
+
+    ``encoder`` is an :func:`~nnunetv2_hiendmae.vit.encoder_config` dict; its ``in_channels`` is replaced by
+    ``input_channels`` and, for a learned positional embedding, its grid by the patch's token grid (the checkpoint's
+    embedding is interpolated onto it when the weights are loaded). ``deep_supervision`` is accepted because nnU-Net
+    always passes it; the network has one output scale, so it is stored and ignored.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, patch_size: Sequence[int], encoder: dict,
+                 feature_size: int = 16, deep_supervision: bool = False):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        self.patch_size = tuple(patch_size)
+        self.encoder_config = {**encoder, "in_channels": input_channels}
+        if encoder.get("pos_embed") == "learned":
+            token = encoder["token_size"]
+            token = token if isinstance(token, Sequence) else (token,) * 3
+            self.encoder_config["pos_embed_grid"] = [s // t for s, t in zip(self.patch_size, token)]
+        self.encoder = build_encoder(self.encoder_config)
+        self.encoder.grid(self.patch_size)  # raises unless the patch is a multiple of the token size
+        e, f = self.encoder.embed_dim, feature_size
+        self.encoder1 = UnetrBasicBlock(3, input_channels, f, kernel_size=3, stride=1, norm_name=NORM, res_block=True)
+        self.encoder2 = pr_up_block(e, 2 * f, num_layer=2)
+        self.encoder3 = pr_up_block(e, 4 * f, num_layer=1)
+        self.encoder4 = pr_up_block(e, 8 * f, num_layer=0)
+        self.decoder5 = up_block(e, 8 * f)
+        self.decoder4 = up_block(8 * f, 4 * f)
+        self.decoder3 = up_block(4 * f, 2 * f)
+        self.decoder2 = last_up_block(2 * f, f, self.encoder.token_size)
+        self.out = UnetOutBlock(3, f, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.encoder.grid(x.shape[2:])  # G = input / token
+        normed, hidden = self.encoder(x)  # [B, 1+N, E], depth x [B, 1+N, E]
+        t2, t3, t4 = (tokens_to_volume(hidden[t], grid) for t in self.encoder.taps)  # [B, E, *G]
+        enc1 = self.encoder1(x)  # [B, f, *input]
+        enc2 = self.encoder2(t2)  # [B, 2f, *G*8]
+        enc3 = self.encoder3(t3)  # [B, 4f, *G*4]
+        enc4 = self.encoder4(t4)  # [B, 8f, *G*2]
+        dec = self.decoder5(tokens_to_volume(normed, grid), enc4)  # [B, 8f, *G*2]
+        dec = self.decoder4(dec, enc3)  # [B, 4f, *G*4]
+        dec = self.decoder3(dec, enc2)  # [B, 2f, *G*8]
+        dec = self.decoder2(dec, enc1)  # [B, f, *input]
+        return self.out(dec)  # [B, num_classes, *input]

@@ -1,0 +1,337 @@
+"""Pretraining data: random augmented crops from the nnU-Net-preprocessed cases of one or several datasets.
+
+Cases are read from ``$nnUNet_preprocessed/<Dataset>/<data_identifier>/`` through nnU-Net's own dataset class
+(``infer_dataset_class`` + ``load_case``; blosc2 memory-mapped), read-only: nothing is ever written there, and a
+``fold`` reproduces nnU-Net's split in memory when ``splits_final.json`` is absent. Only the crop region is
+decompressed. Crops are in the preprocessed (``transpose_forward``) axis order, like nnU-Net's ``patch_size``.
+
+Crop centres follow the reference's ``RandCropByPosNegLabeld(pos=6, neg=2)``: with probability ``body_prob`` (0.75)
+the centre is a *body* voxel, otherwise a uniform voxel (the reference draws "neg" centres from the background; a
+uniform centre wastes fewer crops on air). The reference's "voxel > 0" rule assumed CT scaled from [-175, 250] HU to
+[0, 1]; it does not hold for nnU-Net's z-scored intensities, so a voxel is **body** when any channel says so:
+
+* ``CTNormalization`` channel: value > norm(max(-500 HU, percentile_00_5)) + 1e-3, where ``norm`` is the plans'
+  ``(hu - mean) / std``. Air, and anything clipped to nnU-Net's lower percentile, is not body.
+* channel normalised with ``use_mask_for_norm`` (other schemes): nnU-Net's nonzero mask, ``seg >= 0``; nnU-Net already
+  treated it as the foreground when normalising and set everything outside it to 0.
+* any other scheme (per-image z-score, MRI, ...): value > q05 + 0.2 * (q95 - q05) of 64 random voxels of the case
+  (estimated once per case and worker), i.e. clearly above the case's background level.
+
+Centres are drawn by rejection sampling: up to ``max_tries`` uniform candidates, each judged from one voxel, then the
+last candidate is kept. A crop that would leave the volume is shifted inside it; an axis shorter than the crop is
+padded, with the channel's background value (the CT clip floor, 0 outside the nonzero mask, else the crop's minimum).
+
+Augmentations per crop follow the reference (MONAI semantics): flip each axis with p 0.5; rot90 (k in 1..3) with
+p 0.3 in a random plane whose two crop sides are equal (none if no two are); intensity ``x * (1 + u)`` with p 0.1 and
+``x + u`` with p 0.1, ``u ~ U(-0.1, 0.1)``.
+
+Determinism and DDP: item ``i`` of epoch ``e`` on rank ``r`` uses only ``np.random.default_rng([seed, e, r, i])``,
+so the data do not depend on worker count or assignment and a resumed run reproduces them. Each DDP rank builds its
+own :class:`PretrainCrops` with its ``rank``; ranks therefore draw different items, and ``len`` is per rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from torch.utils.data import DataLoader, Dataset
+
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2_hiendmae.errors import UserError
+
+CT_BODY_MIN_HU = -500.0
+BODY_EPS = 1e-3
+N_BACKGROUND_SAMPLES = 64
+
+
+@dataclass
+class PretrainSource:
+    """One preprocessed dataset to pretrain on: where its cases are and how they were preprocessed."""
+
+    dataset_name: str
+    folder: str  # the configuration's data_identifier folder
+    identifiers: list[str]
+    plans: dict  # plans_name, transpose_forward, foreground_intensity_properties_per_channel
+    configuration: dict  # the resolved configuration (inheritance applied)
+    channel_names: dict
+    fold: int | None
+
+
+def _preprocessed_root() -> str:
+    """``$nnUNet_preprocessed`` (nnunetv2.paths reads the same variable at call time), checked."""
+    root = os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise UserError("nnUNet_preprocessed is not set; export it to the folder that holds your preprocessed "
+                        "datasets (see nnU-Net's documentation/setting_up_paths.md)")
+    if not os.path.isdir(root):
+        raise UserError(f"nnUNet_preprocessed={root} does not exist or is not a folder")
+    return root
+
+
+def _dataset_name(dataset: str) -> str:
+    """nnU-Net's id/name lookup, with its errors turned into one line."""
+    try:
+        return str(maybe_convert_to_dataset_name(str(dataset)))
+    except (RuntimeError, ValueError):
+        raise UserError(f"dataset {dataset!r} not found in nnUNet_preprocessed, nnUNet_raw or nnUNet_results "
+                        f"(give an id like 4 or a name like Dataset004_Hippocampus)") from None
+
+
+def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]:
+    """Training cases of nnU-Net fold ``fold``: from splits_final.json, else nnU-Net's default split in memory."""
+    splits_file = join(base, "splits_final.json")
+    if isfile(splits_file):
+        splits, origin = load_json(splits_file), splits_file
+    else:
+        splits, origin = generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), "nnU-Net's default split"
+    if not 0 <= fold < len(splits):
+        raise UserError(f"fold {fold} is out of range: {origin} has folds 0-{len(splits) - 1}")
+    train = sorted(str(k) for k in splits[fold]["train"])
+    missing = sorted(set(train) - set(identifiers))
+    if missing:
+        raise UserError(f"{splits_file} fold {fold} lists cases that are not preprocessed: {', '.join(missing[:5])}")
+    return train
+
+
+def _resolve_one(root: str, dataset: str, plans: str, configuration: str, fold: int | None) -> PretrainSource:
+    """Find and check one dataset's plans, configuration and data folder."""
+    name = _dataset_name(dataset)
+    dataset_id = int(name[7:10])
+    base = join(root, name)
+    if not os.path.isdir(base):
+        raise UserError(f"{base} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates it")
+    plans_file = join(base, f"{plans}.json")
+    if not isfile(plans_file):
+        raise UserError(f"plans file {plans_file} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates "
+                        f"nnUNetPlans (other plans names come from their own planner)")
+    if not isfile(join(base, "dataset.json")):
+        raise UserError(f"{join(base, 'dataset.json')} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` "
+                        f"creates it")
+    manager = PlansManager(plans_file)
+    if configuration not in manager.available_configurations:
+        raise UserError(f"configuration {configuration!r} is not in {plans_file}; available: "
+                        f"{', '.join(manager.available_configurations)}")
+    config = manager.get_configuration(configuration).configuration
+    folder = join(base, config["data_identifier"])
+    create = f"`nnUNetv2_preprocess -d {dataset_id} -plans_name {plans} -c {configuration}` creates it"
+    if not os.path.isdir(folder):
+        raise UserError(f"preprocessed data folder {folder} not found; {create}")
+    try:
+        dataset_class = infer_dataset_class(folder)
+    except (AssertionError, KeyError):
+        raise UserError(f"preprocessed data folder {folder} is empty or holds mixed file types; {create}") from None
+    identifiers = sorted(dataset_class.get_identifiers(folder))
+    if not identifiers:
+        raise UserError(f"preprocessed data folder {folder} has no cases; {create}")
+    if fold is not None:
+        identifiers = _fold_train_cases(base, identifiers, fold)
+    return PretrainSource(
+        dataset_name=name, folder=folder, identifiers=identifiers,
+        plans={"plans_name": plans, "transpose_forward": manager.transpose_forward,
+               "foreground_intensity_properties_per_channel": manager.foreground_intensity_properties_per_channel},
+        configuration=config, channel_names=load_json(join(base, "dataset.json"))["channel_names"], fold=fold)
+
+
+def resolve_sources(datasets: list[str], plans: str = "nnUNetPlans", configuration: str = "3d_fullres",
+                    fold: int | None = None) -> list[PretrainSource]:
+    """Check every dataset up front so that a typo fails in one clear line before any training starts."""
+    if not datasets:
+        raise UserError("no dataset given")
+    root = _preprocessed_root()
+    sources = [_resolve_one(root, str(d), plans, configuration, fold) for d in datasets]
+    counts = {s.dataset_name: len(s.channel_names) for s in sources}
+    if len(set(counts.values())) > 1:
+        raise UserError("datasets have different channel counts: "
+                        + ", ".join(f"{n} has {c}" for n, c in counts.items()))
+    return sources
+
+
+def _dataset_metadata(s: PretrainSource, plans: str, configuration: str) -> dict:
+    cfg = s.configuration
+    return {
+        "name": s.dataset_name, "plans": plans, "configuration": configuration,
+        "data_identifier": cfg["data_identifier"], "num_cases": len(s.identifiers),
+        "spacing": [float(x) for x in cfg["spacing"]],
+        "normalization_schemes": list(cfg["normalization_schemes"]),
+        "use_mask_for_norm": [bool(x) for x in cfg["use_mask_for_norm"]],
+        "foreground_intensity_properties_per_channel": s.plans["foreground_intensity_properties_per_channel"],
+        "channel_names": s.channel_names,
+        "transpose_forward": [int(x) for x in s.plans["transpose_forward"]],
+    }
+
+
+def pretrain_metadata(sources: list[PretrainSource], plans: str, configuration: str) -> dict:
+    """What the checkpoint records about the data, so fine-tuning can check it preprocesses the same way.
+
+    Top-level values are the first dataset's; everything is plain JSON (survives ``torch.load(weights_only=True)``).
+    """
+    per_dataset = [_dataset_metadata(s, plans, configuration) for s in sources]
+    first = per_dataset[0]
+    meta = {
+        "datasets": per_dataset, "plans": plans, "configuration": configuration,
+        **{k: first[k] for k in ("spacing", "transpose_forward", "normalization_schemes", "use_mask_for_norm",
+                                 "foreground_intensity_properties_per_channel", "channel_names")},
+        "in_channels": len(first["channel_names"]), "fold": sources[0].fold,
+    }
+    return json.loads(json.dumps(meta))  # plain lists/dicts/floats/str only
+
+
+def _channel_rules(s: PretrainSource) -> tuple[list[str], list[float], list[float]]:
+    """Per channel: how body is judged ('ct', 'mask', 'sample'), the CT body threshold and the CT clip floor."""
+    kinds, thresholds, floors = [], [], []
+    props = s.plans["foreground_intensity_properties_per_channel"]
+    for c, scheme in enumerate(s.configuration["normalization_schemes"]):
+        if scheme == "CTNormalization":
+            p = props[str(c)]
+            std = max(float(p["std"]), 1e-8)
+            kinds.append("ct")
+            thresholds.append((max(CT_BODY_MIN_HU, p["percentile_00_5"]) - p["mean"]) / std + BODY_EPS)
+            floors.append((p["percentile_00_5"] - p["mean"]) / std)
+        else:
+            kinds.append("mask" if s.configuration["use_mask_for_norm"][c] else "sample")
+            thresholds.append(math.nan)
+            floors.append(math.nan)
+    return kinds, thresholds, floors
+
+
+class PretrainCrops(Dataset):
+    """Item ``i``: ``crops_per_volume`` augmented crops of one random case, float32 ``[K, C, *crop_size]``.
+
+    ``items_per_epoch`` (= iterations per epoch x batch size, per rank) is the length. Call :meth:`set_epoch` before
+    each epoch. Only paths and lists are kept until first use, so the object pickles for spawn workers.
+    """
+
+    def __init__(self, sources: list[PretrainSource], crop_size=(96, 96, 96), crops_per_volume: int = 8,
+                 items_per_epoch: int = 250, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 body_prob: float = 0.75, max_tries: int = 32, augment: bool = True):
+        crop_size = tuple(int(x) for x in crop_size)
+        if len(crop_size) != 3 or min(crop_size) <= 0:
+            raise UserError(f"crop size must be 3 positive integers, got {crop_size}")
+        if min(crops_per_volume, items_per_epoch, max_tries) < 1:
+            raise UserError("crops per volume, items per epoch and max tries must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.sources = sources
+        self.crop_size = crop_size
+        self.crops_per_volume = crops_per_volume
+        self.items_per_epoch = items_per_epoch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.body_prob, self.max_tries, self.augment = body_prob, max_tries, augment
+        self.epoch = 0
+        self.cases = [(s, j) for s, src in enumerate(sources) for j in range(len(src.identifiers))]
+        self.rules = [_channel_rules(src) for src in sources]
+        self.rot_planes = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if crop_size[a] == crop_size[b]]
+        self._datasets = None  # nnU-Net dataset objects, created lazily in each worker
+        self._case_thresholds: dict = {}  # (source, case) -> per-channel body threshold for 'sample' channels
+
+    def __getstate__(self):
+        return {**self.__dict__, "_datasets": None, "_case_thresholds": {}}
+
+    def __len__(self) -> int:
+        return self.items_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _nnunet_dataset(self, s: int):
+        if self._datasets is None:
+            self._datasets = [infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
+                              for src in self.sources]
+        return self._datasets[s]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, int(i)])
+        s, j = self.cases[rng.integers(len(self.cases))]
+        data, seg, _, _ = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
+        thresholds = self._thresholds(s, j, data)
+        crops = [self._augmented(rng, self._crop(s, data, self._centre(rng, s, data, seg, thresholds)))
+                 for _ in range(self.crops_per_volume)]
+        return torch.from_numpy(np.stack(crops))
+
+    def _thresholds(self, s: int, j: int, data) -> np.ndarray:
+        """Per-channel body thresholds for this case ('sample' channels estimated once per case and worker)."""
+        kinds, fixed, _ = self.rules[s]
+        if "sample" not in kinds:
+            return np.asarray(fixed)
+        if (s, j) not in self._case_thresholds:
+            rng = np.random.default_rng([s, j])  # a property of the case, not of the item
+            points = rng.integers(0, data.shape[1:], size=(N_BACKGROUND_SAMPLES, 3))
+            values = np.stack([data[:, int(x), int(y), int(z)] for x, y, z in points])  # [N, C]
+            q05, q95 = np.percentile(values, [5, 95], axis=0)
+            sampled = q05 + 0.2 * (q95 - q05)
+            self._case_thresholds[s, j] = np.where([k == "sample" for k in kinds], sampled, fixed)
+        return self._case_thresholds[s, j]
+
+    def _is_body(self, s: int, data, seg, thresholds: np.ndarray, point: tuple[int, int, int]) -> bool:
+        kinds = self.rules[s][0]
+        x, y, z = point
+        if "mask" in kinds and seg[0, x, y, z] >= 0:
+            return True
+        judged = [k != "mask" for k in kinds]
+        return any(judged) and bool(np.any(data[:, x, y, z][judged] > thresholds[judged]))
+
+    def _centre(self, rng: np.random.Generator, s: int, data, seg, thresholds: np.ndarray) -> tuple[int, int, int]:
+        """A body voxel with probability ``body_prob`` (bounded rejection sampling), else a uniform voxel."""
+        want_body = rng.random() < self.body_prob
+        for _ in range(self.max_tries if want_body else 1):
+            point = tuple(int(v) for v in rng.integers(0, data.shape[1:]))
+            if not want_body or self._is_body(s, data, seg, thresholds, point):
+                break
+        return point
+
+    def _crop(self, s: int, data, centre: tuple[int, int, int]) -> np.ndarray:
+        """Read only the crop region around ``centre`` (shifted inside the volume), padding short axes."""
+        shape = data.shape[1:]
+        starts = [int(np.clip(c - k // 2, min(0, n - k), max(0, n - k)))  # inside, or covering a short axis
+                  for c, k, n in zip(centre, self.crop_size, shape)]
+        read = tuple(slice(max(a, 0), min(a + k, n)) for a, k, n in zip(starts, self.crop_size, shape))
+        region = np.asarray(data[(slice(None), *read)], dtype=np.float32)
+        if region.shape[1:] == self.crop_size:
+            return region
+        kinds, _, floors = self.rules[s]
+        fill = [floors[c] if kinds[c] == "ct" else 0.0 if kinds[c] == "mask" else float(region[c].min())
+                for c in range(region.shape[0])]
+        out = np.empty((region.shape[0], *self.crop_size), dtype=np.float32)
+        out[:] = np.asarray(fill, dtype=np.float32)[:, None, None, None]
+        out[(slice(None), *(slice(r.start - a, r.stop - a) for r, a in zip(read, starts)))] = region
+        return out
+
+    def _augmented(self, rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
+        """The reference's flips, rot90 and intensity scale/shift (MONAI semantics), on a [C, X, Y, Z] crop."""
+        if not self.augment:
+            return crop
+        for axis in (1, 2, 3):
+            if rng.random() < 0.5:
+                crop = np.flip(crop, axis)
+        if self.rot_planes and rng.random() < 0.3:
+            a, b = self.rot_planes[rng.integers(len(self.rot_planes))]
+            crop = np.rot90(crop, int(rng.integers(1, 4)), axes=(a + 1, b + 1))
+        if rng.random() < 0.1:  # out of place: the crop may be a view of a read-only memmap (legacy .npy data)
+            crop = crop * np.float32(1 + rng.uniform(-0.1, 0.1))
+        if rng.random() < 0.1:
+            crop = crop + np.float32(rng.uniform(-0.1, 0.1))
+        return crop
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in a loader worker from torch's per-worker seed (the crops use their own RNG)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, device_type: str) -> DataLoader:
+    """Batches ``[B, K, C, *crop]`` in item order (items are already random); fresh workers each epoch."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=device_type == "cuda", persistent_workers=False, drop_last=False,
+                      worker_init_fn=seed_worker if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(dataset.seed))

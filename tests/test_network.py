@@ -1,0 +1,124 @@
+"""HiEndUNETR on CPU: output shapes for every decoder path, the nnU-Net contract, and which encoder outputs it uses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunetv2_hiendmae.network import HiEndUNETR, ResizeUpBlock
+from nnunetv2_hiendmae.vit import encoder_config
+
+TINY = encoder_config("vit_tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**overrides) -> dict:
+    return {**TINY, **overrides}
+
+
+@pytest.mark.parametrize(
+    "encoder, patch",
+    [
+        (TINY, (32, 64, 48)),  # non-cubic, token 16: four x2 steps
+        (TINY, (16, 32, 32)),  # a 1x2x2 token grid
+        (tiny(token_size=12), (24, 36, 48)),  # the released model's token: last stage x1.5 by resizing
+        (tiny(token_size=24), (24, 48, 24)),  # last stage a x3 transposed conv
+        (tiny(token_size=[16, 16, 12]), (32, 16, 24)),  # anisotropic token
+    ],
+)
+def test_output_is_input_sized_logits(encoder, patch):
+    torch.manual_seed(0)
+    net = HiEndUNETR(2, 3, patch, encoder, feature_size=4)
+    out = net(torch.randn(2, 2, *patch))
+    assert isinstance(out, torch.Tensor)
+    assert out.shape == (2, 3, *patch)
+
+
+def test_token_12_uses_the_resizing_last_stage():
+    assert isinstance(HiEndUNETR(1, 2, (24, 24, 24), tiny(token_size=12)).decoder2, ResizeUpBlock)
+    assert not isinstance(HiEndUNETR(1, 2, (32, 32, 32), TINY).decoder2, ResizeUpBlock)
+
+
+def test_rejects_a_patch_that_is_not_a_multiple_of_the_token_size():
+    with pytest.raises(ValueError, match="multiple of the token size"):
+        HiEndUNETR(1, 2, (32, 40, 32), TINY)
+
+
+def test_deep_supervision_is_ignored():
+    patch = (16, 32, 16)
+    nets = [HiEndUNETR(1, 2, patch, TINY, feature_size=4, deep_supervision=ds) for ds in (True, False)]
+    shapes = [{k: v.shape for k, v in net.state_dict().items()} for net in nets]
+    assert list(shapes[0]) == list(shapes[1]) and shapes[0] == shapes[1]
+    assert nets[0].deep_supervision is True
+    assert isinstance(nets[0](torch.randn(1, 1, *patch)), torch.Tensor)
+    assert not hasattr(nets[0], "initialize")  # nnU-Net would run network.apply(network.initialize)
+
+
+def test_encoder_keys_match_the_pretraining_encoder():
+    from nnunetv2_hiendmae.vit import build_encoder
+
+    net = HiEndUNETR(3, 2, (16, 16, 16), TINY)
+    expected = {f"encoder.{k}": v.shape for k, v in build_encoder(TINY, in_channels=3).state_dict().items()}
+    assert {k: v.shape for k, v in net.state_dict().items() if k.startswith("encoder.")} == expected
+
+
+def test_learned_pos_embed_lives_on_the_patch_grid():
+    net = HiEndUNETR(1, 2, (32, 64, 48), tiny(pos_embed="learned", pos_embed_grid=[6, 6, 6]))
+    assert net.encoder.pos_embed.shape == (1, 2 * 4 * 3, 96)
+    assert net.encoder_config["pos_embed_grid"] == [2, 4, 3]
+
+
+def test_gradients_reach_every_encoder_parameter():
+    torch.manual_seed(0)
+    net = HiEndUNETR(1, 2, (16, 32, 16), tiny(depth=8), feature_size=4)
+    net(torch.randn(1, 1, 16, 32, 16)).square().mean().backward()
+    for name, p in net.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def run_with_perturbed_encoder(net: HiEndUNETR, x: torch.Tensor, index: int | None, tokens: slice) -> torch.Tensor:
+    """Forward with one encoder output perturbed on the given token positions, leaving the residual stream intact.
+
+    ``index`` picks ``hidden[index]``; ``None`` picks the final normed output.
+    """
+    forward = net.encoder.forward
+
+    def perturbed(inp):
+        normed, hidden = forward(inp)
+        hidden = list(hidden)
+        target = normed if index is None else hidden[index]
+        target = target.clone()
+        target[:, tokens] += 1.0
+        if index is None:
+            return target, hidden
+        hidden[index] = target
+        return normed, hidden
+
+    net.encoder.forward = perturbed
+    try:
+        return net(x)
+    finally:
+        del net.encoder.forward
+
+
+def test_skips_come_from_the_tapped_blocks_and_the_bottleneck_from_the_normed_output():
+    torch.manual_seed(0)
+    net = HiEndUNETR(1, 2, (16, 32, 16), tiny(depth=8), feature_size=4).eval()
+    assert net.encoder.taps == (2, 4, 6)
+    x = torch.randn(1, 1, 16, 32, 16)
+    with torch.no_grad():
+        ref = net(x)
+        for index in [*range(8), None]:
+            out = run_with_perturbed_encoder(net, x, index, slice(1, None))
+            used = index is None or index in net.encoder.taps
+            assert (not torch.allclose(out, ref)) == used, f"hidden[{index}] used={used}"
+            if used:
+                cls_only = run_with_perturbed_encoder(net, x, index, slice(0, 1))
+                assert torch.equal(cls_only, ref), f"the CLS token of {index} reached the decoder"

@@ -1,0 +1,170 @@
+"""``nnUNetv2_hiendmae_pretrain`` end to end on a tiny nnU-Net-preprocessed dataset (CPU)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import console_script, run_cli
+from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
+
+TINY = ["--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2", "--crops-per-volume", "2",
+        "--num-workers", "0", "--device", "cpu", "--no-progress-bar", "--warmup-epochs", "1"]
+
+
+def pretrain_args(ds, out, epochs, iters, *extra):
+    return ["nnUNetv2_hiendmae_pretrain", "-d", str(ds["id"]), str(ds["unlabelled_id"]), "-o", str(out), *TINY,
+            "--epochs", str(epochs), "--iters-per-epoch", str(iters), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(preprocessed_dataset, tmp_path_factory):
+    """A few hundred CPU steps of vit_tiny on datasets 990 + 991."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 8, 40, "--lr", "1e-3", "--recon-every", "4"), check=True)
+    return out, proc
+
+
+def test_loss_clearly_decreases(trained):
+    out, _ = trained
+    history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
+    assert len(history["loss"]) == 8
+    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
+    assert all(v > 0 for v in history["crops_per_s"])
+    assert history["lr"][0] > history["lr"][-1] >= 0  # cosine decay after the warm-up epoch
+
+
+def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
+    out, proc = trained
+    for name in ("checkpoint_latest.pth", "checkpoint_final.pth", "progress.png", "reconstruction_epoch_0001.png",
+                 "reconstruction_epoch_0004.png", "reconstruction_epoch_0008.png"):
+        assert (out / name).is_file(), name
+    logs = list(out.glob("training_log_*.txt"))
+    assert len(logs) == 1 and "epoch 8/8" in logs[0].read_text()
+    assert "checkpoint_final.pth" in proc.stdout
+
+    ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert ckpt["format"] == FORMAT and ckpt["method"] == "hiendmae" and "train_state" not in ckpt
+    assert ckpt["encoder"]["arch"] == "vit_tiny" and ckpt["encoder"]["in_channels"] == 1
+    meta = ckpt["pretrain"]
+    assert [d["name"] for d in meta["datasets"]] == [preprocessed_dataset["name"], preprocessed_dataset["unlabelled_name"]]
+    import json
+
+    plans = json.loads((preprocessed_dataset["preprocessed"] / "nnUNetPlans.json").read_text())
+    assert meta["spacing"] == pytest.approx(plans["configurations"]["3d_fullres"]["spacing"])
+    assert meta["normalization_schemes"] == ["CTNormalization"]
+    assert meta["foreground_intensity_properties_per_channel"]["0"]["std"] == pytest.approx(
+        plans["foreground_intensity_properties_per_channel"]["0"]["std"])
+    assert meta["crop_size"] == [16, 32, 32] and meta["token_size"] == [16, 16, 16] and meta["mask_ratio"] == 0.75
+    assert meta["epochs_done"] == 8 and meta["plans"] == "nnUNetPlans" and meta["configuration"] == "3d_fullres"
+    assert ckpt["model"]["decoder"]["embed_dim"] == 48
+    enc = encoder_state_dict(ckpt)
+    assert "patch_embed.proj.weight" in enc and "blocks.3.mlp.fc2.bias" in enc
+    latest = torch.load(out / "checkpoint_latest.pth", weights_only=True)
+    assert latest["train_state"]["epoch"] == 8 and latest["train_state"]["global_step"] == 8 * 40
+
+
+def test_kill_and_resume_continues_where_it_stopped(preprocessed_dataset, tmp_path):
+    """A run killed mid-way and resumed ends with exactly the weights of an uninterrupted run."""
+    args = lambda out, *extra: pretrain_args(preprocessed_dataset, out, 5, 25, *extra)  # noqa: E731
+    run_cli(*args(tmp_path / "straight"), check=True)
+
+    out = tmp_path / "killed"
+    cmd = [console_script(args(out)[0]), *args(out)[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest, deadline = out / "checkpoint_latest.pth", time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and torch.load(latest, weights_only=True)["train_state"]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail("the run finished before it could be killed; make it longer")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(latest, weights_only=True)["train_state"]["epoch"]
+    assert 2 <= killed_at < 5 and not (out / "checkpoint_final.pth").exists()
+
+    resumed = run_cli(*args(out, "--resume"), check=True)
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert f"resumed from {latest} after epoch {killed_at}" in log, resumed.stdout
+    a = torch.load(tmp_path / "straight" / "checkpoint_final.pth", weights_only=True)
+    b = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert a["pretrain"]["history"]["loss"] == pytest.approx(b["pretrain"]["history"]["loss"], rel=1e-6)
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, preprocessed_dataset):
+    out, _ = trained
+    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 8, 40, "--lr", "1e-3"))
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 8, 40, "--lr", "1e-3", "--resume", "--mask-ratio", "0.6"))
+    assert proc.returncode == 2 and "mask_ratio" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(preprocessed_dataset, tmp_path, monkeypatch):
+    from pretrain import hiend_mae, train
+
+    cfg = train.PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(tmp_path / "nan"),
+                               arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, crops_per_volume=2, epochs=3,
+                               iters_per_epoch=3, warmup_epochs=1, num_workers=0, device="cpu", progress_bar=False)
+    run = train.PretrainRun(cfg)
+    forward, calls = hiend_mae.HiEndMAE.forward, {"n": 0}
+
+    def nan_in_second_epoch(self, x, shuffle=None):
+        calls["n"] += 1
+        loss, pred, shuffle = forward(self, x, shuffle)
+        return (loss * float("nan") if calls["n"] > 3 else loss), pred, shuffle
+
+    monkeypatch.setattr(hiend_mae.HiEndMAE, "forward", nan_in_second_epoch)
+    with pytest.raises(train.NonFiniteLoss, match="non-finite loss at epoch 2, iteration 1.*last good checkpoint kept"):
+        run.run()
+    ckpt = load_checkpoint(tmp_path / "nan" / "checkpoint_latest.pth")
+    assert ckpt["train_state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["weights"].values())
+    assert not (tmp_path / "nan" / "checkpoint_final.pth").exists()
+
+
+def test_kill_during_checkpoint_write_keeps_previous_file(tmp_path):
+    path = tmp_path / "checkpoint_latest.pth"
+    save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+    code = (
+        "import os, torch\n"
+        "from nnunetv2_hiendmae.checkpoint import save_atomic\n"
+        "class Die:\n"
+        "    def __reduce__(self):\n"
+        "        os._exit(9)\n"
+        f"save_atomic({{'epoch': 2, 'w': torch.zeros(1000), 'x': Die()}}, {str(path)!r})\n"
+    )
+    proc = subprocess.run([console_script("python"), "-c", code], capture_output=True)
+    assert proc.returncode == 9
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert list(tmp_path.glob("checkpoint_latest.pth")) == [path]
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("unset", "nnUNet_preprocessed"),
+    ("missing_dataset", "555"),
+    ("not_preprocessed", "nnUNetv2_plan_and_preprocess"),
+    ("bad_crop", "not a multiple of the token size"),
+])
+def test_bad_input_gives_one_clear_line(preprocessed_dataset, tmp_path, case, expect):
+    args = pretrain_args(preprocessed_dataset, tmp_path / "out", 1, 1)
+    env = None
+    if case == "unset":
+        env = {"nnUNet_preprocessed": ""}
+    elif case == "missing_dataset":
+        args[2:4] = ["555"]
+    elif case == "not_preprocessed":
+        args += ["-p", "nnUNetResEncUNetMPlans"]
+    elif case == "bad_crop":
+        args[args.index("--patch-size") + 1] = "20"
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "checkpoint_latest.pth").exists()

@@ -1,0 +1,302 @@
+"""pretrain/data.py on the real nnU-Net-preprocessed fixture datasets (990 labelled, 991 unlabelled pool) and on small
+fake preprocessed datasets whose body is known."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, infer_dataset_class, nnUNetDatasetBlosc2
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2_hiendmae.errors import UserError
+from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
+
+CONFIG = "3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def sources(preprocessed_dataset):
+    return resolve_sources([str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"])])
+
+
+def _listing(folder: Path) -> list[tuple[str, int, float]]:
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime) for p in folder.rglob("*"))
+
+
+def _copy_dataset(src: Path, root: Path, dataset_id: int) -> Path:
+    """A copy of a preprocessed dataset under a fake nnUNet_preprocessed root, to be edited by a test."""
+    dst = root / f"Dataset{dataset_id:03d}_Copy"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("gt_segmentations"))
+    return dst
+
+
+def _edit_json(path: Path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+# ---------------------------------------------------------------------------------------------------- shapes, padding
+
+@pytest.mark.parametrize("crop", [(16, 32, 32), (16, 32, 48), (32, 48, 48), (8, 8, 8)])
+def test_item_shape_is_k_crops_of_exact_size(sources, crop):
+    ds = PretrainCrops(sources, crop, crops_per_volume=3, items_per_epoch=4, seed=0)
+    assert len(ds) == 4
+    for i in range(len(ds)):
+        x = ds[i]
+        assert x.shape == (3, 1, *crop) and x.dtype == torch.float32
+        assert torch.isfinite(x).all()
+
+
+def test_crop_larger_than_case_holds_the_whole_case_padded_with_the_ct_floor(sources):
+    src = dataclasses.replace(sources[0], identifiers=sources[0].identifiers[:1])
+    data = infer_dataset_class(src.folder)(src.folder).load_case(src.identifiers[0])[0][:]
+    props = src.plans["foreground_intensity_properties_per_channel"]["0"]
+    floor = (props["percentile_00_5"] - props["mean"]) / props["std"]
+    crop = (32, 64, 64)
+    assert all(c > n for c, n in zip(crop, data.shape[1:]))
+    x = PretrainCrops([src], crop, crops_per_volume=4, items_per_epoch=1, augment=False)[0].numpy()
+    for k in range(4):
+        assert x[k].min() == pytest.approx(floor, abs=1e-4)
+        assert (x[k] > floor + 1e-3).sum() == (data > floor + 1e-3).sum()  # the whole case is inside the crop
+        assert np.isclose(x[k], floor, atol=1e-4).sum() >= np.prod(crop) - data[0].size  # the rest is padding
+
+
+# ---------------------------------------------------------------------------------------------------- determinism
+
+def test_items_are_a_function_of_seed_epoch_rank_and_index(sources):
+    make = lambda **kw: PretrainCrops(sources, (16, 32, 32), crops_per_volume=2, items_per_epoch=8, **kw)
+    a, b = make(seed=3), make(seed=3)
+    assert torch.equal(a[5], b[5]) and torch.equal(a[5], a[5])
+    assert not torch.equal(a[5], a[6])
+    assert not torch.equal(a[5], make(seed=4)[5])
+    assert not torch.equal(a[5], make(seed=3, rank=1, world_size=2)[5])
+    first = a[5]
+    a.set_epoch(1)
+    assert not torch.equal(first, a[5])
+    b.set_epoch(1)
+    assert torch.equal(a[5], b[5])
+    clone = pickle.loads(pickle.dumps(a))  # spawn workers get a pickled copy without the opened datasets
+    assert clone._datasets is None and torch.equal(clone[5], a[5])
+
+
+def test_loader_with_workers_yields_the_same_batches_as_without(sources):
+    ds = PretrainCrops(sources, (16, 32, 32), crops_per_volume=2, items_per_epoch=6, seed=1)
+    ds.set_epoch(2)
+    with_workers = list(make_loader(ds, batch_size=2, num_workers=2, device_type="cpu"))
+    in_process = list(make_loader(ds, batch_size=2, num_workers=0, device_type="cpu"))
+    assert len(with_workers) == 3
+    for x, y in zip(with_workers, in_process):
+        assert x.shape == (2, 2, 1, 16, 32, 32)
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+class _Spy:
+    """Wraps a case array: records how many elements each read returns and forbids materialising it whole."""
+
+    def __init__(self, arr, log: list):
+        self.arr, self.log, self.shape = arr, log, arr.shape
+
+    def __getitem__(self, key):
+        out = self.arr[key]
+        self.log.append(np.size(out))
+        return out
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole case was materialised")
+
+
+def test_reads_only_crop_regions_and_draws_from_all_datasets(sources, monkeypatch):
+    reads, cases = [], []
+    original = nnUNetDatasetBlosc2.load_case
+
+    def spying_load_case(self, identifier):
+        data, seg, prev, props = original(self, identifier)
+        cases.append(identifier)
+        return _Spy(data, reads), _Spy(seg, reads), prev, props
+
+    monkeypatch.setattr(nnUNetDatasetBlosc2, "load_case", spying_load_case)
+    crop = (8, 16, 16)
+    ds = PretrainCrops(sources, crop, crops_per_volume=4, items_per_epoch=40, seed=0)
+    assert len(ds.cases) == sum(len(s.identifiers) for s in sources) == 9
+    for i in range(len(ds)):
+        ds[i]
+    assert max(reads) == np.prod(crop)  # single voxels for centre choice, one crop-sized read per crop
+    assert sum(r == np.prod(crop) for r in reads) == 40 * 4
+    assert {c.split("_")[0] for c in cases} == {"case", "pool"}
+
+
+# ---------------------------------------------------------------------------------------------------- body centres
+
+BODY = (slice(6, 18), slice(10, 30), slice(10, 30))  # 12.5 % of a (24, 40, 40) case, >= 4 voxels from each edge
+
+
+def _known_body_dataset(root: Path, template: Path, dataset_id: int, kind: str) -> str:
+    """A fake preprocessed dataset of two cases whose body is the box BODY, intensities as nnU-Net would leave them
+    for a CT (clip floor outside), per-image z-score (low noisy background) or masked z-score (0 outside) channel."""
+    name = f"Dataset{dataset_id:03d}_Body{kind}"
+    base = root / name
+    folder = base / "nnUNetPlans_3d_fullres"
+    folder.mkdir(parents=True)
+    shutil.copy(template / "dataset.json", base / "dataset.json")
+    plans = json.loads((template / "nnUNetPlans.json").read_text())
+    plans["configurations"] = {CONFIG: plans["configurations"][CONFIG]}
+    scheme = "CTNormalization" if kind == "ct" else "ZScoreNormalization"
+    plans["configurations"][CONFIG].update(data_identifier=folder.name, normalization_schemes=[scheme],
+                                           use_mask_for_norm=[kind == "mask"])
+    (base / "nnUNetPlans.json").write_text(json.dumps(plans))
+    p = plans["foreground_intensity_properties_per_channel"]["0"]
+    rng = np.random.default_rng(dataset_id)
+    shape = (1, 24, 40, 40)
+    blocks, chunks = comp_blosc2_params(shape, (8, 16, 16))
+    for c in range(2):
+        seg = np.zeros(shape, np.int8)
+        if kind == "ct":
+            data = np.full(shape, (p["percentile_00_5"] - p["mean"]) / p["std"], np.float32)
+            data[(0, *BODY)] = rng.normal(1.0, 0.3, size=(12, 20, 20))
+        elif kind == "sample":
+            data = rng.normal(-0.8, 0.05, size=shape).astype(np.float32)
+            data[(0, *BODY)] = rng.normal(1.0, 0.3, size=(12, 20, 20))
+        else:
+            data = np.zeros(shape, np.float32)
+            data[(0, *BODY)] = rng.normal(0.0, 1.0, size=(12, 20, 20))  # intensity alone cannot tell
+            seg[:] = -1
+            seg[(0, *BODY)] = 0
+        nnUNetDatasetBlosc2.save_case(data, seg, {"spacing": [1.0, 1.0, 1.0]}, str(folder / f"c_{c}"),
+                                      chunks=chunks, blocks=blocks, chunks_seg=chunks, blocks_seg=blocks)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["ct", "sample", "mask"])
+def test_crops_are_centred_in_the_body_far_more_often_than_chance(preprocessed_dataset, tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    name = _known_body_dataset(tmp_path, preprocessed_dataset["preprocessed"], 980, kind)
+    src = resolve_sources([name])
+    inside = {"ct": lambda v: v > 0.0, "sample": lambda v: v > 0.0, "mask": lambda v: v != 0.0}[kind]
+
+    def centre_in_body_fraction(body_prob: float) -> float:
+        ds = PretrainCrops(src, (8, 8, 8), crops_per_volume=8, items_per_epoch=40, seed=0, body_prob=body_prob,
+                           augment=False)
+        centres = torch.cat([ds[i][:, 0, 4, 4, 4] for i in range(len(ds))]).numpy()  # the drawn centre voxels
+        return float(np.mean(inside(centres)))
+
+    chance = 12 * 20 * 20 / (24 * 40 * 40)
+    assert centre_in_body_fraction(0.0) < 2 * chance
+    assert centre_in_body_fraction(0.75) > 0.7  # 0.75 * ~0.99 + 0.25 * chance ~ 0.77
+    assert centre_in_body_fraction(1.0) > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------- folds
+
+def test_fold_uses_only_its_training_cases_and_writes_nothing(preprocessed_dataset):
+    base = preprocessed_dataset["preprocessed"]
+    before = _listing(base)
+    src = resolve_sources([preprocessed_dataset["name"]], fold=1)[0]
+    for i in range(4):
+        PretrainCrops([src], (8, 16, 16), crops_per_volume=1, items_per_epoch=4)[i]
+    assert _listing(base) == before
+    if (base / "splits_final.json").exists():  # another test may have trained on it
+        expected = json.loads((base / "splits_final.json").read_text())[1]["train"]
+    else:
+        everything = sorted(resolve_sources([preprocessed_dataset["name"]])[0].identifiers)
+        expected = generate_crossval_split(everything, seed=12345, n_splits=5)[1]["train"]
+    assert src.identifiers == sorted(expected) and len(src.identifiers) == 5
+    assert all(type(k) is str for k in src.identifiers)
+
+
+def test_fold_reads_splits_final_json_and_rejects_out_of_range(preprocessed_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    base = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 981)
+    (base / "splits_final.json").write_text(json.dumps([{"train": ["case_004", "case_001"], "val": ["case_000"]}]))
+    assert resolve_sources(["981"], fold=0)[0].identifiers == ["case_001", "case_004"]
+    with pytest.raises(UserError, match=r"fold 1 is out of range.*splits_final\.json has folds 0-0"):
+        resolve_sources(["981"], fold=1)
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+
+def test_metadata_schema_and_weights_only_round_trip(preprocessed_dataset, sources, tmp_path):
+    plans = json.loads((preprocessed_dataset["preprocessed"] / "nnUNetPlans.json").read_text())
+    meta = pretrain_metadata(sources, "nnUNetPlans", CONFIG)
+    assert set(meta) == {"datasets", "plans", "configuration", "spacing", "transpose_forward", "normalization_schemes",
+                         "use_mask_for_norm", "foreground_intensity_properties_per_channel", "channel_names",
+                         "in_channels", "fold"}
+    assert meta["spacing"] == plans["configurations"][CONFIG]["spacing"]
+    assert meta["normalization_schemes"] == ["CTNormalization"] and meta["use_mask_for_norm"] == [False]
+    assert meta["foreground_intensity_properties_per_channel"] == plans["foreground_intensity_properties_per_channel"]
+    assert meta["transpose_forward"] == plans["transpose_forward"]
+    assert meta["channel_names"] == {"0": "CT"} and meta["in_channels"] == 1 and meta["fold"] is None
+    assert (meta["plans"], meta["configuration"]) == ("nnUNetPlans", CONFIG)
+    names = [preprocessed_dataset["name"], preprocessed_dataset["unlabelled_name"]]
+    assert [d["name"] for d in meta["datasets"]] == names
+    assert [d["num_cases"] for d in meta["datasets"]] == [6, 3]
+    assert set(meta["datasets"][0]) == {"name", "plans", "configuration", "data_identifier", "num_cases", "spacing",
+                                        "normalization_schemes", "use_mask_for_norm", "channel_names",
+                                        "foreground_intensity_properties_per_channel", "transpose_forward"}
+    assert meta["datasets"][0]["data_identifier"] == plans["configurations"][CONFIG]["data_identifier"]
+    torch.save({"pretrain": meta}, tmp_path / "m.pth")
+    assert torch.load(tmp_path / "m.pth", weights_only=True)["pretrain"] == meta
+    fold0 = resolve_sources([str(preprocessed_dataset["id"])], fold=0)
+    assert pretrain_metadata(fold0, "nnUNetPlans", CONFIG)["fold"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def test_unset_or_missing_preprocessed_folder(preprocessed_dataset, monkeypatch, tmp_path):
+    monkeypatch.delenv("nnUNet_preprocessed")
+    with pytest.raises(UserError, match="nnUNet_preprocessed is not set"):
+        resolve_sources(["990"])
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_sources(["990"])
+
+
+def test_unknown_dataset_plans_or_configuration(preprocessed_dataset):
+    with pytest.raises(UserError, match="dataset '979' not found"):
+        resolve_sources(["979"])
+    with pytest.raises(UserError, match="dataset 'abc' not found"):
+        resolve_sources(["abc"])
+    missing = preprocessed_dataset["preprocessed"].parent / "Dataset978_Nothing"
+    with pytest.raises(UserError, match=f"{missing} not found; `nnUNetv2_plan_and_preprocess -d 978`"):
+        resolve_sources(["Dataset978_Nothing"])
+    plans_file = preprocessed_dataset["preprocessed"] / "NoSuchPlans.json"
+    with pytest.raises(UserError, match=f"plans file {plans_file} not found.*nnUNetv2_plan_and_preprocess -d 990"):
+        resolve_sources(["990"], plans="NoSuchPlans")
+    with pytest.raises(UserError, match="configuration 'nope' is not in .*nnUNetPlans.json; available: .*3d_fullres"):
+        resolve_sources(["990"], configuration="nope")
+
+
+def test_missing_or_empty_data_folder(preprocessed_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    base = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 982)
+    data = base / "nnUNetPlans_3d_fullres"
+    hint = "nnUNetv2_preprocess -d 982 -plans_name nnUNetPlans -c 3d_fullres"
+    for f in data.iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match=f"{data} is empty.*{hint}"):
+        resolve_sources(["982"])
+    data.rmdir()
+    with pytest.raises(UserError, match=f"{data} not found.*{hint}"):
+        resolve_sources(["982"])
+
+
+def test_channel_count_mismatch(preprocessed_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 983)
+    two = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 984)
+    _edit_json(two / "dataset.json", lambda d: d.update(channel_names={"0": "CT", "1": "PET"}))
+    with pytest.raises(UserError, match="different channel counts: Dataset983_Copy has 1, Dataset984_Copy has 2"):
+        resolve_sources(["983", "984"])
+
+
+def test_bad_crop_size(sources):
+    with pytest.raises(UserError, match="3 positive integers"):
+        PretrainCrops(sources, (96, 96))
