@@ -57,6 +57,18 @@ def tap_indices(depth: int) -> tuple[int, int, int]:
     return depth // 4, 2 * depth // 4, 3 * depth // 4
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """The reference's init: Xavier-uniform Linear weights with zero bias, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class PatchEmbed3D(nn.Module):
     """Conv with kernel = stride = token size: equal to a Linear on each flattened (ph, pw, pd, C) patch."""
 
@@ -113,13 +125,7 @@ class ViTEncoder3D(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)

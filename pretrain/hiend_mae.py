@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from nnunetv2_hiendmae.vit import build_encoder, sincos_pos_embed_3d
+from nnunetv2_hiendmae.vit import build_encoder, init_linear_and_norm, sincos_pos_embed_3d
 
 # Decoder width/heads per encoder preset (reference: 384/12 for ViT-B, 528/16 for the 1536-wide models).
 DECODER_PRESETS: dict[str, dict] = {
@@ -120,13 +120,7 @@ class HiEndMAE(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.decoder.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self.decoder)
         for lin in self.encoder_to_decoder:
             nn.init.xavier_uniform_(lin.weight)
         nn.init.normal_(self.mask_token, std=0.02)

@@ -1,7 +1,7 @@
 """Shared fixtures: a private nnU-Net folder tree and a tiny synthetic dataset preprocessed by the real nnU-Net.
 
-nnunetv2 reads ``nnUNet_raw/preprocessed/results`` when ``nnunetv2.paths`` is first imported, so they are set here,
-at collection time, before any test imports nnunetv2.
+The ``nnUNet_raw/preprocessed/results`` variables point at a private temporary tree for the whole session; they are
+set here, at collection time, so that in-process nnU-Net calls and every subprocess see the same tree.
 """
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: f
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """In-process tensors here are tiny: intra-op threads gain nothing, and on a busy machine their spin-waits cost
+    100x. Subprocesses (the real commands) keep their own defaults."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

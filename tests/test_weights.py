@@ -15,15 +15,6 @@ from nnunetv2_hiendmae.weights import adapt_encoder_config, load_pretrained_enco
 PATCH = (32, 64, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fake_checkpoint(in_channels: int = 1, **config) -> dict:
     """A pretraining checkpoint with a random encoder and a few decoder tensors, as the pretraining code saves it."""
     torch.manual_seed(1)
