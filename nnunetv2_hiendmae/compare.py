@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from nnunetv2_hiendmae.errors import UserError, cli_entry
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 
 DEFAULT_CONFIGURATION = "3d_fullres"
 FG_COLUMN = "mean fg Dice"
@@ -567,16 +567,9 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as one ``error:`` line (exit 2) like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of ``nnUNetv2_hiendmae_compare``."""
-    p = _Parser(
+    p = ArgumentParser(
         prog="nnUNetv2_hiendmae_compare",
         description="Compare nnU-Net validation Dice of several trainer/plans pairs (ours and nnU-Net's own "
                     "baselines) from $nnUNet_results/<Dataset>/<TRAINER>__<PLANS>__<CONFIG>/fold_<f>/validation/"

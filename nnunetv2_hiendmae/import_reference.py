@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, make_checkpoint, save_atomic, sha256
-from nnunetv2_hiendmae.errors import UserError, cli_entry
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.vit import PRESETS, build_encoder, encoder_config, sincos_pos_embed_3d
 
 DEFAULT_CROP = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
@@ -314,7 +314,7 @@ def import_reference(inp: str | Path, out: str | Path, arch: str | None = None, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nnUNetv2_hiendmae_import",
         description="Convert a checkpoint saved by the reference Hi-End-MAE code (e.g. the released "
                     "hi_end_mae_10k.pth) into a nnunetv2_hiendmae pretraining checkpoint, with metadata for the "

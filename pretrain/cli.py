@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunetv2_hiendmae.errors import cli_entry
-from nnunetv2_hiendmae.vit import PRESETS
+from nnunetv2_hiendmae.errors import ArgumentParser, cli_entry
+from nnunetv2_hiendmae.presets import PRESETS
 
 EPILOG = """\
 examples:
@@ -19,7 +19,7 @@ progress.png and reconstruction_epoch_*.png. The checkpoint format is described 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnUNetv2_hiendmae_pretrain", description=__doc__.split(":", 1)[1].strip(),
+    p = ArgumentParser(prog="nnUNetv2_hiendmae_pretrain", description=__doc__.split(":", 1)[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--datasets", nargs="+", required=True,
                    help="dataset ids or names (DatasetXXX_Name) to pretrain on; all must have the same channel count")

@@ -66,6 +66,17 @@ class PretrainConfig:
     recon_every: int = 10
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "crops_per_volume", "epochs", "accum_steps", "recon_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+            raise UserError(f"--iters-per-epoch must be at least 1, got {self.iters_per_epoch}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}")
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.num_workers < 0 or self.weight_decay < 0:
+            raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
+
 
 class NonFiniteLoss(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""

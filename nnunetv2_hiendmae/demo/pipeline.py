@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunetv2_hiendmae.errors import UserError, cli_entry
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 
 DATASET_ID = 501
 PLANS = "nnUNetPlans_HiEndMAE"
@@ -36,7 +36,7 @@ SCHEDULES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnUNetv2_hiendmae_demo", description=__doc__.split(":", 1)[1].strip(),
+    p = ArgumentParser(prog="nnUNetv2_hiendmae_demo", description=__doc__.split(":", 1)[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", default="demo_output", help="demo folder; holds its own nnUNet_raw/preprocessed/results (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start clean (default: continue, skipping finished steps)")
