@@ -90,12 +90,14 @@ class HiEndDecoder(nn.Module):
         self.norm = _norm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
 
-    def forward(self, x: torch.Tensor, memories: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memories: Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
+        """Predictions for the last ``n_out`` tokens only (the masked ones: the only ones the loss reads; norm and
+        head are per token, so this equals slicing the full output, minus a quarter of the head's cost)."""
         for blk in self.blocks:
             x = blk(x)
         for blk, y in zip(self.cross_attention_blocks, memories):  # deep to shallow
             x = blk(x, y)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x[:, -n_out:]))
 
 
 class HiEndMAE(nn.Module):
@@ -148,8 +150,7 @@ class HiEndMAE(nn.Module):
         pos = sincos_pos_embed_3d(grid, self.dec_dim).to(x.device, query.dtype).expand(b, -1, -1)
         pos = pos.gather(1, shuffle[..., None].expand(-1, -1, self.dec_dim))  # decoder pos-embed in shuffled order
         query = torch.cat([query[:, :1], query[:, 1:] + pos], dim=1)  # [B, 1+L, D]; the CLS gets none
-        out = self.decoder(query, memories[::-1])  # [B, 1+L, p³C]
-        pred = out[:, 1 + n_vis:].float()  # predictions for the masked tokens
+        pred = self.decoder(query, memories[::-1], num_tokens - n_vis).float()  # [B, L_mask, p³C]
 
         patches = patchify(x, self.token_size)  # [B, L, p³C]
         target = patches.gather(1, masked[..., None].expand(-1, -1, patches.shape[-1])).detach().float()

@@ -82,25 +82,31 @@ def test_loss_is_mse_on_masked_patches_only():
     x = torch.randn(2, 1, 32, 32, 48)
     shuffle = model.random_shuffle(2, 12, x.device)
     n_vis = int(12 * 0.25)
-    full = {}
-    model.decoder.head.register_forward_hook(lambda m, i, o: full.__setitem__("out", o))
+    seen = {}
+    model.decoder.head.register_forward_hook(lambda m, i, o: seen.__setitem__("pred", o))
     loss, _, _ = model(x, shuffle)
+    assert seen["pred"].shape[1] == 12 - n_vis  # the head predicts the masked tokens only
     patches = patchify(x, (16, 16, 16))
     target = torch.stack([patches[b, shuffle[b, n_vis:]] for b in range(2)])
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
-    expected = ((full["out"][:, 1 + n_vis:] - target) ** 2).mean()
+    expected = ((seen["pred"] - target) ** 2).mean()
     torch.testing.assert_close(loss, expected)
 
-    # Whatever the decoder predicts at the CLS and visible positions does not change the loss.
+    # Whatever the decoder holds at the CLS and visible positions does not change the loss.
     def corrupt_visible(m, i, o):
         o = o.clone()
         o[:, : 1 + n_vis] += 1000.0
         return o
 
-    handle = model.decoder.head.register_forward_hook(corrupt_visible)
+    handle = model.decoder.cross_attention_blocks[-1].register_forward_hook(corrupt_visible)
     loss_corrupted, _, _ = model(x, shuffle)
     handle.remove()
     torch.testing.assert_close(loss_corrupted, loss)
+    # ... while the masked positions do
+    handle = model.decoder.cross_attention_blocks[-1].register_forward_hook(
+        lambda m, i, o: torch.cat([o[:, : 1 + n_vis], o[:, 1 + n_vis:] + torch.randn_like(o[:, 1 + n_vis:])], dim=1))
+    assert not torch.allclose(model(x, shuffle)[0], loss)
+    handle.remove()
 
 
 def test_decoder_position_embedding_follows_the_shuffle():
