@@ -5,6 +5,7 @@ set here, at collection time, so that in-process nnU-Net calls and every subproc
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(tempfile.mkdtemp(prefix="hiendmae_tests_"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
     os.environ[_name] = str(_ROOT / _name)
     (_ROOT / _name).mkdir()

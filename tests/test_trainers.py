@@ -1,0 +1,215 @@
+"""The fine-tuning trainers: found by nnU-Net through the ext shim, load (or refuse) the pretrained encoder, and work
+with the real ``nnUNetv2_train`` (incl. ``--c`` and ``--val``) and ``nnUNetv2_predict`` on CPU.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_cli
+from nnunetv2_hiendmae import trainers
+from nnunetv2_hiendmae.checkpoint import encoder_state_dict
+from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.ext import ext_path, ext_trainer_hint
+from nnunetv2_hiendmae.plans import main as plan_main
+from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch_smoke, nnUNetTrainerHiEndMAE_smoke
+from nnunetv2_hiendmae.vit import interpolate_pos_embed
+from test_plans import CROP, write_checkpoint
+
+CFG = "3d_fullres"
+# For nnU-Net's training/predict subprocesses only: 0 DA workers crashes planning (spec nnunet.md §4).
+TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(preprocessed_dataset, tmp_path_factory) -> dict:
+    """A learned-pos-embed checkpoint and plans from it (dataset spacing: shares the base data, so no preprocessing;
+    the patch differs from the crop, so the position embedding is adapted), plus from-scratch plans."""
+    folder, tmp = preprocessed_dataset["preprocessed"], tmp_path_factory.mktemp("trainers")
+    ckpt = write_checkpoint(tmp / "pre.pth", folder, pos_embed="learned")
+    for argv in (["-pt", str(ckpt), "-o", "T_tr"], ["--arch", "vit_tiny", "-o", "T_tr_scratch"]):
+        plan_main(["-d", "990", *argv])
+    return {"folder": folder, "ckpt": ckpt, "tmp": tmp}
+
+
+def make_trainer(cls: type, folder: Path, plans_name: str):
+    plans = json.loads((folder / f"{plans_name}.json").read_text())
+    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (spec nnunet.md §1.4)
+    return cls(plans, CFG, 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
+
+
+def log_text(trainer) -> str:
+    return Path(trainer.log_file).read_text()
+
+
+def test_ext_discovery_through_the_shim(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(ext_path()))
+    assert ext_trainer_hint() is None
+    for name in trainers.__all__:
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls is getattr(trainers, name), name  # ours, not a built-in of the same name, not a second copy
+        assert cls.__module__ == "nnunetv2_hiendmae.trainers"
+        assert pickle.loads(pickle.dumps(cls)) is cls
+    assert "hiendmae_ext_trainers" not in sys.modules  # nnU-Net dropped the shim; the classes stay importable
+    assert {"nnUNetTrainerHiEndMAE_smoke", "nnUNetTrainerHiEndMAE_scratch_demo", "nnUNetTrainerHiEndMAEBaseline_demo",
+            "nnUNetTrainerHiEndMAE_scratch_250epochs"} <= set(trainers.__all__)
+
+
+def test_ext_hint_when_unset(monkeypatch):
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    assert "export nnUNet_extTrainer=$(nnUNetv2_hiendmae_ext_path)" in ext_trainer_hint()
+
+
+def test_schedules_are_data():
+    assert (trainers.SMOKE.epochs, trainers.SMOKE.warmup()) == (2, 1)
+    assert trainers.Schedule(epochs=1000).warmup() == 50 and trainers.Schedule(epochs=100).warmup() == 10
+    assert trainers.nnUNetTrainerHiEndMAEBaseline_demo.schedule == trainers.nnUNetTrainerHiEndMAE_demo.schedule
+
+
+def test_initialize_loads_the_pretrained_encoder(setup):
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    assert type(pickle.loads(pickle.dumps(trainer))) is nnUNetTrainerHiEndMAE_smoke
+    trainer.initialize()
+    ckpt = torch.load(setup["ckpt"], weights_only=True)
+    source, loaded = encoder_state_dict(ckpt), trainer.network.encoder.state_dict()
+    assert source.keys() == loaded.keys()
+    grid = trainer.network.encoder.pos_embed_grid
+    assert grid != tuple(c // 16 for c in CROP)  # the patch is not the crop: the embedding had to be moved
+    for key, value in source.items():
+        expected = interpolate_pos_embed(value, [c // 16 for c in CROP], grid) if key == "pos_embed" else value
+        assert torch.equal(loaded[key], expected), key
+    log = log_text(trainer)
+    assert f"{len(source)} tensors loaded, 1 adapted (pos_embed" in log and str(setup["ckpt"]) in log
+
+
+def test_recipe_layerwise_lr_and_no_decay_groups(setup):
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    depth, lr, decay = trainer.network.encoder.depth, trainer.initial_lr, trainer.layer_decay
+    assert (lr, trainer.weight_decay, trainer.enable_deep_supervision, trainer.grad_scaler) == (1e-4, 0.05, False, None)
+    trainer.lr_scheduler.step(0)  # warm-up of 1 epoch: full lr at epoch 0
+    group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(trainer.network.named_parameters())
+    assert group_of[id(named["encoder.patch_embed.proj.weight"])]["lr"] == pytest.approx(lr * decay ** (depth + 1))
+    assert group_of[id(named["encoder.blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(lr * decay ** depth)
+    assert group_of[id(named["out.conv.conv.weight"])]["lr"] == pytest.approx(lr)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr)  # what nnU-Net logs
+    for name in ("encoder.cls_token", "encoder.pos_embed", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"):
+        assert group_of[id(named[name])]["weight_decay"] == 0.0, name
+    assert group_of[id(named["encoder.blocks.0.attn.qkv.weight"])]["weight_decay"] == 0.05
+    optimizer = trainer.optimizer
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()  # warm-up over: poly decay on the same optimiser
+    assert trainer.optimizer is optimizer and trainer.training_stage == "train"
+
+
+def test_scratch_trainer_starts_from_random_weights(setup):
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_scratch_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    source = encoder_state_dict(torch.load(setup["ckpt"], weights_only=True))
+    loaded = trainer.network.encoder.state_dict()
+    assert not torch.equal(loaded["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+    assert "random initialisation" in log_text(trainer)
+    assert len({g["lr"] for g in trainer.optimizer.param_groups}) == 1  # no layer decay without pretraining
+
+
+def test_refuses_a_missing_or_changed_checkpoint(setup):
+    mutable = setup["tmp"] / "mutable.pth"
+    shutil.copy(setup["ckpt"], mutable)
+    plan_main(["-d", "990", "-pt", str(mutable), "-o", "T_tr_mutable"])
+    write_checkpoint(mutable, setup["folder"], pos_embed="learned", seed=1)  # same path, other weights
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr_mutable")
+    with pytest.raises(UserError, match="changed since the plans were written"):
+        trainer.initialize()
+    assert trainer.network is None  # refused before anything was built: never silently from scratch
+    mutable.unlink()
+    with pytest.raises(UserError, match="checkpoint not found"):
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr_mutable").initialize()
+
+
+def test_refuses_a_checkpoint_that_does_not_fit(setup):
+    plans = json.loads((setup["folder"] / "T_tr.json").read_text())
+    plans["configurations"][CFG]["architecture"]["arch_kwargs"]["encoder"]["depth"] = 2  # plans edited by hand
+    (setup["folder"] / "T_tr_misfit.json").write_text(json.dumps({**plans, "plans_name": "T_tr_misfit"}))
+    with pytest.raises(UserError, match="does not match the network: depth"):
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr_misfit").initialize()
+
+
+def test_pretrained_trainer_needs_a_checkpoint_in_the_plans(setup):
+    with pytest.raises(UserError, match=r"-tr nnUNetTrainerHiEndMAE_scratch_smoke, or .* -pt CHECKPOINT"):
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr_scratch").initialize()
+    with pytest.raises(UserError, match=r"not written by nnUNetv2_hiendmae_plan"):
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "nnUNetPlans").initialize()
+    with pytest.raises(UserError, match=r"describe .*PlainConvUNet, not nnunetv2_hiendmae.network.HiEndUNETR"):
+        make_trainer(nnUNetTrainerHiEndMAE_scratch_smoke, setup["folder"], "nnUNetPlans").initialize()
+
+
+def test_load_checkpoint_accepts_a_dict_and_restores_the_stage(setup):
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    trainer.current_epoch = 1  # saved as "1 epoch done": past the 1-epoch warm-up
+    path = setup["tmp"] / "nnunet_checkpoint.pth"
+    trainer.save_checkpoint(str(path))
+    resumed = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    resumed.load_checkpoint(torch.load(path, weights_only=False))
+    assert resumed.current_epoch == 2 and resumed.training_stage == "train"
+    assert "weights come from the nnU-Net checkpoint" in log_text(resumed)
+    for key, value in trainer.network.state_dict().items():
+        assert torch.equal(resumed.network.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+def test_end_to_end_plan_train_resume_validate_predict(preprocessed_dataset, nnunet_dirs, setup, tmp_path,
+                                                         monkeypatch):
+    folder, raw = setup["folder"], preprocessed_dataset["raw"]
+    env = {"nnUNet_extTrainer": str(ext_path()), **TRAIN_ENV}
+    run_cli("nnUNetv2_hiendmae_plan", "-d", "990", "-pt", str(setup["ckpt"]), "-o", "T_e2e", check=True)
+    train = ("nnUNetv2_train", "990", CFG, "0", "-tr", "nnUNetTrainerHiEndMAE_smoke", "-p", "T_e2e", "-device", "cpu")
+
+    proc = run_cli(*train, env=env, check=True)
+    assert "tensors loaded" in proc.stdout and "Epoch 1" in proc.stdout
+    fold = nnunet_dirs["nnUNet_results"] / folder.name / f"nnUNetTrainerHiEndMAE_smoke__T_e2e__{CFG}" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+
+    # Resume mid-run from checkpoint_latest after epoch 0 (nnU-Net deletes it when a run ends, so it is made from
+    # the final one): --c must train epoch 1, the first after the warm-up, on the optimiser rebuilt for that stage.
+    state = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    torch.save({**state, "current_epoch": 1}, fold / "checkpoint_latest.pth")
+    (fold / "checkpoint_final.pth").unlink()
+    resumed = run_cli(*train, "--c", env=env, check=True)
+    assert "weights come from the nnU-Net checkpoint" in resumed.stdout
+    assert "Optimiser stage 'train' from epoch 1" in resumed.stdout
+    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout
+    assert (fold / "checkpoint_final.pth").is_file()
+
+    summary = fold / "validation" / "summary.json"
+    summary.unlink()
+    run_cli(*train, "--val", env=env, check=True)
+    assert "foreground_mean" in json.loads(summary.read_text())
+    best = run_cli("nnUNetv2_find_best_configuration", "990", "-c", CFG, "-tr", "nnUNetTrainerHiEndMAE_smoke", "-p",
+                   "T_e2e", "-f", "0", "-np", "1", env=env, check=True)
+    assert "-tr nnUNetTrainerHiEndMAE_smoke -c 3d_fullres -p T_e2e" in best.stdout
+
+    images, out = raw / "imagesTs", tmp_path / "pred"
+    predict = ("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "990", "-c", CFG, "-tr",
+               "nnUNetTrainerHiEndMAE_smoke", "-p", "T_e2e", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1")
+    run_cli(*predict, env=env, check=True)
+    for image in sorted(images.glob("*_0000.nii.gz")):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / image.name.replace("_0000", ""))))
+        assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape
+        assert set(np.unique(seg)) <= {0, 1, 2, 3}
+
+    # Without nnUNet_extTrainer nnU-Net cannot find the trainer named in the model folder (documented behaviour).
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    failed = run_cli(*predict[:4], str(tmp_path / "pred_no_ext"), *predict[5:], env=TRAIN_ENV)
+    assert failed.returncode != 0 and "Could not find requested nnunet trainer" in failed.stdout + failed.stderr
