@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunetv2_hiendmae.checkpoint import sha256
-from nnunetv2_hiendmae.errors import UserError, cli_entry
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import EXPORT_LINE
 from nnunetv2_hiendmae.vit import PRESETS, encoder_config
 
@@ -375,7 +375,7 @@ def next_steps(plan: Plan) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nnUNetv2_hiendmae_plan",
         description="Write nnU-Net plans ($nnUNet_preprocessed/DatasetXXX/<name>.json) that fine-tune a pretrained "
                     "Hi-End-MAE ViT encoder (-pt) or train the same ViT from scratch (--arch), derived from the "

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning length for all three trainers: smoke (seconds, for checks), demo (short, CPU), 100epochs, 250epochs or full "
                         "(1000 epochs; nnU-Net's defaults) (default: %(default)s)")
     p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, e.g. 0 1 2 3 4 (default: 0)")
-    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes for pretraining and nnU-Net (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="data-loading processes for pretraining and nnU-Net; on a small CPU more workers only steal "
+                        "cores from the training process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default: %(default)s)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="size of the generated volumes relative to the default (~28x75x75 voxels), e.g. 0.6 for quick checks")
@@ -86,7 +88,8 @@ class Demo:
     def run(self, *cmd: str, extra_env: dict | None = None) -> None:
         """Run one real command; stream its output; stop the demo with a clear message if it fails."""
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        proc = subprocess.run(cmd, env={**self.env, **(extra_env or {})})
+        exe = Path(sys.executable).parent / cmd[0]  # the commands installed next to this Python (venv not on PATH)
+        proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env={**self.env, **(extra_env or {})})
         if proc.returncode != 0:
             raise UserError(f"step {self.step_no} failed: `{cmd[0]}` exited with {proc.returncode} (output above). "
                             f"Re-run to continue from this step, or add --fresh to start clean")
