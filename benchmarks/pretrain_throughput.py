@@ -18,7 +18,7 @@ import torch
 
 from nnunetv2_hiendmae.vit import encoder_config
 from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
-from pretrain.train import _param_groups
+from pretrain.train import param_groups, share_cpu_with_workers
 
 
 def _sync(device: torch.device) -> None:
@@ -64,11 +64,13 @@ def main() -> None:
     a = p.parse_args()
 
     device = torch.device(a.device)
+    if device.type == "cpu":
+        share_cpu_with_workers(a.num_workers if a.datasets else 0)
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else None
     crops = a.batch_size * a.crops_per_volume
     model = HiEndMAE(encoder_config(a.arch), DECODER_PRESETS[a.arch]).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     result = {"arch": a.arch, "patch_size": a.patch_size, "crops_per_step": crops, "device": a.device,
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "precision": precision, "threads": torch.get_num_threads()}

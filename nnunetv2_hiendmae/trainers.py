@@ -47,7 +47,7 @@ class Schedule:
 
 DEFAULT = Schedule(epochs=1000)  # nnU-Net's default length
 SMOKE = Schedule(epochs=2, iterations=3, val_iterations=2, warmup_epochs=1)  # CPU tests
-DEMO = Schedule(epochs=8, iterations=12, val_iterations=3)  # CPU demo: ~3 min per trainer on 2 cores
+DEMO = Schedule(epochs=6, iterations=10, val_iterations=3)  # CPU demo: ~3 min per trainer on 2 cores
 
 
 class _Scheduled:

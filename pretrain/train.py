@@ -105,7 +105,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def share_cpu_with_workers(num_workers: int) -> None:
+    """On CPU, leave the loader workers their cores: oversubscribed intra-op threads spin-wait (measured 30x slower)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -148,8 +153,8 @@ class PretrainRun:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
-        else:  # leave the loader workers their cores: oversubscribed intra-op threads spin-wait (measured 30x slower)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.num_workers))
+        else:
+            share_cpu_with_workers(cfg.num_workers)
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
 
         self.out = Path(cfg.output_dir)
@@ -168,7 +173,7 @@ class PretrainRun:
         self.model = HiEndMAE(self.encoder_cfg, self.decoder_cfg, cfg.mask_ratio).to(self.device)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world_size > 1 else self.model)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            fused=self.device.type == "cuda")
         steps_per_epoch = math.ceil(self.iters / cfg.accum_steps)
         self.steps_per_epoch = steps_per_epoch

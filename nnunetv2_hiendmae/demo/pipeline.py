@@ -148,9 +148,11 @@ class Demo:
         for trainer, plans, _ in self.trainers:
             out = pred_root / trainer
             if len(list(out.glob("*.nii.gz"))) < a.test:
+                tta = ["--disable_tta"] if a.device == "cpu" else []  # 8 mirrorings cost 8x on a CPU; same for all
                 self.run("nnUNetv2_predict", "-i", str(self.raw / self.dataset / "imagesTs"), "-o", str(out),
                          "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", trainer, "-p", plans, "-f", *a.folds,
-                         "-device", a.device, "-npp", "1", "-nps", "1", "--disable_progress_bar", extra_env=train_env)
+                         "-device", a.device, "-npp", "1", "-nps", "1", "--disable_progress_bar", *tta,
+                         extra_env=train_env)
 
         self.step("compare the cross-validation results (nnUNetv2_hiendmae_compare)")
         compare_dir = self.root / "comparison"
