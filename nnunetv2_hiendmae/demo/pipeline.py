@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelled", type=int, default=20, help="labelled training cases to generate (default: %(default)s)")
     p.add_argument("--unlabelled", type=int, default=10, help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
     p.add_argument("--test", type=int, default=4, help="held-out test cases for prediction and Dice (default: %(default)s)")
-    p.add_argument("--crop", type=int, nargs=3, default=[32, 64, 64], metavar=("X", "Y", "Z"),
-                   help="pretraining crop size, multiple of the token size (default: 32 64 64)")
+    p.add_argument("--crop", type=int, nargs=3, default=[16, 64, 64], metavar=("X", "Y", "Z"),
+                   help="pretraining crop size, a multiple of the token size; also the ViT's fine-tuning patch "
+                        "(default: 16 64 64)")
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
     p.add_argument("--pretrain-iters", type=int, default=25, help="pretraining iterations per epoch (default: %(default)s)")
     p.add_argument("--pretrain-batch", type=int, default=4, help="volumes per pretraining iteration (default: %(default)s)")
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loading processes for pretraining and nnU-Net; on a small CPU more workers only steal "
                         "cores from the training process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="size of the generated volumes relative to the default (~28x75x75 voxels), e.g. 0.6 for quick checks")
+    p.add_argument("--scale", type=float, default=0.7,
+                   help="size of the generated volumes (1.0: about 28x75x75 voxels after preprocessing); the default "
+                        "keeps nnU-Net's CNN baseline affordable on a CPU (default: %(default)s)")
     return p
 
 
