@@ -2,7 +2,8 @@
 
 All networks are built by their trainers' own ``build_network_architecture`` from one synthetic plans file (nnU-Net's
 topology rule for the default U-Net), at the same patch and batch size, in one process. Per network: seconds per
-training iteration (forward, loss, backward, AdamW step), peak GPU memory, and nnU-Net's sliding-window inference
+training iteration (forward, loss, backward, AdamW step), peak memory (GPU allocator peak; on CPU the process's
+resident-memory growth, approximate), and nnU-Net's sliding-window inference
 time for one case; then the ratios to nnU-Net's default. One JSON line.
 
     python benchmarks/finetune_speed.py --patch-size 32 64 64 --batch-size 2 --case-size 48 96 96 --arch vit_tiny --primus S
@@ -12,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
+from typing import Callable
 
 import torch
 
+from _measure import PeakMemory, Stopwatch, device_name
 from nnunetv2_hiendmae.vit import encoder_config
 
 
@@ -53,36 +54,34 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
                          "foreground_intensity_properties_per_channel": {}})
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(net: torch.nn.Module, patch: list[int], batch: int, classes: int, case: list[int], device: torch.device,
-            dtype, steps: int, warmup: int) -> dict:
+def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, classes: int, case: list[int],
+            device: torch.device, dtype, steps: int, warmup: int) -> dict:
+    """Training iteration time and peak memory (from building the network on), then sliding-window time for one case."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    net = net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, *patch, device=device)
-    y = torch.randint(0, classes, (batch, *patch), device=device)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = net(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            loss = loss_fn(out.float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(device)
-    s_iter = (time.perf_counter() - t0) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    with PeakMemory(device) as mem:
+        torch.manual_seed(0)
+        net = build().to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        x = torch.randn(batch, 1, *patch, device=device)
+        y = torch.randint(0, classes, (batch, *patch), device=device)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = net(x)
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                loss = loss_fn(out.float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(warmup):
+            step()
+        with Stopwatch(device) as train_clock:
+            for _ in range(steps):
+                step()
+    del opt, x, y
 
     net.eval()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
@@ -93,25 +92,27 @@ def measure(net: torch.nn.Module, patch: list[int], batch: int, classes: int, ca
     image = torch.randn(1, *case)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         predictor._internal_maybe_mirror_and_predict(torch.zeros(1, 1, *patch, device=device))  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        predictor.predict_sliding_window_return_logits(image)
-        _sync(device)
-    return {"params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2), "s_per_iter": round(s_iter, 4),
-            "peak_mem_gib": round(peak, 2), "sliding_window_s": round(time.perf_counter() - t0, 3)}
+        with Stopwatch(device) as infer_clock:
+            predictor.predict_sliding_window_return_logits(image)
+    params = sum(p.numel() for p in net.parameters())
+    del net, predictor
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"params_m": round(params / 1e6, 2), "s_per_iter": round(train_clock.s / steps, 4),
+            "peak_mem_gib": mem.gib, "sliding_window_s": round(infer_clock.s, 3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="vit_b16", help="our ViT preset (default: %(default)s)")
     p.add_argument("--primus", default="M", choices=["S", "B", "M", "L"], help="Primus size (default: %(default)s)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96], help="training patch (default: 96 96 96)")
+    p.add_argument("--batch-size", type=int, default=2, help="patches per iteration (default: %(default)s)")
+    p.add_argument("--classes", type=int, default=4, help="output classes incl. background (default: %(default)s)")
     p.add_argument("--case-size", type=int, nargs=3, default=[160, 192, 192], help="image size for sliding-window inference")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16) or cpu (fp32)")
+    p.add_argument("--steps", type=int, default=10, help="timed iterations (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: %(default)s)")
     a = p.parse_args()
 
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as base
@@ -127,18 +128,14 @@ def main() -> None:
     entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, default_unet_architecture(a.patch_size, [1.0] * 3)),
                (f"Primus-{a.primus}", primus, default_unet_architecture(a.patch_size, [1.0] * 3)),
                (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
-    result = {"device": a.device, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    result = {"device": a.device, "device_name": device_name(device),
               "torch": torch.__version__, "precision": "bf16" if dtype else "fp32", "patch_size": a.patch_size,
               "batch_size": a.batch_size, "case_size": a.case_size, "networks": {}}
     for name, trainer, arch in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
-        torch.manual_seed(0)
-        net = trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
-        result["networks"][name] = measure(net, a.patch_size, a.batch_size, a.classes, a.case_size, device, dtype,
+        build = lambda: trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
+        result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device, dtype,
                                            a.steps, a.warmup)
-        del net
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     ref = result["networks"][entries[0][0]]
     result["ratios_to_default"] = {n: {k: round(v[k] / ref[k], 2) if ref[k] else None
                                        for k in ("s_per_iter", "peak_mem_gib", "sliding_window_s")}
