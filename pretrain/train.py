@@ -173,6 +173,7 @@ class PretrainRun:
         self.model = HiEndMAE(self.encoder_cfg, self.decoder_cfg, cfg.mask_ratio).to(self.device)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world_size > 1 else self.model)
+        torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            fused=self.device.type == "cuda")
         steps_per_epoch = math.ceil(self.iters / cfg.accum_steps)
@@ -187,17 +188,25 @@ class PretrainRun:
         self.log = Logger(self.out, self.is_main)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def _checkpoint(self, epochs_done: int, with_train_state: bool) -> dict:
+    def _rng_states(self) -> list[dict]:
+        """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
+        state = _rng_state(self.device)
+        if self.world_size == 1:
+            return [state]
+        states: list = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _checkpoint(self, epochs_done: int, rng: list[dict] | None = None) -> dict:
         cfg = self.cfg
         pretrain = dict(self.meta, crop_size=list(cfg.patch_size), token_size=list(self.model.token_size),
                         mask_ratio=cfg.mask_ratio, epochs_done=epochs_done, epochs_planned=cfg.epochs,
                         iters_per_epoch=self.iters, batch_size=cfg.batch_size, crops_per_volume=cfg.crops_per_volume,
                         world_size=self.world_size, lr=cfg.lr, seed=cfg.seed, history=self.history)
         train_state = None
-        if with_train_state:
+        if rng is not None:  # a resumable checkpoint
             train_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                           "epoch": epochs_done, "global_step": self.global_step, "rng": _rng_state(self.device),
-                           "config": asdict(cfg)}
+                           "epoch": epochs_done, "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
         return make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
                                model={"decoder": self.decoder_cfg, "mask_ratio": cfg.mask_ratio}, pretrain=pretrain,
                                method="hiendmae", train_state=train_state)
@@ -218,7 +227,10 @@ class PretrainRun:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
-        _set_rng_state(state["rng"], self.device)
+        if self.rank < len(state["rng"]):
+            _set_rng_state(state["rng"][self.rank], self.device)
+        else:  # more ranks than the run that wrote the checkpoint: a fresh stream for this rank
+            torch.manual_seed(self.cfg.seed + self.rank + 10_000 * self.start_epoch)
         self.log(f"resumed from {self.out / LATEST} after epoch {self.start_epoch} (step {self.global_step})")
 
     def _prepare_output(self) -> None:
@@ -327,16 +339,17 @@ class PretrainRun:
             lr = self.optimizer.param_groups[0]["lr"]
             for k, v in (("loss", loss), ("lr", lr), ("crops_per_s", throughput), ("epoch_time", time.perf_counter() - t0)):
                 self.history[k].append(v)
+            rng = self._rng_states()
             if self.is_main:
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.5f}  lr {lr:.3e}  "
                          f"{throughput:.1f} crops/s  epoch time {self.history['epoch_time'][-1]:.1f} s")
-                save_atomic(self._checkpoint(epoch + 1, with_train_state=True), self.out / LATEST)
+                save_atomic(self._checkpoint(epoch + 1, rng), self.out / LATEST)
                 plot_progress(self.history, self.out / "progress.png")
             if self.world_size > 1:
                 dist.barrier()
         final = self.out / FINAL
         if self.is_main:
-            save_atomic(self._checkpoint(cfg.epochs, with_train_state=False), final)
+            save_atomic(self._checkpoint(cfg.epochs), final)
             self.log(f"done: {final}")
         return final
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -77,28 +78,85 @@ def test_kill_and_resume_continues_where_it_stopped(preprocessed_dataset, tmp_pa
     run_cli(*args(tmp_path / "straight"), check=True)
 
     out = tmp_path / "killed"
-    cmd = [console_script(args(out)[0]), *args(out)[1:]]
+    killed_at = kill_after_epoch([console_script(args(out)[0]), *args(out)[1:]], out, 2)
+    assert 2 <= killed_at < 6
+
+    resumed = run_cli(*args(out, "--resume"), check=True)
+    assert_resumed(out, killed_at, resumed, tmp_path / "straight")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so a kill can take the whole tree at once."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_after_epoch(cmd: list[str], out, epoch: int) -> int:
+    """Start ``cmd``, SIGKILL its whole process group once ``checkpoint_latest.pth`` has ``epoch`` epochs done;
+    returns the epochs done in the checkpoint left behind."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     latest, deadline = out / "checkpoint_latest.pth", time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and torch.load(latest, weights_only=True)["train_state"]["epoch"] >= 2:
+        if latest.exists() and torch.load(latest, weights_only=True)["train_state"]["epoch"] >= epoch:
             break
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.fail("the run finished before it could be killed; make it longer")
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(latest, weights_only=True)["train_state"]["epoch"]
-    assert 2 <= killed_at < 6 and not (out / "checkpoint_final.pth").exists()
+    assert not (out / "checkpoint_final.pth").exists()
+    return torch.load(latest, weights_only=True)["train_state"]["epoch"]
 
-    resumed = run_cli(*args(out, "--resume"), check=True)
+
+def assert_resumed(out, killed_at: int, resumed, straight) -> None:
+    """The resumed run says so and ends with the loss history and weights of the uninterrupted one."""
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
-    assert f"resumed from {latest} after epoch {killed_at}" in log, resumed.stdout
-    a = torch.load(tmp_path / "straight" / "checkpoint_final.pth", weights_only=True)
+    assert f"resumed from {out / 'checkpoint_latest.pth'} after epoch {killed_at}" in log, resumed.stdout
+    a = torch.load(straight / "checkpoint_final.pth", weights_only=True)
     b = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert a["pretrain"]["history"]["loss"] == pytest.approx(b["pretrain"]["history"]["loss"], rel=1e-6)
     for k in a["weights"]:
         torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_dataset, tmp_path):
+    """DDP on CPU (gloo): two ranks, one log and one checkpoint (rank 0), per-rank RNG state, exact resume."""
+    def cmd(out, *extra):
+        args = pretrain_args(preprocessed_dataset, out, 4, 4, *extra)
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                console_script(args[0]), *args[1:]]
+
+    straight = tmp_path / "straight"
+    proc = subprocess.run(cmd(straight), capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(straight.glob("training_log_*.txt"))) == 1
+    final = load_checkpoint(straight / "checkpoint_final.pth")
+    assert final["pretrain"]["world_size"] == 2 and len(final["pretrain"]["history"]["loss"]) == 4
+    rng = load_checkpoint(straight / "checkpoint_latest.pth")["train_state"]["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+    out = tmp_path / "killed"
+    killed_at = kill_after_epoch(cmd(out), out, 2)
+    assert 2 <= killed_at < 4
+    resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_resumed(out, killed_at, resumed, straight)
 
 
 def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, preprocessed_dataset):
