@@ -189,6 +189,10 @@ class Demo:
         for name, d in held_out.items():
             print(f"| {name} | " + " | ".join(f"{d[c]:.3f}" for c in classes) + f" | {d['mean']:.3f} |")
         (self.root / "heldout_dice.json").write_text(json.dumps(held_out, indent=2))
+        if self.args.schedule in ("smoke", "demo"):
+            print(f"Note: the {self.args.schedule!r} schedule shows that the pipeline works, not which method is better: "
+                  "a few dozen iterations are far too few (nnU-Net's SGD recipe often still predicts only background). "
+                  "Compare with --schedule 250epochs or full and --folds 0 1 2 3 4 on a GPU.")
         print(f"\nDemo finished in {time.time() - self.t0:.0f} s. Where to look:")
         print(f"  comparison table and plot:   {compare_dir}/comparison.md, comparison.png")
         print(f"  pretraining curves:          {pretrain_dir}/progress.png")
