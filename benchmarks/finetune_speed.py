@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from _measure import PeakMemory, Stopwatch, device_name
-from nnunetv2_hiendmae.vit import encoder_config
+from nnunetv2_hiendmae.precision import autocast, resolve_precision
+from nnunetv2_hiendmae.presets import NETWORK_CLASS, encoder_config
 
 
 def default_unet_architecture(patch_size: list[int], spacing: list[float]) -> dict:
@@ -55,7 +56,7 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
 
 
 def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, classes: int, case: list[int],
-            device: torch.device, dtype, steps: int, warmup: int) -> dict:
+            device: torch.device, steps: int, warmup: int) -> dict:
     """Training iteration time and peak memory (from building the network on), then sliding-window time for one case."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -68,7 +69,7 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device):
                 out = net(x)
                 out = out[0] if isinstance(out, (list, tuple)) else out
                 loss = loss_fn(out.float(), y)
@@ -90,15 +91,17 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
     predictor.label_manager = type("LM", (), {"num_segmentation_heads": classes})()
     predictor.allowed_mirroring_axes, predictor.list_of_parameters = None, None
     image = torch.randn(1, *case)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with autocast(device):
         predictor._internal_maybe_mirror_and_predict(torch.zeros(1, 1, *patch, device=device))  # warm-up
         with Stopwatch(device) as infer_clock:
             predictor.predict_sliding_window_return_logits(image)
     params = sum(p.numel() for p in net.parameters())
+    network_class = f"{type(net).__module__}.{type(net).__qualname__}"
     del net, predictor
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"params_m": round(params / 1e6, 2), "s_per_iter": round(train_clock.s / steps, 4),
+    return {"class": network_class, "params": params, "params_m": round(params / 1e6, 2),
+            "s_per_iter": round(train_clock.s / steps, 4),
             "peak_mem_gib": mem.gib, "sliding_window_s": round(infer_clock.s, 3)}
 
 
@@ -121,20 +124,19 @@ def main() -> None:
     from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch
 
     device = torch.device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    ours = {"network_class_name": "nnunetv2_hiendmae.network.HiEndUNETR",
+    ours = {"network_class_name": NETWORK_CLASS,
             "arch_kwargs": {"encoder": encoder_config(a.arch), "feature_size": 16}, "_kw_requires_import": []}
     primus = getattr(primus_trainers, f"nnUNet_Primus_{a.primus}_Trainer")
     entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, default_unet_architecture(a.patch_size, [1.0] * 3)),
                (f"Primus-{a.primus}", primus, default_unet_architecture(a.patch_size, [1.0] * 3)),
                (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
     result = {"device": a.device, "device_name": device_name(device),
-              "torch": torch.__version__, "precision": "bf16" if dtype else "fp32", "patch_size": a.patch_size,
+              "torch": torch.__version__, "precision": resolve_precision(device), "patch_size": a.patch_size,
               "batch_size": a.batch_size, "case_size": a.case_size, "networks": {}}
     for name, trainer, arch in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
         build = lambda: trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
-        result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device, dtype,
+        result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device,
                                            a.steps, a.warmup)
     ref = result["networks"][entries[0][0]]
     result["ratios_to_default"] = {n: {k: round(v[k] / ref[k], 2) if ref[k] else None

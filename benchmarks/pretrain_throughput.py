@@ -17,9 +17,10 @@ import json
 import torch
 
 from _measure import PeakMemory, Stopwatch, device_name
-from nnunetv2_hiendmae.vit import encoder_config
+from nnunetv2_hiendmae.presets import encoder_config
 from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
-from pretrain.train import param_groups, share_cpu_with_workers
+from nnunetv2_hiendmae.optim import param_groups
+from pretrain.train import share_cpu_with_workers
 
 
 def measure(arch: str, batches, device: torch.device, dtype, n_warmup: int, n_steps: int) -> dict:
@@ -27,6 +28,7 @@ def measure(arch: str, batches, device: torch.device, dtype, n_warmup: int, n_st
     with PeakMemory(device) as mem:
         torch.manual_seed(0)
         model = HiEndMAE(encoder_config(arch), DECODER_PRESETS[arch]).to(device)
+        params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
         def step(x: torch.Tensor) -> None:
@@ -45,7 +47,7 @@ def measure(arch: str, batches, device: torch.device, dtype, n_warmup: int, n_st
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"s_per_step": round(clock.s / n_steps, 4), "peak_mem_gib": mem.gib}
+    return {"s_per_step": round(clock.s / n_steps, 4), "peak_mem_gib": mem.gib, "params": params}
 
 
 def synthetic(shape: tuple[int, ...], device: torch.device):
@@ -91,7 +93,8 @@ def main() -> None:
         loader = make_loader(data, a.batch_size, a.num_workers, device.type)
         batches = (b.to(device, non_blocking=True).flatten(0, 1) for b in loader)
         r = measure(a.arch, batches, device, dtype, a.warmup, a.steps)
-        result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers}
+        result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers,
+                                "cases": sorted({data.case_name(i) for i in range(len(data))})}
     print(json.dumps(result))
 
 

@@ -6,34 +6,22 @@ pretraining preprocessing without the pretraining code.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.fileio import atomic_write
 
 FORMAT = "nnunetv2_hiendmae.pretrain/1"
 ENCODER_PREFIX = "encoder."
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves a corrupt file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through :func:`~nnunetv2_hiendmae.fileio.atomic_write`: a kill never leaves a corrupt file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(weights: dict, encoder: dict, model: dict, pretrain: dict, method: str = "hiendmae",
@@ -73,11 +61,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     """The encoder's own weights (keys as in :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D`)."""
     return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["weights"].items() if k.startswith(ENCODER_PREFIX)}
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

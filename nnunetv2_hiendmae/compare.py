@@ -13,10 +13,8 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
+from nnunetv2_hiendmae.fileio import atomic_write_bytes
+from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 
 DEFAULT_CONFIGURATION = "3d_fullres"
 FG_COLUMN = "mean fg Dice"
@@ -128,33 +128,13 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
 # ------------------------------------------------------------------------------------- locating data
 
 
-def results_root() -> Path:
-    """``$nnUNet_results`` as a Path; nnU-Net's only place for trained models, so it must exist."""
-    value = os.environ.get("nnUNet_results")
-    if not value:
-        raise UserError("nnUNet_results is not set; export nnUNet_results=/path/to/nnUNet_results")
-    root = Path(value)
-    if not root.is_dir():
-        raise UserError(f"nnUNet_results={value} is not a directory")
-    return root
-
-
-def resolve_dataset(dataset: str, root: Path) -> str:
-    """Dataset id or name -> ``DatasetXXX_Name`` with a folder in nnUNet_results, as nnU-Net resolves it."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = str(maybe_convert_to_dataset_name(dataset))
-    except (RuntimeError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "More than one" in first_line:
-            raise UserError(f"dataset {dataset!r} is ambiguous: more than one DatasetXXX_* folder has that id "
-                            "in nnUNet_raw/nnUNet_preprocessed/nnUNet_results") from None
-        raise UserError(f"dataset {dataset!r} not found (looked in nnUNet_raw, nnUNet_preprocessed and "
-                        f"nnUNet_results={root}); give an id like 1 or a name like Dataset001_Name") from None
+def results_dataset_folder(dataset: str) -> Path:
+    """``$nnUNet_results/DatasetXXX_Name`` for an id or name, as nnU-Net resolves it; it must exist."""
+    root = nnunet_folder("nnUNet_results")
+    name = dataset_name(dataset)
     if not (root / name).is_dir():
         raise UserError(f"dataset {name} has no results folder: {root / name} does not exist")
-    return name
+    return root / name
 
 
 def parse_entry(value: str) -> tuple[str, str]:
@@ -474,28 +454,13 @@ def render_png(comp: Comparison) -> bytes:
 # ------------------------------------------------------------------------------------------- writing
 
 
-def write_atomically(files: dict[Path, bytes]) -> None:
-    """Write every file to a temp name first, then rename: a crash never leaves a half-written file."""
-    temps: list[tuple[str, Path]] = []
-    umask = os.umask(0)
-    os.umask(umask)
+def write_files(files: dict[Path, bytes]) -> None:
+    """Write each file atomically (a crash never leaves a half-written one); a failure is one line."""
     try:
         for target, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            temps.append((tmp, target))
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, target in temps:
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
     except OSError as e:
         raise UserError(f"cannot write results to {next(iter(files)).parent}: {e}") from None
-    finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -535,9 +500,9 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
             folds = []
         if not folds or any(f < 0 for f in folds):
             raise UserError("-f needs one or more non-negative fold numbers, e.g. -f 0 1 2 3 4")
-    root = results_root()
-    name = resolve_dataset(str(dataset), root)
-    folders = [entry_folder(root / name, e, configuration) for e in entries]
+    dataset_dir = results_dataset_folder(str(dataset))
+    name = dataset_dir.name
+    folders = [entry_folder(dataset_dir, e, configuration) for e in entries]
     labels = load_label_names(folders)
 
     loaded: list[EntryResult] = []
@@ -553,12 +518,12 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
     comp = Comparison(name, configuration, classes, class_display_names(classes, labels), loaded, warnings)
 
     if write:
-        target = Path(out_dir) if out_dir is not None else root / name / f"hiendmae_compare_{configuration}"
+        target = Path(out_dir) if out_dir is not None else dataset_dir / f"hiendmae_compare_{configuration}"
         payload = {target / "comparison.csv": render_csv(comp).encode("utf-8"),
                    target / "comparison.md": render_markdown(comp).encode("utf-8"),
                    target / "comparison.png": render_png(comp)}
         prepare_out_dir(target)
-        write_atomically(payload)
+        write_files(payload)
         comp.out_dir = target
         comp.files = list(payload)
     return comp

@@ -24,6 +24,7 @@ from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, get_conv_layer
 from torch import nn
 
+from nnunetv2_hiendmae.presets import token_size_3d
 from nnunetv2_hiendmae.vit import build_encoder
 
 NORM = "instance"
@@ -72,7 +73,7 @@ def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
 class HiEndUNETR(nn.Module):
     """UNETR with the shared ViT encoder: skips from the encoder taps, bottleneck from the final normed tokens.
 
-    ``encoder`` is an :func:`~nnunetv2_hiendmae.vit.encoder_config` dict; its ``in_channels`` is replaced by
+    ``encoder`` is an :func:`~nnunetv2_hiendmae.presets.encoder_config` dict; its ``in_channels`` is replaced by
     ``input_channels`` and, for a learned positional embedding, its grid by the patch's token grid (the checkpoint's
     embedding is interpolated onto it when the weights are loaded). ``deep_supervision`` is accepted because nnU-Net
     always passes it; the network has one output scale, so it is stored and ignored.
@@ -85,8 +86,7 @@ class HiEndUNETR(nn.Module):
         self.patch_size = tuple(patch_size)
         self.encoder_config = {**encoder, "in_channels": input_channels}
         if encoder.get("pos_embed") == "learned":
-            token = encoder["token_size"]
-            token = token if isinstance(token, Sequence) else (token,) * 3
+            token = token_size_3d(encoder["token_size"])
             self.encoder_config["pos_embed_grid"] = [s // t for s, t in zip(self.patch_size, token)]
         self.encoder = build_encoder(self.encoder_config)
         self.encoder.grid(self.patch_size)  # raises unless the patch is a multiple of the token size
@@ -100,6 +100,15 @@ class HiEndUNETR(nn.Module):
         self.decoder3 = up_block(4 * f, 2 * f)
         self.decoder2 = last_up_block(2 * f, f, self.encoder.token_size)
         self.out = UnetOutBlock(3, f, num_classes)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Encoder layers as the encoder declares them; the UNETR decoder shares the last layer's lr."""
+        return self.encoder.group_matcher(coarse, prefix=r"encoder\.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.encoder.grid(x.shape[2:])  # G = input / token

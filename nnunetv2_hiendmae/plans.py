@@ -21,14 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunetv2_hiendmae.checkpoint import sha256
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import EXPORT_LINE
-from nnunetv2_hiendmae.vit import PRESETS, encoder_config
+from nnunetv2_hiendmae.fileio import atomic_write_json, sha256
+from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id, dataset_name, nnunet_folder
+from nnunetv2_hiendmae.presets import NETWORK_CLASS, PRESETS, encoder_config, token_size_3d
 
 CONFIGURATION = "3d_fullres"
 DEFAULT_NAME = "nnUNetPlans_HiEndMAE"
-NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
 SCRATCH_PATCH = (96, 96, 96)  # the reference's fine-tuning crop, limit for from-scratch plans
 BATCH_SIZE = 2
 FEATURE_SIZE = 16
@@ -83,19 +83,13 @@ class Source:
 
 
 def find_dataset(dataset: str, base_name: str) -> Dataset:
-    pre = os.environ.get("nnUNet_preprocessed")
-    if not pre:
-        raise UserError("nnUNet_preprocessed is not set: export it as for nnU-Net (documentation/setting_up_paths.md)")
-    try:
-        dataset_id = int(dataset[7:10]) if dataset.startswith("Dataset") else int(dataset)
-    except ValueError:
-        raise UserError(f"-d must be a dataset ID or DatasetXXX_Name, got {dataset!r}") from None
-    matches = sorted(p for p in Path(pre).glob(f"Dataset{dataset_id:03d}_*") if p.is_dir())
+    pre = nnunet_folder("nnUNet_preprocessed")
+    name = dataset_name(dataset)
+    dataset_id = nnunet_dataset_id(name)
     create = f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {CONFIGURATION}"
-    if len(matches) != 1:
-        found = "several folders" if matches else "no folder"
-        raise UserError(f"{found} for dataset {dataset_id} in nnUNet_preprocessed ({pre}): run '{create}' first")
-    folder = matches[0]
+    folder = pre / name
+    if not folder.is_dir():
+        raise UserError(f"{name} is not in nnUNet_preprocessed ({pre}): run '{create}' first")
     files = {"base plans": folder / f"{base_name}.json", "dataset fingerprint": folder / "dataset_fingerprint.json",
              "dataset.json": folder / "dataset.json"}
     for what, path in files.items():
@@ -313,8 +307,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         schemes, masks = ds.base_cfg["normalization_schemes"], ds.base_cfg["use_mask_for_norm"]
         props = ds.base["foreground_intensity_properties_per_channel"]
 
-    token = src.encoder["token_size"]  # the network applies it to this dataset's (transposed) axes as it is
-    token = list(token) if isinstance(token, Sequence) else [token] * 3
+    token = list(token_size_3d(src.encoder["token_size"]))  # applied to this dataset's (transposed) axes as it is
     patch = check_patch(args.patch_size, token) if args.patch_size else default_patch(median, token, src.crop)
     if src.encoder.get("pos_embed") == "learned" and patch != src.crop:
         notes.append(f"patch {patch} differs from the pretraining crop {src.crop}: the learned position embedding "
@@ -334,16 +327,6 @@ def build_plan(args: argparse.Namespace) -> Plan:
     return Plan(ds, name, plans, data_source(ds, name, plans, previous), notes)
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    """Write next to the target, then rename: readers see the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=4, sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def preprocess(plan: Plan, num_processes: int) -> None:
     """Run nnU-Net's preprocessing from a hidden copy of the plans, so that no plans file points at the data
     while it is being written (the final file is written only afterwards)."""
@@ -353,7 +336,7 @@ def preprocess(plan: Plan, num_processes: int) -> None:
     (folder / f"{plan.name}.json").unlink(missing_ok=True)  # stale: its data folder is about to be rewritten
     staging = f".{plan.name}.preprocessing"
     path = folder / f"{staging}.json"
-    write_json_atomic(plan.plans, path)
+    atomic_write_json(path, plan.plans)
     try:
         preprocess_dataset(plan.dataset.id, plans_identifier=staging, configurations=(CONFIGURATION,),
                            num_processes=(num_processes,))
@@ -416,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Preprocessing {plan.plans['dataset_name']} into {cfg['data_identifier']} (spacing {cfg['spacing']})")
         preprocess(plan, args.num_processes)
     path = plan.dataset.folder / f"{plan.name}.json"
-    write_json_atomic(plan.plans, path)
+    atomic_write_json(path, plan.plans)
     data = {"reuse": "shared with the base plans", "present": "already preprocessed",
             "preprocess": "preprocessed now"}[plan.data]
     print(f"Wrote {path}\n  {CONFIGURATION}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing "

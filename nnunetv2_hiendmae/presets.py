@@ -1,4 +1,7 @@
-"""Encoder presets as plain data (no torch import, so command-line ``--help`` stays instant)."""
+"""Encoder presets and other plain data shared by the commands (no torch import, so ``--help`` stays instant)."""
+from __future__ import annotations
+
+from typing import Sequence
 
 # Presets are data: every encoder is built from one of these plus in_channels / pos-embed options.
 PRESETS: dict[str, dict] = {
@@ -7,3 +10,30 @@ PRESETS: dict[str, dict] = {
     "vit_l16": dict(embed_dim=1536, depth=12, num_heads=16, token_size=16),
     "vit_l12": dict(embed_dim=1536, depth=12, num_heads=16, token_size=12),  # the released Hi-End-MAE model
 }
+
+REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
+
+# The fine-tuning network, as nnU-Net's plans name it (pydoc.locate resolves it; a test checks that it does).
+NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
+
+Grid = tuple[int, int, int]
+
+
+def token_size_3d(token_size: int | Sequence[int]) -> Grid:
+    """A token size as stored in presets, checkpoints and plans (one int or three) as a 3-tuple."""
+    if isinstance(token_size, int):
+        return (token_size,) * 3
+    size = tuple(int(t) for t in token_size)
+    if len(size) != 3:
+        raise ValueError(f"a token size is one integer or three, got {list(token_size)}")
+    return size  # type: ignore[return-value]
+
+
+def encoder_config(arch: str, in_channels: int = 1, pos_embed: str = "sincos",
+                   pos_embed_grid: Sequence[int] | None = None) -> dict:
+    """Every constructor argument of an encoder built from a preset: stored in checkpoints and plans."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
+    cfg = dict(PRESETS[arch], in_channels=in_channels, mlp_ratio=4.0, pos_embed=pos_embed,
+               pos_embed_grid=list(pos_embed_grid) if pos_embed_grid is not None else None)
+    return {"arch": arch, **cfg}

@@ -11,9 +11,7 @@ thing: the schedule (data, :class:`Schedule`) or the initialisation (``load_pret
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
@@ -26,10 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
+from nnunetv2_hiendmae.optim import param_groups
+from nnunetv2_hiendmae.precision import autocast
+from nnunetv2_hiendmae.presets import NETWORK_CLASS
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
-NETWORK_CLASS = f"{HiEndUNETR.__module__}.{HiEndUNETR.__name__}"
-NO_DECAY_NAMES = ("cls_token", "pos_embed")
 
 
 @dataclass(frozen=True)
@@ -68,36 +67,6 @@ def bare_module(network: nn.Module) -> nn.Module:
     if isinstance(network, DDP):
         network = network.module
     return network._orig_mod if isinstance(network, OptimizedModule) else network
-
-
-def encoder_layer_id(name: str, depth: int) -> int:
-    """BEiT/MAE layer index: 0 for patch embedding, CLS and position, i+1 for block i, depth+1 for the rest."""
-    if name.startswith("encoder."):
-        rest = name[len("encoder."):]
-        if rest.startswith(("patch_embed.", "cls_token", "pos_embed")):
-            return 0
-        if rest.startswith("blocks."):
-            return int(rest.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(network: HiEndUNETR, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: (layer, decay or not), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
-
-    Full-lr groups come first, so nnU-Net's log (``param_groups[0]['lr']``) shows the base learning rate.
-    """
-    depth = network.encoder.depth
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in network.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = encoder_layer_id(name, depth)
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES)
-        group = groups.setdefault((layer, decay), {
-            "params": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr_scale": layer_decay ** (depth + 1 - layer)})
-        group["params"].append(p)
-    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
 class _LayerScaled:
@@ -214,14 +183,11 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self.training_stage = stage
         return optimizer, scheduler
 
-    def _autocast(self) -> ContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with autocast(self.device):
             loss = self.loss(self.network(data), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
@@ -230,7 +196,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
 
     def validation_step(self, batch: dict) -> dict:
         # nnU-Net's inner autocast(enabled=True) takes the active autocast dtype, so this makes it bf16
-        with self._autocast():
+        with autocast(self.device):
             return super().validation_step(batch)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:

@@ -1,8 +1,12 @@
-"""The plain 3D Vision Transformer encoder shared by Hi-End-MAE pretraining and nnU-Net fine-tuning.
+"""The plain 3D Vision Transformer encoder shared by every pretraining method and by nnU-Net fine-tuning.
 
 Parameter names follow the Hi-End-MAE reference encoder (``patch_embed.proj``, ``cls_token``, ``blocks.N.*``,
 ``norm``) so that released reference checkpoints load by a plain key mapping. Blocks are timm's pre-norm ``Block``
 (fused qkv with bias, GELU MLP, attention through ``F.scaled_dot_product_attention``).
+
+The patch embedding keeps the reference's ``Conv3d(kernel = stride = token)`` parameter but is computed as one GEMM
+on flattened patches: a pretraining step embeds only the visible quarter of the patches (masking happens before the
+embedding, as in the reference), and the GEMM avoids the convolution's layout conversions.
 """
 from __future__ import annotations
 
@@ -14,9 +18,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from nnunetv2_hiendmae.presets import PRESETS
-
-Grid = tuple[int, int, int]
+from nnunetv2_hiendmae.presets import Grid, token_size_3d
 
 
 def sincos_pos_embed_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -46,6 +48,29 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_
     return vol.permute(0, 2, 3, 4, 1).reshape(1, -1, e).to(pos_embed.dtype)
 
 
+def patchify(x: torch.Tensor, token_size: Sequence[int]) -> torch.Tensor:
+    """``[B, C, H, W, D]`` -> ``[B, L, ph*pw*pd*C]``: raster token order, per-patch vector ordered (ph, pw, pd, C)
+    (the reference's order; the reconstruction target and the patch embedding both read it)."""
+    b, c, h, w, d = x.shape
+    ph, pw, pd = token_size
+    x = x.reshape(b, c, h // ph, ph, w // pw, pw, d // pd, pd)  # [B, C, gh, ph, gw, pw, gd, pd]
+    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (h // ph) * (w // pw) * (d // pd), ph * pw * pd * c)
+
+
+def unpatchify(p: torch.Tensor, token_size: Sequence[int], grid: Sequence[int], channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, L, ph*pw*pd*C]`` -> ``[B, C, H, W, D]``."""
+    b = p.shape[0]
+    (gh, gw, gd), (ph, pw, pd) = grid, token_size
+    x = p.reshape(b, gh, gw, gd, ph, pw, pd, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, channels, gh * ph, gw * pw, gd * pd)
+
+
+def take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tokens[b, index[b, n]]``: ``[B, L, ...]`` with ``index [B, N]`` -> ``[B, N, ...]`` (batch-expanded input ok)."""
+    return tokens.expand(index.shape[0], *tokens.shape[1:]).gather(
+        1, index.reshape(*index.shape, *([1] * (tokens.ndim - 2))).expand(-1, -1, *tokens.shape[2:]))
+
+
 def tap_indices(depth: int) -> tuple[int, int, int]:
     """Blocks whose raw outputs feed the decoder / UNETR skips: 3, 6, 9 for depth 12 (reference convention)."""
     return depth // 4, 2 * depth // 4, 3 * depth // 4
@@ -64,14 +89,19 @@ def init_linear_and_norm(module: nn.Module) -> None:
 
 
 class PatchEmbed3D(nn.Module):
-    """Conv with kernel = stride = token size: equal to a Linear on each flattened (ph, pw, pd, C) patch."""
+    """Linear embedding of flattened patches, stored as the reference's ``Conv3d(kernel = stride = token)``.
+
+    ``forward`` takes :func:`patchify` output (any subset of patches) ``[B, N, ph*pw*pd*C]`` -> ``[B, N, E]``; on a
+    whole volume it equals the convolution (tested) without its layout conversions.
+    """
 
     def __init__(self, in_channels: int, embed_dim: int, token_size: Grid):
         super().__init__()
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=token_size, stride=token_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, C, H, W, D] -> [B, L, E]
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight  # [E, C, ph, pw, pd] -> [E, ph*pw*pd*C], the order patchify uses
+        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
 
 
 class ViTEncoder3D(nn.Module):
@@ -79,7 +109,7 @@ class ViTEncoder3D(nn.Module):
 
     ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, 1+N, E]`` (CLS first) and the raw
     residual stream after every block (list of ``depth`` tensors ``[B, 1+N, E]``). With ``keep`` (``[B, N]`` token
-    indices in raster order) only those tokens enter the transformer: MAE's visible set.
+    indices in raster order) only those tokens are embedded and enter the transformer: MAE's visible set.
     """
 
     def __init__(
@@ -97,7 +127,7 @@ class ViTEncoder3D(nn.Module):
         super().__init__()
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
-        self.token_size: Grid = tuple(token_size) if isinstance(token_size, Sequence) else (token_size,) * 3
+        self.token_size: Grid = token_size_3d(token_size)
         self.embed_dim, self.depth, self.in_channels = embed_dim, depth, in_channels
         self.pos_embed_type = pos_embed
         self.patch_embed = PatchEmbed3D(in_channels, embed_dim, self.token_size)
@@ -125,6 +155,17 @@ class ViTEncoder3D(nn.Module):
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides biases and norms (timm's convention)."""
+        return {"cls_token", "pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
+        """Layer ids for layer-wise lr decay (timm's convention): the embedding is layer 0, block i is layer i+1;
+        the final norm, like anything outside the encoder, falls into the last layer."""
+        return {"stem": rf"^{prefix}(?:cls_token|pos_embed|patch_embed)", "blocks": rf"^{prefix}blocks\.(\d+)"}
+
     @property
     def taps(self) -> tuple[int, int, int]:
         return tap_indices(self.depth)
@@ -148,10 +189,16 @@ class ViTEncoder3D(nn.Module):
         return pe
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        grid = self.grid(x.shape[2:])
-        tokens = self.patch_embed(x) + self.pos_embed_for(grid, x.device)  # [B, L, E]
-        if keep is not None:  # visible tokens only: [B, N, E]
-            tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))
+        """``x [B, C, H, W, D]``; see the class docstring."""
+        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep)
+
+    def forward_patches(self, patches: torch.Tensor, grid: Grid,
+                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The same from :func:`patchify` output ``[B, L, p³C]`` of a volume whose token grid is ``grid``."""
+        pos = self.pos_embed_for(grid, patches.device)  # [1, L, E]
+        if keep is not None:  # visible tokens only: [B, N, ...]
+            patches, pos = take_tokens(patches, keep), take_tokens(pos, keep)
+        tokens = self.patch_embed(patches) + pos  # [B, N, E]
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # CLS has zero pos-embed
         hidden = []
         for blk in self.blocks:
@@ -160,18 +207,8 @@ class ViTEncoder3D(nn.Module):
         return self.norm(x), hidden
 
 
-def encoder_config(arch: str, in_channels: int = 1, pos_embed: str = "sincos",
-                   pos_embed_grid: Sequence[int] | None = None) -> dict:
-    """Every constructor argument of an encoder built from a preset: stored in checkpoints and plans."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
-    cfg = dict(PRESETS[arch], in_channels=in_channels, mlp_ratio=4.0, pos_embed=pos_embed,
-               pos_embed_grid=list(pos_embed_grid) if pos_embed_grid is not None else None)
-    return {"arch": arch, **cfg}
-
-
 def build_encoder(config: dict, **overrides) -> ViTEncoder3D:
-    """Build an encoder from :func:`encoder_config` output (the ``arch`` key is informational)."""
+    """Build an encoder from :func:`~nnunetv2_hiendmae.presets.encoder_config` output (``arch`` is informational)."""
     kwargs = {k: v for k, v in config.items() if k != "arch"}
     kwargs.update(overrides)
     return ViTEncoder3D(**kwargs)

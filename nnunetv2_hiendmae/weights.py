@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint, sha256
+from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
+from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
+from nnunetv2_hiendmae.presets import token_size_3d
 from nnunetv2_hiendmae.vit import interpolate_pos_embed
 
 ARCH_KEYS = ("embed_dim", "depth", "num_heads", "token_size", "mlp_ratio", "pos_embed")
@@ -52,7 +54,7 @@ def verify_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> d
 def _normalised(key: str, value):
     """Config values compared as plain data: token sizes as 3-tuples, numbers as floats where that matters."""
     if key == "token_size":
-        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+        return token_size_3d(value)
     if key == "mlp_ratio":
         return float(value)
     return value

@@ -44,9 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id, dataset_name, nnunet_folder
 
 CT_BODY_MIN_HU = -500.0
 BODY_EPS = 1e-3
@@ -64,26 +64,6 @@ class PretrainSource:
     configuration: dict  # the resolved configuration (inheritance applied)
     channel_names: dict
     fold: int | None
-
-
-def _preprocessed_root() -> str:
-    """``$nnUNet_preprocessed`` (nnunetv2.paths reads the same variable at call time), checked."""
-    root = os.environ.get("nnUNet_preprocessed")
-    if not root:
-        raise UserError("nnUNet_preprocessed is not set; export it to the folder that holds your preprocessed "
-                        "datasets (see nnU-Net's documentation/setting_up_paths.md)")
-    if not os.path.isdir(root):
-        raise UserError(f"nnUNet_preprocessed={root} does not exist or is not a folder")
-    return root
-
-
-def _dataset_name(dataset: str) -> str:
-    """nnU-Net's id/name lookup, with its errors turned into one line."""
-    try:
-        return str(maybe_convert_to_dataset_name(str(dataset)))
-    except (RuntimeError, ValueError):
-        raise UserError(f"dataset {dataset!r} not found in nnUNet_preprocessed, nnUNet_raw or nnUNet_results "
-                        f"(give an id like 4 or a name like Dataset004_Hippocampus)") from None
 
 
 def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]:
@@ -104,8 +84,8 @@ def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]
 
 def _resolve_one(root: str, dataset: str, plans: str, configuration: str, fold: int | None) -> PretrainSource:
     """Find and check one dataset's plans, configuration and data folder."""
-    name = _dataset_name(dataset)
-    dataset_id = int(name[7:10])
+    name = dataset_name(dataset)
+    dataset_id = nnunet_dataset_id(name)
     base = join(root, name)
     if not os.path.isdir(base):
         raise UserError(f"{base} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates it")
@@ -146,7 +126,7 @@ def resolve_sources(datasets: list[str], plans: str = "nnUNetPlans", configurati
     """Check every dataset up front so that a typo fails in one clear line before any training starts."""
     if not datasets:
         raise UserError("no dataset given")
-    root = _preprocessed_root()
+    root = str(nnunet_folder("nnUNet_preprocessed"))
     sources = [_resolve_one(root, str(d), plans, configuration, fold) for d in datasets]
     counts = {s.dataset_name: len(s.channel_names) for s in sources}
     if len(set(counts.values())) > 1:
@@ -248,9 +228,19 @@ class PretrainCrops(Dataset):
                               for src in self.sources]
         return self._datasets[s]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def _pick(self, i: int) -> tuple[np.random.Generator, int, int]:
+        """Item ``i``'s random stream, already advanced past the draw of its case ``(source, case index)``."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, int(i)])
         s, j = self.cases[rng.integers(len(self.cases))]
+        return rng, s, j
+
+    def case_name(self, i: int) -> str:
+        """``DatasetXXX_Name/case`` that item ``i`` of the current epoch crops."""
+        _, s, j = self._pick(i)
+        return f"{self.sources[s].dataset_name}/{self.sources[s].identifiers[j]}"
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        rng, s, j = self._pick(i)
         data, seg, _, _ = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
         thresholds = self._thresholds(s, j, data)
         crops = [self._augmented(rng, self._crop(s, data, self._centre(rng, s, data, seg, thresholds)))

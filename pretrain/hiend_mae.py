@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from nnunetv2_hiendmae.vit import build_encoder, init_linear_and_norm, sincos_pos_embed_3d
+from nnunetv2_hiendmae.vit import build_encoder, init_linear_and_norm, patchify, sincos_pos_embed_3d, take_tokens, unpatchify
 
 # Decoder width/heads per encoder preset (reference: 384/12 for ViT-B, 528/16 for the 1536-wide models).
 DECODER_PRESETS: dict[str, dict] = {
@@ -28,22 +28,6 @@ DECODER_PRESETS: dict[str, dict] = {
     "vit_l12": dict(embed_dim=528, num_heads=16, self_depth=2, cross_depth=3),
 }
 _norm = partial(nn.LayerNorm, eps=1e-6)
-
-
-def patchify(x: torch.Tensor, token_size: Sequence[int]) -> torch.Tensor:
-    """``[B, C, H, W, D]`` -> ``[B, L, ph*pw*pd*C]``: raster token order, per-patch vector ordered (ph, pw, pd, C)."""
-    b, c, h, w, d = x.shape
-    ph, pw, pd = token_size
-    x = x.reshape(b, c, h // ph, ph, w // pw, pw, d // pd, pd)  # [B, C, gh, ph, gw, pw, gd, pd]
-    return x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (h // ph) * (w // pw) * (d // pd), ph * pw * pd * c)
-
-
-def unpatchify(p: torch.Tensor, token_size: Sequence[int], grid: Sequence[int], channels: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: ``[B, L, ph*pw*pd*C]`` -> ``[B, C, H, W, D]``."""
-    b = p.shape[0]
-    (gh, gw, gd), (ph, pw, pd) = grid, token_size
-    x = p.reshape(b, gh, gw, gd, ph, pw, pd, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.reshape(b, channels, gh * ph, gw * pw, gd * pd)
 
 
 class CrossAttention(nn.Module):
@@ -127,6 +111,10 @@ class HiEndMAE(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token"}
+
     def num_visible(self, num_tokens: int) -> int:
         return int(num_tokens * (1 - self.mask_ratio))
 
@@ -144,7 +132,8 @@ class HiEndMAE(nn.Module):
             shuffle = self.random_shuffle(b, num_tokens, x.device)
         visible, masked = shuffle[:, :n_vis], shuffle[:, n_vis:]
 
-        normed, hidden = self.encoder(x, visible)  # [B, 1+n_vis, E], depth x [B, 1+n_vis, E]
+        patches = patchify(x, self.token_size)  # [B, L, p³C]
+        normed, hidden = self.encoder.forward_patches(patches, grid, visible)  # [B, 1+n_vis, E], depth x same
         memories = [proj(hidden[t]) for proj, t in zip(self.encoder_to_decoder, self.encoder.taps)]
         query = torch.cat([self.encoder_to_decoder[3](normed), self.mask_token.expand(b, num_tokens - n_vis, -1)], dim=1)
         pos = sincos_pos_embed_3d(grid, self.dec_dim).to(x.device, query.dtype).expand(b, -1, -1)
@@ -152,8 +141,7 @@ class HiEndMAE(nn.Module):
         query = torch.cat([query[:, :1], query[:, 1:] + pos], dim=1)  # [B, 1+L, D]; the CLS gets none
         pred = self.decoder(query, memories[::-1], num_tokens - n_vis).float()  # [B, L_mask, p³C]
 
-        patches = patchify(x, self.token_size)  # [B, L, p³C]
-        target = patches.gather(1, masked[..., None].expand(-1, -1, patches.shape[-1])).detach().float()
+        target = take_tokens(patches, masked).detach().float()
         target = F.layer_norm(target, target.shape[-1:], eps=1e-6)  # per-patch normalised, as the reference
         return F.mse_loss(pred, target), pred, shuffle
 
@@ -173,8 +161,3 @@ class HiEndMAE(nn.Module):
         recon.scatter_(1, idx, pred * (var + 1e-6).sqrt() + mean)
         return (unpatchify(masked_in, self.token_size, grid, self.channels),
                 unpatchify(recon, self.token_size, grid, self.channels))
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norms, CLS/mask tokens and position embeddings get no weight decay (the reference intended it)."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in ("cls_token", "mask_token", "pos_embed"))

@@ -24,10 +24,12 @@ from tqdm import tqdm
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.vit import PRESETS, encoder_config
+from nnunetv2_hiendmae.optim import param_groups
+from nnunetv2_hiendmae.precision import autocast, resolve_precision
+from nnunetv2_hiendmae.presets import PRESETS, encoder_config
 from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
 from pretrain.figures import plot_progress, plot_reconstruction
-from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE, no_weight_decay
+from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
 # Settings a resumed run must share with the run it continues (the rest, e.g. workers or device, may change).
@@ -110,14 +112,6 @@ def share_cpu_with_workers(num_workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class Logger:
     """nnU-Net style text log (``timestamp: message``), printed too; only rank 0 writes."""
 
@@ -155,7 +149,7 @@ class PretrainRun:
             torch.backends.cudnn.benchmark = True
         else:
             share_cpu_with_workers(cfg.num_workers)
-        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = resolve_precision(self.device, cfg.precision)
 
         self.out = Path(cfg.output_dir)
         self.is_main = self.rank == 0
@@ -247,10 +241,6 @@ class PretrainRun:
             self.log(f"--resume: no {LATEST} in {self.out}, starting a new run")
 
     # ---- training --------------------------------------------------------------------------------------------------
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
-
     def _step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -288,7 +278,7 @@ class PretrainRun:
             x = batch.to(self.device, non_blocking=True).flatten(0, 1)  # [B, K, C, *crop] -> [B*K, C, *crop]
             sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.iters
             ctx = self.ddp.no_sync() if (self.world_size > 1 and not sync) else nullcontext()
-            with ctx, self._autocast():
+            with ctx, autocast(self.device, self.precision):
                 loss, _, _ = self.ddp(x)
             self._check_finite(loss, epoch, it)
             scaled = loss / cfg.accum_steps
@@ -315,7 +305,7 @@ class PretrainRun:
         was_training = self.model.training
         self.model.eval()
         state = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        with self._autocast():
+        with autocast(self.device, self.precision):
             masked, recon = self.model.reconstruct(x.float())
         torch.set_rng_state(state[0])  # the figure must not change the training's random stream
         if state[1] is not None:

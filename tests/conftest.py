@@ -6,6 +6,7 @@ set here, at collection time, so that in-process nnU-Net calls and every subproc
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -79,3 +80,44 @@ def preprocessed_dataset(nnunet_dirs) -> dict:
         "preprocessed": pre / folders["labelled"].name,
         "unlabelled_preprocessed": pre / folders["unlabelled"].name,
     }
+
+
+# ------------------------------------------------------------------------------------------ checkpoints for fine-tuning
+
+CROP = [32, 64, 64]  # pretraining crop of the checkpoints below
+TOKEN = 16
+
+
+def write_checkpoint(path: Path, dataset_folder: Path, *, spacing=None, props=None, schemes=None, in_channels=1,
+                     pos_embed="sincos", crop=CROP, seed=0) -> Path:
+    """A vit_tiny checkpoint in our format whose ``pretrain`` block copies the dataset's base plans unless told."""
+    import torch
+
+    from nnunetv2_hiendmae.checkpoint import make_checkpoint, save_atomic
+    from nnunetv2_hiendmae.presets import encoder_config
+    from nnunetv2_hiendmae.vit import build_encoder
+
+    plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    enc = encoder_config("vit_tiny", in_channels=in_channels, pos_embed=pos_embed,
+                         pos_embed_grid=[c // TOKEN for c in crop] if pos_embed == "learned" else None)
+    torch.manual_seed(seed)
+    weights = {f"encoder.{k}": v for k, v in build_encoder(enc).state_dict().items()}
+    pretrain = {"datasets": [dataset_folder.name], "plans": "nnUNetPlans", "configuration": "3d_fullres",
+                "spacing": spacing or cfg["spacing"], "transpose_forward": plans["transpose_forward"],
+                "normalization_schemes": schemes or cfg["normalization_schemes"],
+                "use_mask_for_norm": cfg["use_mask_for_norm"] * in_channels,
+                "foreground_intensity_properties_per_channel":
+                    props or plans["foreground_intensity_properties_per_channel"],
+                "channel_names": {str(c): "CT" for c in range(in_channels)}, "in_channels": in_channels,
+                "crop_size": list(crop), "token_size": [TOKEN] * 3, "mask_ratio": 0.75}
+    save_atomic(make_checkpoint(weights, enc, {}, pretrain), path)
+    return path
+
+
+def copy_preprocessed_dataset(src: Path, root: Path, dataset_id: int, name: str = "Copy") -> Path:
+    """A private copy of a preprocessed dataset under another ``nnUNet_preprocessed`` root, for a test that edits it
+    (or depends on files another test may add to the shared one, such as nnU-Net's ``splits_final.json``)."""
+    dst = root / f"Dataset{dataset_id:03d}_{name}"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("gt_segmentations", "splits_final.json"))
+    return dst

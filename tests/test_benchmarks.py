@@ -1,4 +1,5 @@
-"""The benchmark scripts run as documented and print one JSON line with finite, positive measurements."""
+"""The benchmark scripts run as documented, measure the model they name on the data they are given, and print one
+JSON line with finite, positive measurements."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+from pretrain.data import resolve_sources
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -21,21 +24,38 @@ def _positive(x) -> bool:
 
 
 def test_pretrain_throughput_model_and_end_to_end(preprocessed_dataset):
+    from nnunetv2_hiendmae.presets import encoder_config
+    from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
+
+    datasets = [str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"])]
     r = _run("pretrain_throughput.py", "--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2",
              "--crops-per-volume", "2", "--device", "cpu", "--steps", "2", "--warmup", "1", "--num-workers", "1",
-             "-d", str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"]))
+             "-d", *datasets)
     assert r["crops_per_step"] == 4 and r["precision"] == "fp32" and r["patch_size"] == [16, 32, 32]
+    expected_params = sum(p.numel() for p in HiEndMAE(encoder_config("vit_tiny"), DECODER_PRESETS["vit_tiny"]).parameters())
     for phase in ("model_only", "end_to_end"):
         m = r[phase]
+        assert m["params"] == expected_params  # the model named on the command line, not another one
         assert _positive(m["s_per_step"]) and _positive(m["peak_mem_gib"])
         assert abs(m["crops_per_s"] - 4 / m["s_per_step"]) < 0.02 * m["crops_per_s"]
+    # end to end read cases of the datasets given: 3 steps x 2 volumes
+    known = {f"{s.dataset_name}/{c}" for s in resolve_sources(datasets) for c in s.identifiers}
+    assert r["end_to_end"]["cases"] and set(r["end_to_end"]["cases"]) <= known
 
 
 def test_finetune_speed_ratios_to_default_unet():
+    from nnunetv2_hiendmae.network import HiEndUNETR
+    from nnunetv2_hiendmae.presets import encoder_config
+
     r = _run("finetune_speed.py", "--arch", "vit_tiny", "--primus", "S", "--patch-size", "16", "32", "32",
              "--batch-size", "1", "--case-size", "20", "40", "40", "--device", "cpu", "--steps", "1", "--warmup", "1")
     nets = r["networks"]
-    assert len(nets) == 3 and "HiEndUNETR vit_tiny" in nets and "Primus-S" in nets
+    assert set(nets) == {"nnUNetTrainer (default U-Net)", "Primus-S", "HiEndUNETR vit_tiny"}
+    assert nets["nnUNetTrainer (default U-Net)"]["class"].endswith(".PlainConvUNet")
+    assert nets["Primus-S"]["class"].endswith(".Primus")
+    ours = nets["HiEndUNETR vit_tiny"]
+    assert ours["class"] == "nnunetv2_hiendmae.network.HiEndUNETR"
+    assert ours["params"] == sum(p.numel() for p in HiEndUNETR(1, 4, (16, 32, 32), encoder_config("vit_tiny")).parameters())
     default = nets["nnUNetTrainer (default U-Net)"]
     for name, m in nets.items():
         assert all(_positive(m[k]) for k in ("params_m", "s_per_iter", "peak_mem_gib", "sliding_window_s")), (name, m)

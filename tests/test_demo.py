@@ -22,7 +22,7 @@ TRAINERS = ["nnUNetTrainerHiEndMAE_smoke", "nnUNetTrainerHiEndMAE_scratch_smoke"
 def test_demo_pipeline_with_tiny_settings(tmp_path):
     out = tmp_path / "demo"
     args = ["nnUNetv2_hiendmae_demo", "-o", str(out), "--labelled", "5", "--unlabelled", "2", "--test", "2",
-            "--scale", "0.6", "--crop", "16", "32", "32", "--pretrain-epochs", "2", "--pretrain-iters", "5",
+            "--scale", "0.6", "--patch-size", "16", "32", "32", "--pretrain-epochs", "2", "--pretrain-iters", "5",
             "--pretrain-batch", "2", "--schedule", "smoke", "--num-workers", "1"]
     proc = run_cli(*args, check=True, timeout=1500)
     for step in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_hiendmae_pretrain", "nnUNetv2_hiendmae_plan",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnunetv2_hiendmae.network import HiEndUNETR, ResizeUpBlock
-from nnunetv2_hiendmae.vit import encoder_config
+from nnunetv2_hiendmae.presets import encoder_config
 
 TINY = encoder_config("vit_tiny")
 
@@ -113,3 +113,28 @@ def test_skips_come_from_the_tapped_blocks_and_the_bottleneck_from_the_normed_ou
             if used:
                 cls_only = run_with_perturbed_encoder(net, x, index, slice(0, 1))
                 assert torch.equal(cls_only, ref), f"the CLS token of {index} reached the decoder"
+
+
+@pytest.mark.parametrize("token", [(16, 16, 16), (12, 12, 12), (8, 16, 12)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_embedding_gemm_equals_the_convolution(token, channels):
+    """The embedding is a GEMM on patchified voxels, stored as the reference's Conv3d: both must agree exactly
+    (fp32 rounding), for cubic and non-cubic tokens and several channels, on all patches and on a subset."""
+    from nnunetv2_hiendmae.vit import PatchEmbed3D, patchify, take_tokens
+
+    torch.manual_seed(0)
+    embed = PatchEmbed3D(channels, 24, token)
+    x = torch.randn(2, channels, *(t * g for t, g in zip(token, (2, 3, 1))))
+    conv = embed.proj(x).flatten(2).transpose(1, 2)  # [B, L, E]
+    patches = patchify(x, token)
+    torch.testing.assert_close(embed(patches), conv, rtol=1e-5, atol=1e-5)
+    keep = torch.tensor([[5, 0, 2], [1, 4, 3]])
+    torch.testing.assert_close(embed(take_tokens(patches, keep)), take_tokens(conv, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_network_class_constant_names_the_network():
+    import pydoc
+
+    from nnunetv2_hiendmae.presets import NETWORK_CLASS
+
+    assert pydoc.locate(NETWORK_CLASS) is HiEndUNETR

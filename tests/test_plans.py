@@ -12,42 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
-from nnunetv2_hiendmae.checkpoint import make_checkpoint, save_atomic, sha256
+from conftest import CROP, TOKEN, run_cli, write_checkpoint
+from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.plans import (CONFIGURATION, DEFAULT_NAME, Dataset, build_plan, main, normalisation, parser,
                                      pretrained_source)
-from nnunetv2_hiendmae.vit import build_encoder, encoder_config
+from nnunetv2_hiendmae.presets import encoder_config
+from nnunetv2_hiendmae.vit import build_encoder
 from nnunetv2_hiendmae.weights import adapt_encoder_config
 
 # The released model's CT statistics (HU [-175, 250] -> [0, 1] through CTNormalization), unlike the dataset's own.
 PRETRAIN_CT = {"max": 250.0, "mean": -175.0, "median": 0.0, "min": -175.0, "percentile_00_5": -175.0,
                "percentile_99_5": 250.0, "std": 425.0}
 PRETRAIN_SPACING = [4.0, 4.0, 4.0]
-CROP = [32, 64, 64]
-TOKEN = 16
-
-
-def write_checkpoint(path: Path, dataset_folder: Path, *, spacing=None, props=None, schemes=None, in_channels=1,
-                     pos_embed="sincos", crop=CROP, seed=0) -> Path:
-    """A vit_tiny checkpoint in our format whose ``pretrain`` block copies the dataset's base plans unless told."""
-    plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
-    cfg = plans["configurations"][CONFIGURATION]
-    enc = encoder_config("vit_tiny", in_channels=in_channels, pos_embed=pos_embed,
-                         pos_embed_grid=[c // TOKEN for c in crop] if pos_embed == "learned" else None)
-    torch.manual_seed(seed)
-    weights = {f"encoder.{k}": v for k, v in build_encoder(enc).state_dict().items()}
-    pretrain = {"datasets": [dataset_folder.name], "plans": "nnUNetPlans", "configuration": CONFIGURATION,
-                "spacing": spacing or cfg["spacing"], "transpose_forward": plans["transpose_forward"],
-                "normalization_schemes": schemes or cfg["normalization_schemes"],
-                "use_mask_for_norm": cfg["use_mask_for_norm"] * in_channels,
-                "foreground_intensity_properties_per_channel":
-                    props or plans["foreground_intensity_properties_per_channel"],
-                "channel_names": {str(c): "CT" for c in range(in_channels)}, "in_channels": in_channels,
-                "crop_size": list(crop), "token_size": [TOKEN] * 3, "mask_ratio": 0.75}
-    save_atomic(make_checkpoint(weights, enc, {}, pretrain), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +208,7 @@ def bad_input_cases(tmp: Path, folder: Path, ckpts: dict) -> list[tuple[list[str
     same = str(ckpts["same"])
     return [
         (["-d", "990", "-pt", same], {"nnUNet_preprocessed": None}, "nnUNet_preprocessed is not set"),
-        (["-d", "987", "-pt", same], {}, "run 'nnUNetv2_plan_and_preprocess -d 987 -c 3d_fullres' first"),
+        (["-d", "987", "-pt", same], {}, "dataset '987' not found in nnUNet_raw"),
         (["-d", "990", "-pt", same, "-pl_base", "NoSuchPlans"], {}, "NoSuchPlans.json not found"),
         (["-d", "990", "-pt", str(tmp / "missing.pth")], {}, "checkpoint not found"),
         (["-d", "990", "-pt", str(corrupt)], {}, "cannot read checkpoint"),

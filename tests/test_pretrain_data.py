@@ -14,6 +14,7 @@ import torch
 
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, infer_dataset_class, nnUNetDatasetBlosc2
 from nnunetv2.utilities.crossval_split import generate_crossval_split
+from conftest import copy_preprocessed_dataset
 from nnunetv2_hiendmae.errors import UserError
 from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
 
@@ -27,13 +28,6 @@ def sources(preprocessed_dataset):
 
 def _listing(folder: Path) -> list[tuple[str, int, float]]:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime) for p in folder.rglob("*"))
-
-
-def _copy_dataset(src: Path, root: Path, dataset_id: int) -> Path:
-    """A copy of a preprocessed dataset under a fake nnUNet_preprocessed root, to be edited by a test."""
-    dst = root / f"Dataset{dataset_id:03d}_Copy"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("gt_segmentations"))
-    return dst
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -196,25 +190,23 @@ def test_crops_are_centred_in_the_body_far_more_often_than_chance(preprocessed_d
 
 # ---------------------------------------------------------------------------------------------------- folds
 
-def test_fold_uses_only_its_training_cases_and_writes_nothing(preprocessed_dataset):
-    base = preprocessed_dataset["preprocessed"]
+def test_fold_uses_only_its_training_cases_and_writes_nothing(preprocessed_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    base = copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], tmp_path, 982)  # no splits_final.json
     before = _listing(base)
-    src = resolve_sources([preprocessed_dataset["name"]], fold=1)[0]
+    src = resolve_sources(["982"], fold=1)[0]
     for i in range(4):
         PretrainCrops([src], (8, 16, 16), crops_per_volume=1, items_per_epoch=4)[i]
-    assert _listing(base) == before
-    if (base / "splits_final.json").exists():  # another test may have trained on it
-        expected = json.loads((base / "splits_final.json").read_text())[1]["train"]
-    else:
-        everything = sorted(resolve_sources([preprocessed_dataset["name"]])[0].identifiers)
-        expected = generate_crossval_split(everything, seed=12345, n_splits=5)[1]["train"]
+    assert _listing(base) == before  # nnU-Net's default split is made in memory, never written
+    everything = sorted(resolve_sources(["982"])[0].identifiers)
+    expected = generate_crossval_split(everything, seed=12345, n_splits=5)[1]["train"]
     assert src.identifiers == sorted(expected) and len(src.identifiers) == 5
     assert all(type(k) is str for k in src.identifiers)
 
 
 def test_fold_reads_splits_final_json_and_rejects_out_of_range(preprocessed_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
-    base = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 981)
+    base = copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], tmp_path, 981)
     (base / "splits_final.json").write_text(json.dumps([{"train": ["case_004", "case_001"], "val": ["case_000"]}]))
     assert resolve_sources(["981"], fold=0)[0].identifiers == ["case_001", "case_004"]
     with pytest.raises(UserError, match=r"fold 1 is out of range.*splits_final\.json has folds 0-0"):
@@ -276,7 +268,7 @@ def test_unknown_dataset_plans_or_configuration(preprocessed_dataset):
 
 def test_missing_or_empty_data_folder(preprocessed_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
-    base = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 982)
+    base = copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], tmp_path, 982)
     data = base / "nnUNetPlans_3d_fullres"
     hint = "nnUNetv2_preprocess -d 982 -plans_name nnUNetPlans -c 3d_fullres"
     for f in data.iterdir():
@@ -290,8 +282,8 @@ def test_missing_or_empty_data_folder(preprocessed_dataset, tmp_path, monkeypatc
 
 def test_channel_count_mismatch(preprocessed_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
-    _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 983)
-    two = _copy_dataset(preprocessed_dataset["preprocessed"], tmp_path, 984)
+    copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], tmp_path, 983)
+    two = copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], tmp_path, 984)
     _edit_json(two / "dataset.json", lambda d: d.update(channel_names={"0": "CT", "1": "PET"}))
     with pytest.raises(UserError, match="different channel counts: Dataset983_Copy has 1, Dataset984_Copy has 2"):
         resolve_sources(["983", "984"])

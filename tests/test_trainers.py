@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import run_cli
+from conftest import CROP, run_cli, write_checkpoint
 from nnunetv2_hiendmae import trainers
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
 from nnunetv2_hiendmae.errors import UserError
@@ -22,7 +22,6 @@ from nnunetv2_hiendmae.ext import ext_path, ext_trainer_hint
 from nnunetv2_hiendmae.plans import main as plan_main
 from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch_smoke, nnUNetTrainerHiEndMAE_smoke
 from nnunetv2_hiendmae.vit import interpolate_pos_embed
-from test_plans import CROP, write_checkpoint
 
 CFG = "3d_fullres"
 # For nnU-Net's training/predict subprocesses only: 0 DA workers crashes planning (spec nnunet.md §4).

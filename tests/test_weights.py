@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint, save_atomic, sha256
+from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint, save_atomic
+from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
-from nnunetv2_hiendmae.vit import build_encoder, encoder_config, interpolate_pos_embed
+from nnunetv2_hiendmae.presets import encoder_config
+from nnunetv2_hiendmae.vit import build_encoder, interpolate_pos_embed, patchify
 from nnunetv2_hiendmae.weights import adapt_encoder_config, load_pretrained_encoder, verify_checkpoint
 
 PATCH = (32, 64, 48)
@@ -69,7 +71,9 @@ def test_single_channel_stem_is_repeated_and_divided_over_three_channels():
     x = torch.randn(1, 1, 16, 16, 16)  # the rule: C identical copies give the pretrained stem response
     pretrained = build_encoder(ckpt["encoder"])
     pretrained.load_state_dict(encoder_state_dict(ckpt))
-    assert torch.allclose(net.encoder.patch_embed(x.repeat(1, 3, 1, 1, 1)), pretrained.patch_embed(x), atol=1e-5)
+    token = net.encoder.token_size
+    assert torch.allclose(net.encoder.patch_embed(patchify(x.repeat(1, 3, 1, 1, 1), token)),
+                          pretrained.patch_embed(patchify(x, token)), atol=1e-5)
 
 
 def test_learned_pos_embed_is_interpolated_to_the_patch_grid():

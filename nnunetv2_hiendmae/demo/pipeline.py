@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelled", type=int, default=20, help="labelled training cases to generate (default: %(default)s)")
     p.add_argument("--unlabelled", type=int, default=10, help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
     p.add_argument("--test", type=int, default=4, help="held-out test cases for prediction and Dice (default: %(default)s)")
-    p.add_argument("--crop", type=int, nargs=3, default=[16, 64, 64], metavar=("X", "Y", "Z"),
-                   help="pretraining crop size, a multiple of the token size; also the ViT's fine-tuning patch "
-                        "(default: 16 64 64)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[16, 64, 64], metavar=("X", "Y", "Z"),
+                   help="pretraining patch (crop) size, a multiple of the token size; also the ViT's fine-tuning "
+                        "patch (default: 16 64 64)")
+    p.add_argument("--crop", type=int, nargs=3, dest="patch_size", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the flag's name before 0.2; still accepted
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
     p.add_argument("--pretrain-iters", type=int, default=25, help="pretraining iterations per epoch (default: %(default)s)")
     p.add_argument("--pretrain-batch", type=int, default=4, help="volumes per pretraining iteration (default: %(default)s)")
@@ -121,7 +123,7 @@ class Demo:
         ckpt = self.root / "pretrain" / "checkpoint_final.pth"
         if not ckpt.exists():
             cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-o", str(ckpt.parent),
-                   "--arch", a.arch, "--patch-size", *map(str, a.crop), "--batch-size", str(a.pretrain_batch),
+                   "--arch", a.arch, "--patch-size", *map(str, a.patch_size), "--batch-size", str(a.pretrain_batch),
                    "--crops-per-volume", "4", "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
                    "--warmup-epochs", "1", "--lr", "1e-3" if a.arch == "vit_tiny" else "1e-4", "--recon-every", "4",
                    "--num-workers", str(a.num_workers), "--device", a.device]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
-from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.errors import ArgumentParser, cli_entry
 
 ENV = "nnUNet_extTrainer"
 EXPORT_LINE = f"export {ENV}=$(nnUNetv2_hiendmae_ext_path)"
@@ -29,13 +30,13 @@ def ext_trainer_hint() -> str | None:
     return f"nnU-Net finds the nnunetv2_hiendmae trainers only with: {EXPORT_LINE}"
 
 
-def require_ext_trainer_env() -> None:
-    """Raise a :class:`UserError` with the export line if nnU-Net could not find our trainers."""
-    hint = ext_trainer_hint()
-    if hint is not None:
-        raise UserError(hint)
-
-
-def main() -> None:
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
     """``nnUNetv2_hiendmae_ext_path``: print the folder, for ``export nnUNet_extTrainer=$(nnUNetv2_hiendmae_ext_path)``."""
+    ArgumentParser(
+        prog="nnUNetv2_hiendmae_ext_path",
+        description="Print the folder that nnU-Net's nnUNet_extTrainer variable must name so that nnUNetv2_train, "
+                    "nnUNetv2_predict and nnUNetv2_find_best_configuration find the nnunetv2_hiendmae trainers.",
+        epilog=f"usage in a shell:  {EXPORT_LINE}",
+    ).parse_args(argv)
     print(ext_path())

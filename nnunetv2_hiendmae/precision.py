@@ -1,0 +1,24 @@
+"""Mixed precision: one rule for pretraining and fine-tuning (bf16 autocast on CUDA, fp32 elsewhere by default)."""
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """``auto`` is bf16 on CUDA (no loss scaling needed, the fast path on current GPUs) and fp32 on other devices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto") -> ContextManager:
+    """``torch.autocast`` for a device and precision (disabled for fp32)."""
+    dtype = _DTYPES.get(resolve_precision(device, precision))
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -1,0 +1,49 @@
+"""Every command's ``--help`` comes back at once: no torch / nnU-Net import before the arguments are parsed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import console_script
+
+SCRIPTS = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+HEAVY = ("torch", "nnunetv2", "monai", "timm", "SimpleITK", "matplotlib", "blosc2", "dynamic_network_architectures")
+PROBE = """
+import importlib, json, sys
+module, func = sys.argv[1].split(":")
+try:
+    getattr(importlib.import_module(module), func)(["--help"])
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2:]))}))
+"""
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_imports_nothing_heavy_and_returns_within_a_second(script):
+    proc = subprocess.run([sys.executable, "-c", PROBE, SCRIPTS[script], *HEAVY], capture_output=True, text=True,
+                          timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, (script, result)
+    assert "usage:" in proc.stdout and "--help" in proc.stdout
+    best = float("inf")
+    for _ in range(3):  # best of three: the bound is about this program, not about the machine's load
+        t0 = time.perf_counter()
+        run = subprocess.run([console_script(script), "--help"], capture_output=True, text=True, timeout=120)
+        best = min(best, time.perf_counter() - t0)
+        assert run.returncode == 0 and "usage:" in run.stdout
+    assert best < 1.0, f"{script} --help took {best:.2f} s"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_unknown_flag_is_one_error_line(script):
+    proc = subprocess.run([console_script(script), "--bogus-flag"], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (script, proc.stderr)
+    assert proc.stdout == ""
