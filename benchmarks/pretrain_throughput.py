@@ -1,42 +1,51 @@
-"""Hi-End-MAE pretraining throughput on the current device, printed as one JSON line.
+"""Pretraining throughput of one method on the current device, printed as one JSON line.
 
-``model_only``: forward + backward + AdamW step on synthetic crops (the model's ceiling).
-``end_to_end``: the real data pipeline (nnU-Net preprocessed data, crops, augmentation, workers) feeding the same
-steps; needs ``-d`` and ``nnUNet_preprocessed``.
+``model_only``: augmentation + forward + backward + AdamW step on synthetic views (the model's ceiling).
+``end_to_end``: the real data path (nnU-Net preprocessed data read by loader workers in the compact transfer dtype,
+pinned, moved without blocking, augmented on the device) feeding the same steps; needs ``-d`` and
+``nnUNet_preprocessed``. Also the loader alone: crops/s per worker and bytes per crop moved.
 Peak memory: GPU allocator peak on CUDA; on CPU the main process's resident-memory growth from building the model to
 the last step (loader workers are separate processes and not counted).
 
     python benchmarks/pretrain_throughput.py --arch vit_tiny --batch-size 2 --crops-per-volume 4 --patch-size 32 64 64
-    python benchmarks/pretrain_throughput.py --arch vit_b16 --batch-size 24 --crops-per-volume 8 --device cuda -d 1
+    python benchmarks/pretrain_throughput.py --method gl_mae --arch vit_b16 --batch-size 24 --device cuda -d 1
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import time
 
 import torch
 
 from _measure import PeakMemory, Stopwatch, device_name
-from nnunetv2_hiendmae.presets import encoder_config
-from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
 from nnunetv2_hiendmae.optim import param_groups
+from nnunetv2_hiendmae.precision import autocast
+from nnunetv2_hiendmae.presets import encoder_config
+from pretrain import methods
+from pretrain.augment import augment
 from pretrain.train import share_cpu_with_workers
 
 
-def measure(arch: str, batches, device: torch.device, dtype, n_warmup: int, n_steps: int) -> dict:
+def measure(method: str, arch: str, settings, batches, device: torch.device, precision: str, compile_: bool,
+            n_warmup: int, n_steps: int) -> dict:
     """Seconds per step over ``n_steps`` after ``n_warmup``, and peak memory from building the model to the end."""
     with PeakMemory(device) as mem:
         torch.manual_seed(0)
-        model = HiEndMAE(encoder_config(arch), DECODER_PRESETS[arch]).to(device)
+        model = methods.model_class(method)(encoder_config(arch), settings).to(device)
         params = sum(p.numel() for p in model.parameters())
+        forward = torch.compile(model) if compile_ else model
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
-        def step(x: torch.Tensor) -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss, _, _ = model(x)
+        def step(views: dict[str, torch.Tensor]) -> None:
+            views = {k: augment(v.flatten(0, 1)).view(v.shape) for k, v in views.items()}
+            with autocast(device, precision):
+                loss = forward(views)["loss"]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            model.step_done(0.5)
 
         it = iter(batches)
         for _ in range(n_warmup):
@@ -44,27 +53,47 @@ def measure(arch: str, batches, device: torch.device, dtype, n_warmup: int, n_st
         with Stopwatch(device) as clock:
             for _ in range(n_steps):
                 step(next(it))
-    del model, opt
+    del model, opt, forward
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"s_per_step": round(clock.s / n_steps, 4), "peak_mem_gib": mem.gib, "params": params}
 
 
-def synthetic(shape: tuple[int, ...], device: torch.device):
-    """The same random batch forever, allocated on first use (inside the measured block)."""
-    x = torch.randn(shape, device=device)
+def synthetic(views: dict, batch: int, channels: int, device: torch.device):
+    """The same random views forever, allocated on first use (inside the measured block)."""
+    x = {k: torch.randn(batch, n, channels, *size, device=device) for k, (n, size) in views.items()}
     while True:
         yield x
 
 
+def loader_alone(data, batch_size: int, num_workers: int, device_type: str, n_batches: int) -> dict:
+    """The loader by itself: crops per second over ``n_batches`` after one, and bytes per crop moved."""
+    from pretrain.data import make_loader
+
+    loader = iter(make_loader(data, batch_size, num_workers, device_type))
+    first = next(loader)
+    crops = sum(v.shape[0] * v.shape[1] for v in first.values())
+    nbytes = sum(v.numel() * v.element_size() for v in first.values())
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(loader)
+    s = time.perf_counter() - t0
+    return {"crops_per_s": round(n_batches * crops / s, 2),
+            "crops_per_s_per_worker": round(n_batches * crops / s / max(1, num_workers), 2),
+            "bytes_per_crop": nbytes // crops, "dtype": str(next(iter(first.values())).dtype).replace("torch.", "")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="hiend_mae", choices=list(methods.METHODS), help="(default: %(default)s)")
     p.add_argument("--arch", default="vit_b16", help="encoder preset (default: %(default)s)")
     p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96], help="crop size (default: 96 96 96)")
     p.add_argument("--batch-size", type=int, default=24, help="volumes per step (default: %(default)s)")
-    p.add_argument("--crops-per-volume", type=int, default=8, help="crops per volume (default: %(default)s)")
+    p.add_argument("--crops-per-volume", type=int, default=None,
+                   help="hiend_mae/mae: crops per volume (default: the method's, 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (as the CLI does on CUDA)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("-d", "--datasets", nargs="*", default=[],
@@ -76,25 +105,31 @@ def main() -> None:
     if device.type == "cpu":
         share_cpu_with_workers(a.num_workers if a.datasets else 0)
     precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    crops = a.batch_size * a.crops_per_volume
-    result = {"arch": a.arch, "patch_size": a.patch_size, "crops_per_step": crops, "device": a.device,
-              "device_name": device_name(device), "torch": torch.__version__, "precision": precision,
-              "threads": torch.get_num_threads()}
+    given = {"crops_per_volume": a.crops_per_volume} if a.crops_per_volume else {}
+    settings = methods.make_settings(a.method, given)
+    views = settings.views(a.patch_size)
+    crops = a.batch_size * sum(n for n, _ in views.values())
+    result = {"method": a.method, "arch": a.arch, "settings": dataclasses.asdict(settings), "patch_size": a.patch_size,
+              "views": {k: [n, list(s)] for k, (n, s) in views.items()}, "crops_per_step": crops,
+              "device": a.device, "device_name": device_name(device), "torch": torch.__version__,
+              "precision": precision, "compile": a.compile, "threads": torch.get_num_threads()}
 
-    r = measure(a.arch, synthetic((crops, 1, *a.patch_size), device), device, dtype, a.warmup, a.steps)
+    r = measure(a.method, a.arch, settings, synthetic(views, a.batch_size, 1, device), device, precision, a.compile,
+                a.warmup, a.steps)
     result["model_only"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2)}
 
     if a.datasets:
         from pretrain.data import PretrainCrops, make_loader, resolve_sources
 
-        data = PretrainCrops(resolve_sources(a.datasets), a.patch_size, a.crops_per_volume,
-                             (a.warmup + a.steps) * a.batch_size, seed=0)
+        dtype = "float16" if device.type == "cuda" and precision != "fp32" else "float32"
+        data = PretrainCrops(resolve_sources(a.datasets), views, (a.warmup + a.steps) * a.batch_size, seed=0,
+                             dtype=dtype)
         loader = make_loader(data, a.batch_size, a.num_workers, device.type)
-        batches = (b.to(device, non_blocking=True).flatten(0, 1) for b in loader)
-        r = measure(a.arch, batches, device, dtype, a.warmup, a.steps)
+        batches = ({k: v.to(device, non_blocking=True).float() for k, v in b.items()} for b in loader)
+        r = measure(a.method, a.arch, settings, batches, device, precision, a.compile, a.warmup, a.steps)
         result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers,
                                 "cases": sorted({data.case_name(i) for i in range(len(data))})}
+        result["loader_alone"] = loader_alone(data, a.batch_size, a.num_workers, device.type, a.warmup + a.steps - 1)
     print(json.dumps(result))
 
 

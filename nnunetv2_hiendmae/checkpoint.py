@@ -24,7 +24,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def make_checkpoint(weights: dict, encoder: dict, model: dict, pretrain: dict, method: str = "hiendmae",
+def make_checkpoint(weights: dict, encoder: dict, model: dict, pretrain: dict, method: str = "hiend_mae",
                     train_state: dict | None = None) -> dict:
     """Assemble a checkpoint dict. ``weights`` is the full pretraining model state dict (encoder under ``encoder.``)."""
     ckpt = {

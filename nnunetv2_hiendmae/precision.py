@@ -5,7 +5,8 @@ from typing import ContextManager
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+from nnunetv2_hiendmae.presets import PRECISIONS
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -13,6 +13,8 @@ PRESETS: dict[str, dict] = {
 
 REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
+
 # The fine-tuning network, as nnU-Net's plans name it (pydoc.locate resolves it; a test checks that it does).
 NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
 

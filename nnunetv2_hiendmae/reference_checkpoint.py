@@ -15,6 +15,7 @@ which with -175 / 250 / -175 / 425 is exactly that mapping.
 from __future__ import annotations
 
 import pickle
+from dataclasses import asdict
 import re
 import sys
 from pathlib import Path
@@ -27,10 +28,10 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH, encoder_config
 from nnunetv2_hiendmae.vit import build_encoder, sincos_pos_embed_3d
-from pretrain.hiend_mae import DECODER_PRESETS
+from pretrain.methods import MaskedCropsSettings
+from pretrain.methods.hiend_mae import DECODER_PRESETS
 
 SINCOS_ATOL = 1e-5
-MASK_RATIO = 0.75
 
 # The released weights' preprocessing, in nnU-Net plans terms (see the module docstring).
 RELEASE_SPACING = [1.5, 1.5, 1.5]
@@ -271,14 +272,13 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
         "in_channels": in_channels,
         "crop_size": crop,
         "token_size": [token] * 3,
-        "mask_ratio": MASK_RATIO,
         "epochs_done": None,
         "epochs_planned": None,
         "fold": None,
         "source": dict(source or {}),
     }
-    model = {"decoder": decoder, "mask_ratio": MASK_RATIO}
-    return make_checkpoint(weights, enc_cfg, model, pretrain, method="hiendmae")
+    model = {"decoder": decoder, "settings": asdict(MaskedCropsSettings())}  # the reference's mask ratio 0.75
+    return make_checkpoint(weights, enc_cfg, model, pretrain, method="hiend_mae")
 
 
 def _plain(v: torch.Tensor) -> torch.Tensor:

@@ -1,85 +1,174 @@
-"""``nnUNetv2_hiendmae_pretrain``: Hi-End-MAE pretraining on nnU-Net preprocessed datasets."""
+"""``nnUNetv2_hiendmae_pretrain``: Self-supervised pretraining of a 3D ViT on nnU-Net preprocessed datasets."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from typing import Sequence
 
-from nnunetv2_hiendmae.errors import ArgumentParser, cli_entry
-from nnunetv2_hiendmae.presets import PRESETS
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
+from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS
+from pretrain import methods
+from pretrain.config import PretrainConfig
 
 EPILOG = """\
 examples:
   nnUNetv2_hiendmae_pretrain -d 1 2 3 -o $nnUNet_results/hiendmae_vit_b16
+  nnUNetv2_hiendmae_pretrain -d 1 -o OUT --method gl_mae --global-views 2 --local-views 6
+  nnUNetv2_hiendmae_pretrain --resume -o OUT                 # continue OUT with its own settings
   torchrun --nproc_per_node=4 $(which nnUNetv2_hiendmae_pretrain) -d 1 -o OUT --batch-size 6
 
-Reads $nnUNet_preprocessed/DatasetXXX_*/<plans>_<configuration>/ (create it with nnUNetv2_plan_and_preprocess).
-Writes into OUT_DIR: checkpoint_latest.pth (every epoch, atomically), checkpoint_final.pth, training_log_*.txt,
-progress.png and reconstruction_epoch_*.png. The checkpoint format is described in docs/checkpoint_format.md.
+Reads $nnUNet_preprocessed/DatasetXXX_*/<plans>_<configuration>/ (nnUNetv2_plan_and_preprocess, or
+nnUNetv2_hiendmae_preprocess_unlabeled for image folders without labels). Writes into OUT_DIR: checkpoint_latest.pth
+(atomically, every --checkpoint-minutes and at the end), checkpoint_final.pth, training_log_*.txt, progress.png and
+reconstruction_epoch_*.png. Every method's checkpoint fine-tunes the same way (nnUNetv2_hiendmae_plan -pt ...).
+On --resume, only these may differ from the stored settings: --num-workers, --device, --no-progress-bar,
+--recon-every, --compile/--no-compile, --checkpoint-minutes and --epochs (a larger --epochs extends the run: the
+learning-rate schedule is re-planned from the current step).
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _default(name: str):
+    f = {f.name: f for f in dataclasses.fields(PretrainConfig)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """One group per method; a setting shared by several methods is one flag (in the first method's group) whose
+    help names every method's default. Returns ``dest -> setting name``."""
+    declared: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name in methods.METHODS:
+        for f in methods.settings_fields(name):
+            declared.setdefault(f.name, []).append((name, f))
+    groups = {}
+    for name, m in methods.METHODS.items():
+        flags = [_flag(f.name) for f in methods.settings_fields(name)]
+        groups[name] = p.add_argument_group(f"--method {name}: {m.title}", "settings: " + ", ".join(flags))
+    dests = {}
+    for setting, users in declared.items():
+        owner, f = users[0]
+        defaults = sorted({str(u.default) for _, u in users})
+        if defaults == ["None"]:  # the help says what the default is
+            where = ", ".join(n for n, _ in users) if len(users) > 1 else ""
+        elif len(defaults) == 1:
+            where = f"default: {defaults[0]}" if len(users) == 1 else \
+                f"{', '.join(n for n, _ in users)}; default: {defaults[0]}"
+        else:
+            where = "; ".join(f"{n}: default {u.default}" for n, u in users)
+        kind = {"float": float, "int": int, "str": str}.get(str(f.type).split(" |")[0], int)
+        kwargs = {"metavar": setting.upper(), **{k: f.metadata[k] for k in ("choices", "nargs", "metavar")
+                                                  if k in f.metadata}}
+        if "choices" in kwargs:
+            del kwargs["metavar"]
+        dest = f"method__{setting}"
+        groups[owner].add_argument(_flag(setting), dest=dest, type=kind,
+                                   help=f"{f.metadata['help']}" + (f" ({where})" if where else ""), **kwargs)
+        dests[dest] = setting
+    return dests
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     p = ArgumentParser(prog="nnUNetv2_hiendmae_pretrain", description=__doc__.split(":", 1)[1].strip(),
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", "--datasets", nargs="+", required=True,
-                   help="dataset ids or names (DatasetXXX_Name) to pretrain on; all must have the same channel count")
-    p.add_argument("-o", "--output-dir", required=True, help="folder for checkpoints, log and figures")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier whose preprocessed data is read (default: %(default)s)")
-    p.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration whose data is read (default: %(default)s)")
-    p.add_argument("--arch", default="vit_b16", choices=list(PRESETS),
-                   help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), vit_l12 (1536/12/16, 12^3 "
-                        "tokens, the released model), vit_tiny (CPU tests/demo) (default: %(default)s)")
-    p.add_argument("--patch-size", nargs=3, type=int, default=[96, 96, 96], metavar=("X", "Y", "Z"),
-                   help="crop size in voxels, in nnU-Net's (transposed) axis order; each a multiple of the token size (default: 96 96 96)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of tokens masked per crop (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=24, help="volumes loaded per iteration and GPU (default: %(default)s)")
-    p.add_argument("--crops-per-volume", type=int, default=8,
-                   help="random crops taken from each loaded volume; a step sees batch-size x crops-per-volume crops (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (default: %(default)s)")
-    p.add_argument("--iters-per-epoch", type=int, default=None,
-                   help="iterations per epoch (default: cases / (batch-size x GPUs), i.e. each volume once per epoch)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW(0.9, 0.95), not scaled with batch (default: %(default)s)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.05,
-                   help="AdamW weight decay; biases, norms, tokens and position embeddings get none (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="data-loading worker processes per GPU, 0 = load in the main process (default: %(default)s)")
-    p.add_argument("--fold", type=int, default=None,
-                   help="pretrain only on the training cases of this nnU-Net fold (splits_final.json), so a later "
-                        "cross-validation on the same dataset is not leaked (default: all cases)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: off, as the reference)")
-    p.add_argument("--accum-steps", type=int, default=1, help="accumulate gradients over this many iterations per optimiser step (default: 1)")
-    p.add_argument("--pos-embed", choices=["sincos", "learned"], default="sincos",
-                   help="encoder position embedding: fixed 3D sin-cos (reference default) or learned (default: %(default)s)")
-    p.add_argument("--recon-every", type=int, default=10, help="write a reconstruction figure every N epochs (default: %(default)s)")
-    p.add_argument("--no-progress-bar", action="store_true", help="disable the per-epoch tqdm bar (e.g. on clusters)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT_DIR from checkpoint_latest.pth (model, optimiser, "
-                   "scaler, schedule, epoch and RNG state)")
-    p.add_argument("--seed", type=int, default=41, help="random seed (reference: 41) (default: %(default)s)")
-    return p
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)  # only what is given reaches the config (resume)
+    d = _default
+    run = p.add_argument_group("run")
+    run.add_argument("-d", "--datasets", nargs="+",
+                     help="dataset ids or names (DatasetXXX_Name) to pretrain on; all must have the same channel count "
+                          "(required to start a run)")
+    run.add_argument("-o", "--output-dir", required=True, help="folder for checkpoints, log and figures")
+    run.add_argument("--method", choices=list(methods.METHODS),
+                     help=f"pretraining method; its settings are listed below (default: {d('method')})")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in OUT_DIR from checkpoint_latest.pth with its stored settings (model, "
+                          "optimiser, schedule, epoch, RNG); an error if OUT_DIR holds no run")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="resume if OUT_DIR holds a run, else start one (for cluster jobs that are re-queued)")
+    data = p.add_argument_group("data")
+    data.add_argument("-p", "--plans", help=f"plans identifier whose preprocessed data is read (default: {d('plans')})")
+    data.add_argument("-c", "--configuration",
+                      help=f"nnU-Net configuration whose data is read (default: {d('configuration')})")
+    data.add_argument("--patch-size", nargs=3, type=int, metavar=("X", "Y", "Z"),
+                      help="crop size in voxels, in nnU-Net's (transposed) axis order; each a multiple of the token "
+                           f"size (default: {' '.join(map(str, d('patch_size')))})")
+    data.add_argument("--batch-size", type=int, help=f"volumes loaded per iteration and GPU (default: {d('batch_size')})")
+    data.add_argument("--fold", type=int,
+                      help="pretrain only on the training cases of this nnU-Net fold (splits_final.json), so a later "
+                           "cross-validation on the same dataset is not leaked (default: all cases)")
+    data.add_argument("--num-workers", type=int, default=argparse.SUPPRESS,
+                      help="data-loading worker processes per GPU, 0 = load in the main process (default: "
+                           f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", choices=list(PRESETS),
+                       help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), vit_l12 (1536/12/16, "
+                            f"12^3 tokens, the released model), vit_tiny (CPU tests/demo) (default: {d('arch')})")
+    model.add_argument("--pos-embed", choices=["sincos", "learned"],
+                       help=f"encoder position embedding: fixed 3D sin-cos (reference) or learned (default: {d('pos_embed')})")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, help=f"training epochs (default: {d('epochs')})")
+    optim.add_argument("--iters-per-epoch", type=int,
+                       help="iterations per epoch (default: cases / (batch-size x GPUs), i.e. each volume once per epoch)")
+    optim.add_argument("--lr", type=float,
+                       help=f"peak learning rate of AdamW(0.9, 0.95), not scaled with batch (default: {d('lr')})")
+    optim.add_argument("--warmup-epochs", type=int,
+                       help=f"linear warm-up epochs before the cosine decay (default: {d('warmup_epochs')})")
+    optim.add_argument("--weight-decay", type=float,
+                       help=f"AdamW weight decay; biases, norms, tokens and position embeddings get none "
+                            f"(default: {d('weight_decay')})")
+    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default: off, as the reference)")
+    optim.add_argument("--accum-steps", type=int,
+                       help=f"accumulate gradients over this many iterations per optimiser step (default: {d('accum_steps')})")
+    optim.add_argument("--seed", type=int, help=f"random seed (reference: 41) (default: {d('seed')})")
+    hw = p.add_argument_group("hardware and output")
+    hw.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto = cuda if available, else cpu")
+    hw.add_argument("--precision", choices=list(PRECISIONS),
+                    help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler (default: auto)")
+    hw.add_argument("--compile", dest="compile", action="store_true",
+                    help="torch.compile the model (default: on for CUDA, off on CPU)")
+    hw.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
+    hw.add_argument("--checkpoint-minutes", type=float,
+                    help="write checkpoint_latest.pth at most every N minutes (and after the last epoch); 0 = every "
+                         f"epoch; a kill loses at most the work since (default: {d('checkpoint_minutes')})")
+    hw.add_argument("--recon-every", type=int,
+                    help=f"write a reconstruction figure every N epochs (default: {d('recon_every')})")
+    hw.add_argument("--no-progress-bar", dest="progress_bar", action="store_false",
+                    help="disable the per-epoch tqdm bar (e.g. on clusters)")
+    return p, _add_method_flags(p)
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[dict, str]:
+    """``(given, mode)``: the settings given on the command line as :class:`PretrainConfig` fields (method settings
+    under ``method_settings``), and ``new``, ``resume`` or ``auto``."""
+    parser, method_dests = build_parser()
+    given = vars(parser.parse_args(argv))
+    resume, auto = given.pop("resume", False), given.pop("auto_resume", False)
+    if resume and auto:
+        raise UserError("--resume and --auto-resume exclude each other")
+    mode = "resume" if resume else "auto" if auto else "new"
+    settings = {method_dests[k]: given.pop(k) for k in list(given) if k in method_dests}
+    if settings:
+        given["method_settings"] = settings
+    if "patch_size" in given:
+        given["patch_size"] = list(given["patch_size"])
+    if "datasets" in given:
+        given["datasets"] = [str(x) for x in given["datasets"]]
+    if "num_workers" not in given and mode != "resume":
+        given["num_workers"] = min(8, os.cpu_count() or 1)
+    return given, mode
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    import torch  # heavy imports after argument parsing keep --help fast
+    given, mode = parse(argv)
+    if mode != "resume":
+        PretrainConfig(**{"datasets": [], **given})  # bad flags fail here, before torch is imported
+    from pretrain.train import pretrain_from_flags  # heavy imports after argument parsing keep --help fast
 
-    from pretrain.train import PretrainConfig, pretrain
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = PretrainConfig(
-        datasets=[str(d) for d in args.datasets], output_dir=args.output_dir, plans=args.plans,
-        configuration=args.configuration, arch=args.arch, patch_size=list(args.patch_size), mask_ratio=args.mask_ratio,
-        batch_size=args.batch_size, crops_per_volume=args.crops_per_volume, epochs=args.epochs,
-        iters_per_epoch=args.iters_per_epoch, lr=args.lr, warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-        num_workers=args.num_workers, fold=args.fold, device=device, precision=args.precision, grad_clip=args.grad_clip,
-        accum_steps=args.accum_steps, pos_embed=args.pos_embed, resume=args.resume, seed=args.seed,
-        recon_every=args.recon_every, progress_bar=not args.no_progress_bar,
-    )
-    final = pretrain(cfg)
+    final = pretrain_from_flags(given, mode)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"pretrained checkpoint: {final}")
         print(f"next: nnUNetv2_hiendmae_plan -d DATASET -pt {final}")

@@ -1,4 +1,4 @@
-"""Pretraining data: random augmented crops from the nnU-Net-preprocessed cases of one or several datasets.
+"""Pretraining data: random crops ("views") from the nnU-Net-preprocessed cases of one or several datasets.
 
 Cases are read from ``$nnUNet_preprocessed/<Dataset>/<data_identifier>/`` through nnU-Net's own dataset class
 (``infer_dataset_class`` + ``load_case``; blosc2 memory-mapped), read-only: nothing is ever written there, and a
@@ -17,17 +17,20 @@ uniform centre wastes fewer crops on air). The reference's "voxel > 0" rule assu
 * any other scheme (per-image z-score, MRI, ...): value > q05 + 0.2 * (q95 - q05) of 64 random voxels of the case
   (estimated once per case and worker), i.e. clearly above the case's background level.
 
-Centres are drawn by rejection sampling: up to ``max_tries`` uniform candidates, each judged from one voxel, then the
-last candidate is kept. A crop that would leave the volume is shifted inside it; an axis shorter than the crop is
-padded, with the channel's background value (the CT clip floor, 0 outside the nonzero mask, else the crop's minimum).
+A case that carries body locations in its properties (``body_locations``, written by
+``nnUNetv2_hiendmae_preprocess_unlabeled``) gets its body centres drawn from them, at no read cost. Otherwise centres
+are drawn by rejection sampling: up to ``max_tries`` uniform candidates, each judged from one voxel, then the last
+candidate is kept. A crop that would leave the volume is shifted inside it; an axis shorter than the crop is padded,
+with the channel's background value (the CT clip floor, 0 outside the nonzero mask, else the crop's minimum).
 
-Augmentations per crop follow the reference (MONAI semantics): flip each axis with p 0.5; rot90 (k in 1..3) with
-p 0.3 in a random plane whose two crop sides are equal (none if no two are); intensity ``x * (1 + u)`` with p 0.1 and
-``x + u`` with p 0.1, ``u ~ U(-0.1, 0.1)``.
+What a method needs from a case are its *views* (``{name: (count, size)}``, e.g. 8 crops of the patch size, or 2
+global + 6 local views): each view gets its own centre. The loader workers only read; augmentation runs batch-wise
+on the training device (:mod:`pretrain.augment`).
 
 Determinism and DDP: item ``i`` of epoch ``e`` on rank ``r`` uses only ``np.random.default_rng([seed, e, r, i])``,
-so the data do not depend on worker count or assignment and a resumed run reproduces them. Each DDP rank builds its
-own :class:`PretrainCrops` with its ``rank``; ranks therefore draw different items, and ``len`` is per rank.
+so the data do not depend on worker count or assignment and a resumed run reproduces them. Items are addressed by
+``e * items_per_epoch + i`` (:class:`EpochSampler`), so persistent workers need no message when the epoch changes.
+Each DDP rank builds its own :class:`PretrainCrops` with its ``rank``; ranks therefore draw different items.
 """
 from __future__ import annotations
 
@@ -36,11 +39,12 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
@@ -165,6 +169,18 @@ def pretrain_metadata(sources: list[PretrainSource], plans: str, configuration: 
     return json.loads(json.dumps(meta))  # plain lists/dicts/floats/str only
 
 
+def ct_body_threshold(props: dict) -> float:
+    """Normalised value above which a ``CTNormalization`` voxel is body: max(-500 HU, the clip floor), plus eps."""
+    return (max(CT_BODY_MIN_HU, props["percentile_00_5"]) - props["mean"]) / max(float(props["std"]), 1e-8) + BODY_EPS
+
+
+def sampled_body_threshold(values: np.ndarray) -> np.ndarray:
+    """Body threshold of a per-image normalised channel from sampled voxel values ``[N, C]``: clearly above the
+    background level, ``q05 + 0.2 * (q95 - q05)`` per channel."""
+    q05, q95 = np.percentile(values, [5, 95], axis=0)
+    return q05 + 0.2 * (q95 - q05)
+
+
 def _channel_rules(s: PretrainSource) -> tuple[list[str], list[float], list[float]]:
     """Per channel: how body is judged ('ct', 'mask', 'sample'), the CT body threshold and the CT clip floor."""
     kinds, thresholds, floors = [], [], []
@@ -172,10 +188,9 @@ def _channel_rules(s: PretrainSource) -> tuple[list[str], list[float], list[floa
     for c, scheme in enumerate(s.configuration["normalization_schemes"]):
         if scheme == "CTNormalization":
             p = props[str(c)]
-            std = max(float(p["std"]), 1e-8)
             kinds.append("ct")
-            thresholds.append((max(CT_BODY_MIN_HU, p["percentile_00_5"]) - p["mean"]) / std + BODY_EPS)
-            floors.append((p["percentile_00_5"] - p["mean"]) / std)
+            thresholds.append(ct_body_threshold(p))
+            floors.append((p["percentile_00_5"] - p["mean"]) / max(float(p["std"]), 1e-8))
         else:
             kinds.append("mask" if s.configuration["use_mask_for_norm"][c] else "sample")
             thresholds.append(math.nan)
@@ -184,32 +199,28 @@ def _channel_rules(s: PretrainSource) -> tuple[list[str], list[float], list[floa
 
 
 class PretrainCrops(Dataset):
-    """Item ``i``: ``crops_per_volume`` augmented crops of one random case, float32 ``[K, C, *crop_size]``.
+    """Item ``e * items_per_epoch + i``: the views of one random case, ``{name: [count, C, *size]}`` in ``dtype``.
 
-    ``items_per_epoch`` (= iterations per epoch x batch size, per rank) is the length. Call :meth:`set_epoch` before
-    each epoch. Only paths and lists are kept until first use, so the object pickles for spawn workers.
+    Only paths and lists are kept until first use, so the object pickles for spawn workers.
     """
 
-    def __init__(self, sources: list[PretrainSource], crop_size=(96, 96, 96), crops_per_volume: int = 8,
+    def __init__(self, sources: list[PretrainSource], views: dict[str, tuple[int, Sequence[int]]],
                  items_per_epoch: int = 250, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 body_prob: float = 0.75, max_tries: int = 32, augment: bool = True):
-        crop_size = tuple(int(x) for x in crop_size)
-        if len(crop_size) != 3 or min(crop_size) <= 0:
-            raise UserError(f"crop size must be 3 positive integers, got {crop_size}")
-        if min(crops_per_volume, items_per_epoch, max_tries) < 1:
-            raise UserError("crops per volume, items per epoch and max tries must be at least 1")
+                 body_prob: float = 0.75, max_tries: int = 32, dtype: str = "float32"):
+        self.views = {name: (int(n), tuple(int(x) for x in size)) for name, (n, size) in views.items()}
+        for name, (n, size) in self.views.items():
+            if n < 1 or len(size) != 3 or min(size) <= 0:
+                raise UserError(f"view {name!r}: need at least one view of 3 positive sizes, got {n} x {list(size)}")
+        if min(items_per_epoch, max_tries) < 1:
+            raise UserError("items per epoch and max tries must be at least 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.sources = sources
-        self.crop_size = crop_size
-        self.crops_per_volume = crops_per_volume
         self.items_per_epoch = items_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.body_prob, self.max_tries, self.augment = body_prob, max_tries, augment
-        self.epoch = 0
+        self.body_prob, self.max_tries, self.dtype = body_prob, max_tries, np.dtype(dtype)
         self.cases = [(s, j) for s, src in enumerate(sources) for j in range(len(src.identifiers))]
         self.rules = [_channel_rules(src) for src in sources]
-        self.rot_planes = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if crop_size[a] == crop_size[b]]
         self._datasets = None  # nnU-Net dataset objects, created lazily in each worker
         self._case_thresholds: dict = {}  # (source, case) -> per-channel body threshold for 'sample' channels
 
@@ -219,33 +230,34 @@ class PretrainCrops(Dataset):
     def __len__(self) -> int:
         return self.items_per_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def _nnunet_dataset(self, s: int):
         if self._datasets is None:
             self._datasets = [infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
                               for src in self.sources]
         return self._datasets[s]
 
-    def _pick(self, i: int) -> tuple[np.random.Generator, int, int]:
-        """Item ``i``'s random stream, already advanced past the draw of its case ``(source, case index)``."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, int(i)])
+    def _pick(self, index: int) -> tuple[np.random.Generator, int, int]:
+        """Item ``index``'s random stream, already advanced past the draw of its case ``(source, case index)``."""
+        epoch, i = divmod(int(index), self.items_per_epoch)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, i])
         s, j = self.cases[rng.integers(len(self.cases))]
         return rng, s, j
 
-    def case_name(self, i: int) -> str:
-        """``DatasetXXX_Name/case`` that item ``i`` of the current epoch crops."""
-        _, s, j = self._pick(i)
+    def case_name(self, index: int) -> str:
+        """``DatasetXXX_Name/case`` that item ``index`` crops."""
+        _, s, j = self._pick(index)
         return f"{self.sources[s].dataset_name}/{self.sources[s].identifiers[j]}"
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        rng, s, j = self._pick(i)
-        data, seg, _, _ = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng, s, j = self._pick(index)
+        data, seg, _, props = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
         thresholds = self._thresholds(s, j, data)
-        crops = [self._augmented(rng, self._crop(s, data, self._centre(rng, s, data, seg, thresholds)))
-                 for _ in range(self.crops_per_volume)]
-        return torch.from_numpy(np.stack(crops))
+        body = props.get("body_locations")
+        out = {}
+        for name, (count, size) in self.views.items():
+            crops = [self._crop(s, data, self._centre(rng, s, data, seg, thresholds, body), size) for _ in range(count)]
+            out[name] = torch.from_numpy(np.stack(crops).astype(self.dtype, copy=False))
+        return out
 
     def _thresholds(self, s: int, j: int, data) -> np.ndarray:
         """Per-channel body thresholds for this case ('sample' channels estimated once per case and worker)."""
@@ -256,9 +268,8 @@ class PretrainCrops(Dataset):
             rng = np.random.default_rng([s, j])  # a property of the case, not of the item
             points = rng.integers(0, data.shape[1:], size=(N_BACKGROUND_SAMPLES, 3))
             values = np.stack([data[:, int(x), int(y), int(z)] for x, y, z in points])  # [N, C]
-            q05, q95 = np.percentile(values, [5, 95], axis=0)
-            sampled = q05 + 0.2 * (q95 - q05)
-            self._case_thresholds[s, j] = np.where([k == "sample" for k in kinds], sampled, fixed)
+            self._case_thresholds[s, j] = np.where([k == "sample" for k in kinds], sampled_body_threshold(values),
+                                                   fixed)
         return self._case_thresholds[s, j]
 
     def _is_body(self, s: int, data, seg, thresholds: np.ndarray, point: tuple[int, int, int]) -> bool:
@@ -269,47 +280,52 @@ class PretrainCrops(Dataset):
         judged = [k != "mask" for k in kinds]
         return any(judged) and bool(np.any(data[:, x, y, z][judged] > thresholds[judged]))
 
-    def _centre(self, rng: np.random.Generator, s: int, data, seg, thresholds: np.ndarray) -> tuple[int, int, int]:
-        """A body voxel with probability ``body_prob`` (bounded rejection sampling), else a uniform voxel."""
+    def _centre(self, rng: np.random.Generator, s: int, data, seg, thresholds: np.ndarray,
+                body: np.ndarray | None) -> tuple[int, int, int]:
+        """A body voxel with probability ``body_prob`` (from the case's body locations if it has them, else by
+        bounded rejection sampling), else a uniform voxel."""
         want_body = rng.random() < self.body_prob
+        if want_body and body is not None and len(body):
+            return tuple(int(v) for v in body[rng.integers(len(body))])
         for _ in range(self.max_tries if want_body else 1):
             point = tuple(int(v) for v in rng.integers(0, data.shape[1:]))
             if not want_body or self._is_body(s, data, seg, thresholds, point):
                 break
         return point
 
-    def _crop(self, s: int, data, centre: tuple[int, int, int]) -> np.ndarray:
-        """Read only the crop region around ``centre`` (shifted inside the volume), padding short axes."""
+    def _crop(self, s: int, data, centre: tuple[int, int, int], size: tuple[int, int, int]) -> np.ndarray:
+        """Read only the region of ``size`` around ``centre`` (shifted inside the volume), padding short axes."""
         shape = data.shape[1:]
         starts = [int(np.clip(c - k // 2, min(0, n - k), max(0, n - k)))  # inside, or covering a short axis
-                  for c, k, n in zip(centre, self.crop_size, shape)]
-        read = tuple(slice(max(a, 0), min(a + k, n)) for a, k, n in zip(starts, self.crop_size, shape))
+                  for c, k, n in zip(centre, size, shape)]
+        read = tuple(slice(max(a, 0), min(a + k, n)) for a, k, n in zip(starts, size, shape))
         region = np.asarray(data[(slice(None), *read)], dtype=np.float32)
-        if region.shape[1:] == self.crop_size:
+        if region.shape[1:] == size:
             return region
         kinds, _, floors = self.rules[s]
         fill = [floors[c] if kinds[c] == "ct" else 0.0 if kinds[c] == "mask" else float(region[c].min())
                 for c in range(region.shape[0])]
-        out = np.empty((region.shape[0], *self.crop_size), dtype=np.float32)
+        out = np.empty((region.shape[0], *size), dtype=np.float32)
         out[:] = np.asarray(fill, dtype=np.float32)[:, None, None, None]
         out[(slice(None), *(slice(r.start - a, r.stop - a) for r, a in zip(read, starts)))] = region
         return out
 
-    def _augmented(self, rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
-        """The reference's flips, rot90 and intensity scale/shift (MONAI semantics), on a [C, X, Y, Z] crop."""
-        if not self.augment:
-            return crop
-        for axis in (1, 2, 3):
-            if rng.random() < 0.5:
-                crop = np.flip(crop, axis)
-        if self.rot_planes and rng.random() < 0.3:
-            a, b = self.rot_planes[rng.integers(len(self.rot_planes))]
-            crop = np.rot90(crop, int(rng.integers(1, 4)), axes=(a + 1, b + 1))
-        if rng.random() < 0.1:  # out of place: the crop may be a view of a read-only memmap (legacy .npy data)
-            crop = crop * np.float32(1 + rng.uniform(-0.1, 0.1))
-        if rng.random() < 0.1:
-            crop = crop + np.float32(rng.uniform(-0.1, 0.1))
-        return crop
+
+class EpochSampler(Sampler):
+    """Yields the item indices of the current epoch, ``e * n + i``; :meth:`set_epoch` moves to epoch ``e``."""
+
+    def __init__(self, items_per_epoch: int):
+        self.items_per_epoch, self.epoch = items_per_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        start = self.epoch * self.items_per_epoch
+        return iter(range(start, start + self.items_per_epoch))
+
+    def __len__(self) -> int:
+        return self.items_per_epoch
 
 
 def seed_worker(worker_id: int) -> None:
@@ -320,8 +336,9 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, device_type: str) -> DataLoader:
-    """Batches ``[B, K, C, *crop]`` in item order (items are already random); fresh workers each epoch."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=device_type == "cuda", persistent_workers=False, drop_last=False,
-                      worker_init_fn=seed_worker if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(dataset.seed))
+    """Batches ``{name: [B, count, C, *size]}`` in item order (items are already random). Workers persist across
+    epochs (``loader.sampler.set_epoch`` selects the epoch) and batches are pinned for the copy to a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset)), num_workers=num_workers,
+                      pin_memory=device_type == "cuda", persistent_workers=num_workers > 0, drop_last=False,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=seed_worker if num_workers > 0 else None)

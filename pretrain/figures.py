@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -10,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from nnunetv2_hiendmae.fileio import atomic_write  # noqa: E402
+
+NOT_LOSSES = ("lr", "crops_per_s", "epoch_time")
 
 
 def _save(fig, path: Path) -> None:
@@ -20,37 +23,50 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_progress(history: dict[str, list[float]], path: Path) -> None:
-    """Loss, learning rate and throughput per epoch, one panel each."""
+    """Per epoch: the total loss and each of its components, the learning rate, the throughput."""
     epochs = list(range(1, len(history["loss"]) + 1))
+    marker = "o" if len(epochs) < 30 else None
     fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    for ax, key, label in zip(axes, ("loss", "lr", "crops_per_s"),
-                              ("train loss (masked-patch MSE)", "learning rate (end of epoch)", "crops / s")):
-        ax.plot(epochs, history[key], color="tab:blue", marker="o" if len(epochs) < 30 else None)
+    losses = [k for k in history if k not in NOT_LOSSES]
+    for k in losses:
+        axes[0].plot(epochs, history[k], marker=marker, lw=2.5 if k == "loss" else 1.2,
+                     label="total loss" if k == "loss" else k)
+    axes[0].set_ylabel("train loss")
+    if len(losses) > 1:
+        axes[0].legend(fontsize=8, ncol=3)
+    for ax, key, label in zip(axes[1:], ("lr", "crops_per_s"), ("learning rate (end of epoch)", "crops / s")):
+        ax.plot(epochs, history[key], color="tab:blue", marker=marker)
         ax.set_ylabel(label)
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
     fig.tight_layout()
     _save(fig, path)
 
 
-def plot_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path, title: str) -> None:
-    """Central slices along each axis of the first crop of a batch ``[B, C, H, W, D]`` (channel 0): input, masked
-    input, reconstruction."""
+def plot_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path, title: str,
+                        spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+    """Central slices along each axis of the first crop of a batch ``[B, C, X, Y, Z]`` (channel 0): input, masked
+    input, reconstruction; each panel drawn with the voxels' physical aspect (``spacing`` in the crop's axis order)."""
     rows = (("input", image), ("masked input", masked), ("reconstruction", recon))
     vol = image[0, 0].float().cpu()
     lo, hi = float(vol.quantile(0.01)), float(vol.quantile(0.99))
-    fig, axes = plt.subplots(3, 3, figsize=(9, 9))
+    planes = ((1, 2), (0, 2), (0, 1))  # the axes shown (rows, columns) when cutting across axis 0, 1, 2
+    extents = [[vol.shape[a] * spacing[a] for a in plane] for plane in planes]  # mm
+    fig, axes = plt.subplots(3, 3, figsize=(10, 9), gridspec_kw={"width_ratios": [max(e[1], 1e-6) for e in extents]})
     for r, (name, v) in enumerate(rows):
         v = v[0, 0].float().cpu()
         slices = (v[v.shape[0] // 2], v[:, v.shape[1] // 2], v[:, :, v.shape[2] // 2])
-        for c, s in enumerate(slices):
-            axes[r, c].imshow(s.numpy(), cmap="gray", vmin=lo, vmax=hi)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
+        for c, (s, plane) in enumerate(zip(slices, planes)):
+            ax = axes[r, c]
+            ax.imshow(s.numpy(), cmap="gray", vmin=lo, vmax=hi, aspect=spacing[plane[0]] / spacing[plane[1]],
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
             if c == 0:
-                axes[r, c].set_ylabel(name)
+                ax.set_ylabel(name)
             if r == 0:
-                axes[r, c].set_title(f"axis {c}, central slice")
+                ax.set_title(f"cut across axis {c} ({extents[c][0]:.0f} x {extents[c][1]:.0f} mm)", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)

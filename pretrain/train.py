@@ -1,23 +1,26 @@
-"""The Hi-End-MAE pretraining run: optimiser, schedule, precision, DDP, logging, checkpoints and resume.
+"""A pretraining run, for any method of the registry: optimiser, schedule, precision, DDP, logging, checkpoints, resume.
 
-Data order is a pure function of (seed, epoch, rank, item) and the global RNG state is saved at every epoch end,
-so a killed run resumed from ``checkpoint_latest.pth`` retraces exactly the epochs it had not finished.
+Data order is a pure function of (seed, epoch, rank, item) and every rank's RNG state is saved with each checkpoint,
+so a killed run resumed from ``checkpoint_latest.pth`` retraces exactly the epochs it had not saved. The data path:
+loader workers read the views of a case (blosc2, only the crop regions) in a compact dtype into pinned memory; the
+batch goes to the device without blocking and is augmented there (:mod:`pretrain.augment`); the method's model
+returns named losses. The host synchronises with the device only every :data:`SYNC_EVERY` iterations.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import os
 import random
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -26,58 +29,15 @@ from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision
-from nnunetv2_hiendmae.presets import PRESETS, encoder_config
+from nnunetv2_hiendmae.presets import encoder_config, token_size_3d
+from pretrain import methods
+from pretrain.augment import augment
+from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
 from pretrain.figures import plot_progress, plot_reconstruction
-from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
-# Settings a resumed run must share with the run it continues (the rest, e.g. workers or device, may change).
-_RESUME_KEYS = ("datasets", "plans", "configuration", "arch", "patch_size", "mask_ratio", "batch_size",
-                "crops_per_volume", "epochs", "lr", "warmup_epochs", "weight_decay", "fold", "seed", "pos_embed",
-                "accum_steps")
-
-
-@dataclass
-class PretrainConfig:
-    """Everything that defines a run; defaults are the reference's (methods.md §1.8-1.9)."""
-
-    datasets: list[str]
-    output_dir: str
-    plans: str = "nnUNetPlans"
-    configuration: str = "3d_fullres"
-    arch: str = "vit_b16"
-    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
-    mask_ratio: float = 0.75
-    batch_size: int = 24
-    crops_per_volume: int = 8
-    epochs: int = 1000
-    iters_per_epoch: int | None = None
-    lr: float = 1e-4
-    warmup_epochs: int = 10
-    weight_decay: float = 0.05
-    num_workers: int = 8
-    fold: int | None = None
-    device: str = "cuda"
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
-    grad_clip: float | None = None
-    accum_steps: int = 1
-    pos_embed: str = "sincos"
-    resume: bool = False
-    seed: int = 41
-    recon_every: int = 10
-    progress_bar: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "crops_per_volume", "epochs", "accum_steps", "recon_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
-            raise UserError(f"--iters-per-epoch must be at least 1, got {self.iters_per_epoch}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise UserError(f"--mask-ratio must be between 0 and 1 (exclusive), got {self.mask_ratio}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.num_workers < 0 or self.weight_decay < 0:
-            raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
+SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 
 
 class NonFiniteLoss(UserError):
@@ -112,6 +72,23 @@ def share_cpu_with_workers(num_workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
 
+@dataclass
+class LRSchedule:
+    """Per-step learning rate: linear warm-up from 0, then a half cosine to 0 at ``total_steps`` (the reference's
+    per-iteration schedule). A run whose ``--epochs`` change on resume follows the schedule planned for the new
+    length from the step it has reached."""
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup_steps, span) / span))
+
+
 class Logger:
     """nnU-Net style text log (``timestamp: message``), printed too; only rank 0 writes."""
 
@@ -129,19 +106,79 @@ class Logger:
         tqdm.write(line)
 
 
+class CheckpointWriter:
+    """Writes checkpoints in a background thread (one at a time), so the GPU does not wait for the disk."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, ckpt: dict, path: Path) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                save_atomic(ckpt, path)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name=f"write {path.name}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _on_cpu(obj):
+    """A copy of a (nested) state with every tensor on the CPU, taken now: training may change the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def resumed_config(stored: dict, given: dict) -> tuple[PretrainConfig, list[str]]:
+    """The stored run's config with the explicitly ``given`` settings applied; only :data:`CHANGEABLE_ON_RESUME`
+    may differ. Returns the config and what changed."""
+    changed, refused = [], []
+    settings = dict(stored["method_settings"])
+    for key, value in given.items():
+        if key == "method_settings":
+            for name, v in value.items():
+                if settings.get(name) != v:
+                    refused.append(f"{name} {settings.get(name)!r} -> {v!r}")
+            continue
+        if stored.get(key) == value:
+            continue
+        if key in CHANGEABLE_ON_RESUME:
+            changed.append(f"{key} {stored.get(key)!r} -> {value!r}")
+        else:
+            refused.append(f"{key} {stored.get(key)!r} -> {value!r}")
+    if refused:
+        raise UserError("--resume continues the run with its own settings; these differ: " + ", ".join(refused)
+                        + " (leave them out, or start a new run in another -o)")
+    merged = {**stored, **{k: v for k, v in given.items() if k != "method_settings"}, "method_settings": settings}
+    return PretrainConfig(**merged), changed
+
+
 class PretrainRun:
-    def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
+    """One run; ``resume_from``: the loaded ``checkpoint_latest.pth`` of the run it continues."""
+
+    def __init__(self, cfg: PretrainConfig, resume_from: dict | None = None):
+        self.cfg, self.resume_from = cfg, resume_from
         self.rank, local_rank, self.world_size = _dist_info()
-        if cfg.arch not in PRESETS:
-            raise UserError(f"unknown --arch {cfg.arch!r}; choose from {', '.join(PRESETS)}")
-        token = PRESETS[cfg.arch]["token_size"]
-        if len(cfg.patch_size) != 3 or any(s <= 0 or s % token for s in cfg.patch_size):
-            raise UserError(f"--patch-size {' '.join(map(str, cfg.patch_size))} is not a multiple of the token size "
-                            f"{token} of {cfg.arch} on every axis")
-        if cfg.device == "cuda" and not torch.cuda.is_available():
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        self.device = torch.device(cfg.device, local_rank) if cfg.device == "cuda" else torch.device(cfg.device)
+        self.device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -157,29 +194,34 @@ class PretrainRun:
         self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
-        self.data = PretrainCrops(sources, cfg.patch_size, cfg.crops_per_volume, self.iters * cfg.batch_size,
-                                  seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.views = cfg.views()
+        compact = "float16" if self.device.type == "cuda" and self.precision != "fp32" else "float32"
+        self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                  world_size=self.world_size, dtype=compact)
+        self.crops_per_step = cfg.batch_size * sum(n for n, _ in self.views.values())
 
+        token = token_size_3d(encoder_config(cfg.arch)["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
-                                          [s // token for s in cfg.patch_size] if cfg.pos_embed == "learned" else None)
-        self.decoder_cfg = dict(DECODER_PRESETS[cfg.arch])
+                                          [s // t for s, t in zip(cfg.patch_size, token)]
+                                          if cfg.pos_embed == "learned" else None)
         torch.manual_seed(cfg.seed)
-        self.model = HiEndMAE(self.encoder_cfg, self.decoder_cfg, cfg.mask_ratio).to(self.device)
+        self.model = methods.model_class(cfg.method)(self.encoder_cfg, cfg.settings()).to(self.device)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world_size > 1 else self.model)
+        compile_ = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compiled = torch.compile(self.ddp) if compile_ else self.ddp
         torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            fused=self.device.type == "cuda")
-        steps_per_epoch = math.ceil(self.iters / cfg.accum_steps)
-        self.steps_per_epoch = steps_per_epoch
-        # per-step linear warm-up from 0, then half-cycle cosine to 0 (reference: t = epoch + i / iters)
-        self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(1, (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch),
-                                           lr_min=0.0, warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=0.0,
-                                           warmup_prefix=True, t_in_epochs=False)
+        self.steps_per_epoch = math.ceil(self.iters / cfg.accum_steps)
+        self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs * self.steps_per_epoch,
+                                   cfg.epochs * self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.start_epoch, self.global_step = 0, 0
-        self.history: dict[str, list[float]] = {"loss": [], "lr": [], "crops_per_s": [], "epoch_time": []}
+        self.history: dict[str, list[float]] = {}
         self.log = Logger(self.out, self.is_main)
+        self.writer = CheckpointWriter()
+        self.last_save = time.monotonic()
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _rng_states(self) -> list[dict]:
@@ -194,27 +236,21 @@ class PretrainRun:
     def _checkpoint(self, epochs_done: int, rng: list[dict] | None = None) -> dict:
         cfg = self.cfg
         pretrain = dict(self.meta, crop_size=list(cfg.patch_size), token_size=list(self.model.token_size),
-                        mask_ratio=cfg.mask_ratio, epochs_done=epochs_done, epochs_planned=cfg.epochs,
-                        iters_per_epoch=self.iters, batch_size=cfg.batch_size, crops_per_volume=cfg.crops_per_volume,
-                        world_size=self.world_size, lr=cfg.lr, seed=cfg.seed, history=self.history)
+                        views={k: [n, list(size)] for k, (n, size) in self.views.items()},
+                        epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.iters,
+                        batch_size=cfg.batch_size, world_size=self.world_size, lr=cfg.lr, seed=cfg.seed,
+                        history=self.history)
         train_state = None
         if rng is not None:  # a resumable checkpoint
             train_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                            "epoch": epochs_done, "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
-        return make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
-                               model={"decoder": self.decoder_cfg, "mask_ratio": cfg.mask_ratio}, pretrain=pretrain,
-                               method="hiendmae", train_state=train_state)
+        return _on_cpu(make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
+                                       model={"settings": dict(cfg.method_settings),
+                                              "decoder": dict(self.model.decoder_config)},
+                                       pretrain=pretrain, method=cfg.method, train_state=train_state))
 
-    def _restore(self) -> None:
-        ckpt = load_checkpoint(self.out / LATEST, map_location=self.device)
-        state = ckpt.get("train_state")
-        if state is None:
-            raise UserError(f"{self.out / LATEST} holds no training state to resume from")
-        old, new = state["config"], asdict(self.cfg)
-        diffs = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
-        if diffs:
-            raise UserError("--resume with settings that differ from the run in the output folder: " +
-                            ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diffs))
+    def _restore(self, ckpt: dict) -> None:
+        state = ckpt["train_state"]
         self.model.load_state_dict(ckpt["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
@@ -226,21 +262,33 @@ class PretrainRun:
         else:  # more ranks than the run that wrote the checkpoint: a fresh stream for this rank
             torch.manual_seed(self.cfg.seed + self.rank + 10_000 * self.start_epoch)
         self.log(f"resumed from {self.out / LATEST} after epoch {self.start_epoch} (step {self.global_step})")
+        if self.cfg.epochs != state["config"]["epochs"]:
+            if self.cfg.epochs < self.start_epoch:
+                raise UserError(f"--epochs {self.cfg.epochs}: the run has already done {self.start_epoch} epochs")
+            self.log(f"--epochs {state['config']['epochs']} -> {self.cfg.epochs}: the learning-rate schedule is "
+                     f"re-planned for {self.cfg.epochs} epochs and followed from step {self.global_step} "
+                     f"(lr {self.schedule(self.global_step):.3e}, 0 at step {self.schedule.total_steps})")
 
-    def _prepare_output(self) -> None:
-        latest = self.out / LATEST
-        if latest.exists() and not self.cfg.resume:
-            raise UserError(f"{self.out} already holds a run ({LATEST}); pass --resume to continue it or choose another -o")
+    def _save_latest(self, epochs_done: int, last: bool) -> None:
+        """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
+        due = last or time.monotonic() - self.last_save >= 60 * self.cfg.checkpoint_minutes
+        if self.world_size > 1:  # every rank must agree (the RNG gather is a collective)
+            flag = torch.tensor([float(due)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        if not due:
+            return
+        rng = self._rng_states()
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if self.world_size > 1:
-            dist.barrier()
-        if self.cfg.resume and latest.exists():
-            self._restore()
-        elif self.cfg.resume:
-            self.log(f"--resume: no {LATEST} in {self.out}, starting a new run")
+            self.writer.write(self._checkpoint(epochs_done, rng), self.out / LATEST)
+        self.last_save = time.monotonic()
 
     # ---- training --------------------------------------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        lr = self.schedule(self.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
     def _step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -253,50 +301,69 @@ class PretrainRun:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.scheduler.step_update(self.global_step)
+        self.model.step_done(self.global_step / self.schedule.total_steps)
+        self._set_lr()
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, it: int) -> None:
-        bad = (~torch.isfinite(loss.detach())).float()
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        """Stop at the first non-finite loss seen so far (a host synchronisation)."""
+        bad = first_bad.clone()
         if self.world_size > 1:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        it = int(bad.item())
+        if it >= 0:
+            self.writer.wait()
             kept = self.out / LATEST
             where = f"last good checkpoint kept: {kept}" if kept.exists() else "no checkpoint was written yet"
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}). "
                                 "Try a lower --lr, --grad-clip 1 or --precision fp32")
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
+    def _device_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loader batch ``{name: [B, n, C, *S]}`` -> float32 on the device, augmented per view."""
+        out = {}
+        for name, v in batch.items():
+            x = v.to(self.device, non_blocking=True).float()
+            out[name] = augment(x.flatten(0, 1)).view(x.shape)
+        return out
+
+    def train_epoch(self, epoch: int, loader) -> tuple[dict[str, float], float]:
         cfg = self.cfg
         self.model.train()
-        self.data.set_epoch(epoch)
-        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type)
+        loader.sampler.set_epoch(epoch)
         bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (self.is_main and cfg.progress_bar),
                    dynamic_ncols=True, leave=False)
-        loss_sum, crops, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
-        self.scheduler.step_update(self.global_step)
+        sums: dict[str, torch.Tensor] = {}
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        self._set_lr()
         for it, batch in enumerate(loader):
-            x = batch.to(self.device, non_blocking=True).flatten(0, 1)  # [B, K, C, *crop] -> [B*K, C, *crop]
+            views = self._device_views(batch)
             sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.iters
             ctx = self.ddp.no_sync() if (self.world_size > 1 and not sync) else nullcontext()
             with ctx, autocast(self.device, self.precision):
-                loss, _, _ = self.ddp(x)
-            self._check_finite(loss, epoch, it)
+                losses = self.compiled(views)
+            loss = losses["loss"]
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), it, first_bad)
             scaled = loss / cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if sync:
                 self._step()
-            loss_sum += loss.detach()
-            crops += x.shape[0] * self.world_size
-            if self.is_main and cfg.progress_bar and (it % 5 == 0 or it + 1 == self.iters):
-                bar.set_postfix(loss=f"{loss.item():.4f}", crops_s=f"{crops / (time.perf_counter() - t0):.1f}")
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.iters:
+                self._check_finite(first_bad, epoch)
+                if self.is_main and cfg.progress_bar:
+                    bar.set_postfix(loss=f"{loss.item():.4f}",
+                                    crops_s=f"{(it + 1) * self.crops_per_step / (time.perf_counter() - t0):.1f}")
             bar.update(1)
             if it == 0 and self.is_main and self._want_recon(epoch):
-                self._reconstruction(x[:1], epoch)
+                self._reconstruction(self.model.figure_input(views), epoch)
         bar.close()
+        means = torch.stack(list(sums.values())) / self.iters
         if self.world_size > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.world_size
-        return loss_sum.item() / self.iters, crops / (time.perf_counter() - t0)
+            dist.all_reduce(means)
+            means /= self.world_size
+        crops = self.iters * self.crops_per_step * self.world_size
+        return dict(zip(sums, means.tolist())), crops / (time.perf_counter() - t0)
 
     def _want_recon(self, epoch: int) -> bool:
         return (epoch + 1) % max(1, self.cfg.recon_every) == 0 or epoch + 1 == self.cfg.epochs or epoch == 0
@@ -312,42 +379,89 @@ class PretrainRun:
             torch.cuda.set_rng_state(state[1], self.device)
         self.model.train(was_training)
         plot_reconstruction(x, masked, recon, self.out / f"reconstruction_epoch_{epoch + 1:04d}.png",
-                            f"{self.cfg.arch}, mask ratio {self.cfg.mask_ratio}, epoch {epoch + 1}")
+                            f"{self.cfg.method} {self.cfg.arch}, epoch {epoch + 1}", spacing=self.meta["spacing"])
+
+    def _prepare_output(self) -> bool:
+        """Check the output folder against the mode; restore a resumed run. False: the run is already finished."""
+        latest = self.out / LATEST
+        if latest.exists() and self.resume_from is None:
+            raise UserError(f"{self.out} already holds a run ({LATEST}); pass --resume to continue it or choose another -o")
+        if self.resume_from is not None:
+            done = self.resume_from["train_state"]["epoch"]
+            if done >= self.cfg.epochs and (self.out / FINAL).exists():
+                self.start_epoch = done
+                return False  # finished: touch nothing (plans pin the final checkpoint)
+            self._restore(self.resume_from)
+            self.resume_from = None  # the weights are in the model now
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.world_size > 1:
+            dist.barrier()
+        return True
 
     def run(self) -> Path:
         cfg = self.cfg
-        self._prepare_output()
+        final = self.out / FINAL
+        if not self._prepare_output():
+            if self.is_main:
+                print(f"already finished: {final} ({self.start_epoch} of {cfg.epochs} epochs); nothing to do")
+            return final
         if self.is_main and self.start_epoch == 0:
             n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            self.log(f"nnunetv2_hiendmae {__version__} Hi-End-MAE pretraining: {cfg.arch} ({n_params / 1e6:.1f}M params), "
-                     f"{self.num_cases} cases from {', '.join(d['name'] for d in self.meta['datasets'])}, "
-                     f"crop {cfg.patch_size}, {cfg.batch_size}x{cfg.crops_per_volume} crops/iter/rank, "
+            self.log(f"nnunetv2_hiendmae {__version__} pretraining, method {cfg.method}: {cfg.arch} "
+                     f"({n_params / 1e6:.1f}M trainable params), {self.num_cases} cases from "
+                     f"{', '.join(d['name'] for d in self.meta['datasets'])}, patch {cfg.patch_size}, views per case "
+                     f"{ {k: [n, list(s)] for k, (n, s) in self.views.items()} }, batch {cfg.batch_size}/rank, "
                      f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
+        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type)
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            loss, throughput = self.train_epoch(epoch)
-            lr = self.optimizer.param_groups[0]["lr"]
-            for k, v in (("loss", loss), ("lr", lr), ("crops_per_s", throughput), ("epoch_time", time.perf_counter() - t0)):
-                self.history[k].append(v)
-            rng = self._rng_states()
+            losses, throughput = self.train_epoch(epoch, loader)
+            lr = self.schedule(self.global_step)
+            record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": time.perf_counter() - t0}
+            for k, v in record.items():
+                self.history.setdefault(k, []).append(v)
             if self.is_main:
-                self.log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {loss:.5f}  lr {lr:.3e}  "
-                         f"{throughput:.1f} crops/s  epoch time {self.history['epoch_time'][-1]:.1f} s")
-                save_atomic(self._checkpoint(epoch + 1, rng), self.out / LATEST)
+                parts = "  ".join(f"{k} {v:.5f}" for k, v in losses.items())
+                self.log(f"epoch {epoch + 1}/{cfg.epochs}  {parts}  lr {lr:.3e}  {throughput:.1f} crops/s  "
+                         f"epoch time {record['epoch_time']:.1f} s")
                 plot_progress(self.history, self.out / "progress.png")
-            if self.world_size > 1:
-                dist.barrier()
-        final = self.out / FINAL
+            self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs)
         if self.is_main:
+            self.writer.wait()
             save_atomic(self._checkpoint(cfg.epochs), final)
             self.log(f"done: {final}")
         return final
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Run (or resume) a pretraining; returns the path of ``checkpoint_final.pth``."""
+def pretrain(cfg: PretrainConfig, resume_from: dict | None = None) -> Path:
+    """Run (or continue) a pretraining; returns the path of ``checkpoint_final.pth``."""
     try:
-        return PretrainRun(cfg).run()
+        return PretrainRun(cfg, resume_from).run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def pretrain_from_flags(given: dict, mode: str = "new") -> Path:
+    """The command's run: ``given`` holds only the settings given on the command line. ``mode``: ``new`` (refuses a
+    folder that holds a run), ``resume`` (continues the run in the folder with its stored settings; refuses a folder
+    without one) or ``auto`` (resume if the folder holds a run, else start one)."""
+    out = Path(given["output_dir"])
+    latest = out / LATEST
+    if mode == "auto":
+        mode = "resume" if latest.exists() else "new"
+    if mode == "new":
+        if "datasets" not in given:
+            raise UserError("-d/--datasets is required to start a run (only --resume continues without it)")
+        return pretrain(PretrainConfig(**given))
+    if not latest.is_file():
+        raise UserError(f"--resume: {out} holds no run to resume (no {LATEST}); check -o, or leave out --resume "
+                        "to start a new run")
+    ckpt = load_checkpoint(latest)
+    if "train_state" not in ckpt:
+        raise UserError(f"{latest} holds no training state to resume from")
+    cfg, changed = resumed_config(ckpt["train_state"]["config"], given)
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+    return pretrain(cfg, resume_from=ckpt)

@@ -9,6 +9,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,22 +64,26 @@ def nnunet_dirs() -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def preprocessed_dataset(nnunet_dirs) -> dict:
-    """Datasets 990 (6 labelled + 1 test case) and 991 (3 unlabelled), through ``nnUNetv2_plan_and_preprocess``."""
+    """Dataset 990 (6 labelled + 1 test case) through ``nnUNetv2_plan_and_preprocess``, and 991, a pool of 3
+    unlabelled scans through ``nnUNetv2_hiendmae_preprocess_unlabeled --like 990``."""
     from nnunetv2_hiendmae.demo.synthetic import make_datasets
 
     folders = make_datasets(nnunet_dirs["nnUNet_raw"], DATASET_ID, name="HiEndTest", n_labelled=6, n_unlabelled=3,
-                            n_test=1, seed=0, scale=0.6)
-    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-c", "3d_fullres",
-            "-np", "2", "--verify_dataset_integrity", check=True)
+                            n_test=1, seed=0, scale=0.6, pool=_ROOT / "unlabelled_scans")
+    run_cli("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2",
+            "--verify_dataset_integrity", check=True)
+    run_cli("nnUNetv2_hiendmae_preprocess_unlabeled", "-i", str(folders["unlabelled"]), "-d", str(DATASET_ID + 1),
+            "--name", "HiEndTestUnlabelled", "--like", str(DATASET_ID), "-np", "2", check=True)
     pre = nnunet_dirs["nnUNet_preprocessed"]
     return {
         "id": DATASET_ID,
         "name": folders["labelled"].name,
         "unlabelled_id": DATASET_ID + 1,
-        "unlabelled_name": folders["unlabelled"].name,
+        "unlabelled_name": f"Dataset{DATASET_ID + 1:03d}_HiEndTestUnlabelled",
+        "unlabelled_scans": folders["unlabelled"],
         "raw": folders["labelled"],
         "preprocessed": pre / folders["labelled"].name,
-        "unlabelled_preprocessed": pre / folders["unlabelled"].name,
+        "unlabelled_preprocessed": pre / f"Dataset{DATASET_ID + 1:03d}_HiEndTestUnlabelled",
     }
 
 
@@ -121,3 +126,41 @@ def copy_preprocessed_dataset(src: Path, root: Path, dataset_id: int, name: str 
     dst = root / f"Dataset{dataset_id:03d}_{name}"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("gt_segmentations", "splits_final.json"))
     return dst
+
+
+def make_trainer(cls: type, folder: Path, plans_name: str):
+    """A fine-tuning trainer on CPU for fold 0 of the dataset in ``folder`` with the named plans."""
+    import torch
+
+    plans = json.loads((folder / f"{plans_name}.json").read_text())
+    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (spec nnunet.md §1.4)
+    return cls(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so a kill can take the whole tree at once."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything it started (torchrun and worker pools start processes of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pretrain.data import resolve_sources
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -23,24 +25,29 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_pretrain_throughput_model_and_end_to_end(preprocessed_dataset):
+@pytest.mark.parametrize("method,extra,crops", [("hiend_mae", ["--crops-per-volume", "2"], 4), ("gl_mae", [], 16)])
+def test_pretrain_throughput_model_and_end_to_end(preprocessed_dataset, method, extra, crops):
     from nnunetv2_hiendmae.presets import encoder_config
-    from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
+    from pretrain import methods
 
     datasets = [str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"])]
-    r = _run("pretrain_throughput.py", "--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2",
-             "--crops-per-volume", "2", "--device", "cpu", "--steps", "2", "--warmup", "1", "--num-workers", "1",
-             "-d", *datasets)
-    assert r["crops_per_step"] == 4 and r["precision"] == "fp32" and r["patch_size"] == [16, 32, 32]
-    expected_params = sum(p.numel() for p in HiEndMAE(encoder_config("vit_tiny"), DECODER_PRESETS["vit_tiny"]).parameters())
+    r = _run("pretrain_throughput.py", "--method", method, "--arch", "vit_tiny", "--patch-size", "16", "32", "32",
+             "--batch-size", "2", "--device", "cpu", "--steps", "2", "--warmup", "1", "--num-workers", "1",
+             "-d", *datasets, *extra)
+    assert r["method"] == method and r["crops_per_step"] == crops and r["precision"] == "fp32"
+    assert r["patch_size"] == [16, 32, 32]
+    model = methods.model_class(method)(encoder_config("vit_tiny"), methods.make_settings(method, r["settings"]))
     for phase in ("model_only", "end_to_end"):
         m = r[phase]
-        assert m["params"] == expected_params  # the model named on the command line, not another one
+        assert m["params"] == sum(p.numel() for p in model.parameters())  # the model named, not another one
         assert _positive(m["s_per_step"]) and _positive(m["peak_mem_gib"])
-        assert abs(m["crops_per_s"] - 4 / m["s_per_step"]) < 0.02 * m["crops_per_s"]
-    # end to end read cases of the datasets given: 3 steps x 2 volumes
+        assert abs(m["crops_per_s"] - crops / m["s_per_step"]) < 0.02 * m["crops_per_s"]
+    # end to end read cases of the datasets given
     known = {f"{s.dataset_name}/{c}" for s in resolve_sources(datasets) for c in s.identifiers}
     assert r["end_to_end"]["cases"] and set(r["end_to_end"]["cases"]) <= known
+    loader = r["loader_alone"]
+    assert _positive(loader["crops_per_s_per_worker"]) and loader["dtype"] == "float32"
+    assert loader["bytes_per_crop"] == 16 * 32 * 32 * 4 if method == "hiend_mae" else loader["bytes_per_crop"] > 0
 
 
 def test_finetune_speed_ratios_to_default_unet():

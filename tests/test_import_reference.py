@@ -174,13 +174,14 @@ def test_encoder_matches_reference(pos, tmp_path, sincos_import):
 def test_weights_and_metadata(sincos_import):
     sd, src, out = sincos_import
     ckpt = torch.load(out, map_location="cpu", weights_only=True)  # plain tensors and containers only
-    assert ckpt["format"] == FORMAT and ckpt["method"] == "hiendmae"
+    assert ckpt["format"] == FORMAT and ckpt["method"] == "hiend_mae"
     w = ckpt["weights"]
     expected = {k for k in sd if k not in ("encoder_pos_embed", "decoder_pos_embed")}
     assert set(w) == expected
     assert all(torch.equal(w[k], sd[k]) for k in expected)
     assert ckpt["model"] == {"decoder": {"embed_dim": DEC, "num_heads": 4, "self_depth": DEC_SELF,
-                                         "cross_depth": DEC_CROSS}, "mask_ratio": 0.75}
+                                         "cross_depth": DEC_CROSS},
+                             "settings": {"mask_ratio": 0.75, "crops_per_volume": 8}}
     pre = ckpt["pretrain"]
     assert pre["spacing"] == [1.5, 1.5, 1.5] and pre["transpose_forward"] == [0, 1, 2]
     assert pre["channel_names"] == {"0": "CT"} and pre["in_channels"] == 1
@@ -188,7 +189,7 @@ def test_weights_and_metadata(sincos_import):
     assert pre["foreground_intensity_properties_per_channel"]["0"] == {
         "percentile_00_5": -175.0, "percentile_99_5": 250.0, "mean": -175.0, "std": 425.0,
         "median": 37.5, "min": -175.0, "max": 250.0}
-    assert pre["crop_size"] == [96, 96, 96] and pre["token_size"] == [16, 16, 16] and pre["mask_ratio"] == 0.75
+    assert pre["crop_size"] == [96, 96, 96] and pre["token_size"] == [16, 16, 16]
     assert pre["datasets"] == [] and pre["epochs_done"] is None and pre["fold"] is None
     assert pre["plans"] is None and pre["configuration"] is None and pre["epochs_planned"] is None
     import hashlib

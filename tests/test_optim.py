@@ -6,7 +6,8 @@ import pytest
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.presets import encoder_config
-from pretrain.hiend_mae import DECODER_PRESETS, HiEndMAE
+from pretrain.methods import MaskedCropsSettings
+from pretrain.methods.hiend_mae import HiEndMAE
 
 
 def by_name(model, groups) -> dict[str, tuple[float, float]]:
@@ -22,8 +23,7 @@ def by_name(model, groups) -> dict[str, tuple[float, float]]:
 
 
 def test_pretraining_groups_decay_all_but_biases_norms_tokens_and_position_embeddings():
-    model = HiEndMAE(encoder_config("vit_tiny", pos_embed="learned", pos_embed_grid=(2, 2, 2)),
-                     DECODER_PRESETS["vit_tiny"])
+    model = HiEndMAE(encoder_config("vit_tiny", pos_embed="learned", pos_embed_grid=(2, 2, 2)), MaskedCropsSettings())
     got = by_name(model, param_groups(model, 0.05))
     for name, p in model.named_parameters():
         exempt = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in ("cls_token", "mask_token", "pos_embed"))

@@ -76,7 +76,7 @@ def test_pretrained_plans_content(preprocessed_dataset, ckpts):
     assert info["checkpoint"] == str(ckpts["pretrain"].resolve()) and Path(info["checkpoint"]).is_absolute()
     assert info["sha256"] == sha256(ckpts["pretrain"])
     assert (info["arch"], info["method"], info["spacing"], info["normalization"]) == (
-        "vit_tiny", "hiendmae", "pretrain", "pretrain")
+        "vit_tiny", "hiend_mae", "pretrain", "pretrain")
     # new data: its own identifier, preprocessing needed; the rest of the base plans kept
     assert cfg["data_identifier"] == f"T_content_{CONFIGURATION}" and p.data == "preprocess"
     assert plans["transpose_forward"] == base_plans["transpose_forward"]

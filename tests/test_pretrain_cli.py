@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,16 +9,23 @@ import time
 import pytest
 import torch
 
-from conftest import console_script, run_cli
+from conftest import console_script, kill_tree, make_trainer, run_cli
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
 
-TINY = ["--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "2", "--crops-per-volume", "4",
-        "--num-workers", "0", "--device", "cpu", "--no-progress-bar", "--warmup-epochs", "1"]
+TINY = ["--arch", "vit_tiny", "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress-bar",
+        "--warmup-epochs", "1", "--checkpoint-minutes", "0"]
+METHOD_ARGS = {  # small views per method: CPU seconds per step
+    "hiend_mae": ["--patch-size", "16", "32", "32", "--crops-per-volume", "4"],
+    "mae": ["--method", "mae", "--patch-size", "16", "32", "32", "--crops-per-volume", "2"],
+    "gl_mae": ["--method", "gl_mae", "--patch-size", "16", "32", "32", "--global-views", "1", "--local-views", "2",
+               "--global-size", "24", "48", "48"],
+    "mim": ["--method", "mim", "--patch-size", "32", "32", "32", "--mid-samples", "2", "--down-samples", "2"],
+}
 
 
-def pretrain_args(ds, out, epochs, iters, *extra):
+def pretrain_args(ds, out, epochs, iters, *extra, method="hiend_mae"):
     return ["nnUNetv2_hiendmae_pretrain", "-d", str(ds["id"]), str(ds["unlabelled_id"]), "-o", str(out), *TINY,
-            "--epochs", str(epochs), "--iters-per-epoch", str(iters), *extra]
+            *METHOD_ARGS[method], "--epochs", str(epochs), "--iters-per-epoch", str(iters), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
     assert "checkpoint_final.pth" in proc.stdout
 
     ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)
-    assert ckpt["format"] == FORMAT and ckpt["method"] == "hiendmae" and "train_state" not in ckpt
+    assert ckpt["format"] == FORMAT and ckpt["method"] == "hiend_mae" and "train_state" not in ckpt
     assert ckpt["encoder"]["arch"] == "vit_tiny" and ckpt["encoder"]["in_channels"] == 1
     meta = ckpt["pretrain"]
     assert [d["name"] for d in meta["datasets"]] == [preprocessed_dataset["name"], preprocessed_dataset["unlabelled_name"]]
@@ -63,7 +69,8 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
     assert meta["normalization_schemes"] == ["CTNormalization"]
     assert meta["foreground_intensity_properties_per_channel"]["0"]["std"] == pytest.approx(
         plans["foreground_intensity_properties_per_channel"]["0"]["std"])
-    assert meta["crop_size"] == [16, 32, 32] and meta["token_size"] == [16, 16, 16] and meta["mask_ratio"] == 0.75
+    assert meta["crop_size"] == [16, 32, 32] and meta["token_size"] == [16, 16, 16]
+    assert ckpt["model"]["settings"] == {"mask_ratio": 0.75, "crops_per_volume": 4}
     assert meta["epochs_done"] == 12 and meta["plans"] == "nnUNetPlans" and meta["configuration"] == "3d_fullres"
     assert ckpt["model"]["decoder"]["embed_dim"] == 48
     enc = encoder_state_dict(ckpt)
@@ -81,27 +88,42 @@ def test_kill_and_resume_continues_where_it_stopped(preprocessed_dataset, tmp_pa
     killed_at = kill_after_epoch([console_script(args(out)[0]), *args(out)[1:]], out, 2)
     assert 2 <= killed_at < 6
 
-    resumed = run_cli(*args(out, "--resume"), check=True)
+    resumed = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), check=True)  # its stored settings
     assert_resumed(out, killed_at, resumed, tmp_path / "straight")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), so a kill can take the whole tree at once."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
+@pytest.mark.parametrize("method", ["mae", "gl_mae", "mim"])
+def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_dataset, tmp_path):
+    """Each method: checkpoints, an exact resume after SIGKILL (GL-MAE's teacher included), and a final checkpoint
+    that nnUNetv2_hiendmae_plan and nnUNetTrainerHiEndMAE take unchanged (they read only the encoder)."""
+    from nnunetv2_hiendmae.plans import main as plan_main
+    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_smoke
+
+    args = lambda out: pretrain_args(preprocessed_dataset, out, 3, 3, method=method)  # noqa: E731
+    straight = tmp_path / "straight"
+    run_cli(*args(straight), check=True)
+    final = load_checkpoint(straight / "checkpoint_final.pth")
+    assert final["method"] == method and len(final["pretrain"]["history"]["loss"]) == 3
+    losses = {k for k in final["pretrain"]["history"] if k not in ("lr", "crops_per_s", "epoch_time")}
+    assert losses == {"mae": {"loss"}, "gl_mae": {"loss", "rec_global", "rec_local", "cons_global", "cons_local"},
+                      "mim": {"loss", "rec_up", "rec_mid", "rec_down", "align_up_mid", "align_mid_down"}}[method]
+    if method == "gl_mae":
+        assert any(k.startswith("teacher_encoder.") for k in final["weights"])
+
+    out = tmp_path / "killed"
+    killed_at = kill_after_epoch([console_script(args(out)[0]), *args(out)[1:]], out, 1)
+    assert 1 <= killed_at < 3
+    resumed = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), check=True)
+    assert_resumed(out, killed_at, resumed, straight)
+
+    folder = preprocessed_dataset["preprocessed"]
+    plan_main(["-d", str(preprocessed_dataset["id"]), "-pt", str(straight / "checkpoint_final.pth"),
+               "-o", f"T_method_{method}", "--spacing", "dataset", "--normalization", "dataset"])
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, folder, f"T_method_{method}")
+    trainer.initialize()
+    loaded = trainer.network.encoder.state_dict()
+    assert encoder_state_dict(final).keys() == loaded.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder_state_dict(final).items())
 
 
 def kill_after_epoch(cmd: list[str], out, epoch: int) -> int:
@@ -115,9 +137,7 @@ def kill_after_epoch(cmd: list[str], out, epoch: int) -> int:
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.fail("the run finished before it could be killed; make it longer")
-    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     assert not (out / "checkpoint_final.pth").exists()
     return torch.load(latest, weights_only=True)["train_state"]["epoch"]
 
@@ -163,22 +183,68 @@ def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, pr
     out, _ = trained
     proc = run_cli(*pretrain_args(preprocessed_dataset, out, 12, 40, "--lr", "1e-3"))
     assert proc.returncode == 2 and "--resume" in proc.stderr
-    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 12, 40, "--lr", "1e-3", "--resume", "--mask-ratio", "0.6"))
-    assert proc.returncode == 2 and "mask_ratio" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for extra, name in ((["--mask-ratio", "0.6"], "mask_ratio"), (["--method", "mae"], "method"),
+                        (["--arch", "vit_b16"], "arch")):
+        proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), *extra)
+        assert proc.returncode == 2 and name in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, extra
+
+
+def snapshot(folder) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing(trained):
+    """Plans pin the checkpoint they were written from: a finished run resumed (by a re-queued job, say) must not
+    rewrite it, nor anything else."""
+    out, _ = trained
+    before = snapshot(out)
+    proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), check=True)
+    assert "already finished" in proc.stdout
+    assert snapshot(out) == before
+    proc = run_cli("nnUNetv2_hiendmae_pretrain", "--auto-resume", "-o", str(out), check=True)
+    assert "already finished" in proc.stdout and snapshot(out) == before
+
+
+def test_resume_without_a_run_is_an_error_and_writes_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "typo", empty):
+        proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(folder))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "holds no run to resume" in lines[0], proc.stderr
+    assert not (tmp_path / "typo").exists() and list(empty.iterdir()) == []
+
+
+def test_resume_extends_a_run_with_more_epochs(preprocessed_dataset, tmp_path):
+    """--epochs on resume re-plans the cosine for the new length; the steps already done keep their learning rates."""
+    from pretrain.train import LRSchedule
+
+    out = tmp_path / "extend"
+    run_cli(*pretrain_args(preprocessed_dataset, out, 3, 4), check=True)
+    first = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
+    assert first["lr"][-1] == pytest.approx(0.0, abs=1e-12)  # the 3-epoch cosine ended at 0
+    proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), "--epochs", "5", check=True)
+    assert "epochs 3 -> 5" in proc.stdout and "re-planned for 5 epochs" in proc.stdout
+    history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
+    plan = LRSchedule(1e-4, 4, 5 * 4)  # default lr, 1 warm-up epoch of 4 steps, 5 epochs
+    assert len(history["loss"]) == 5 and history["lr"][:3] == pytest.approx(first["lr"])
+    assert history["lr"][3:] == pytest.approx([plan(16), plan(20)]) and history["lr"][3] > 0
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(preprocessed_dataset, tmp_path, monkeypatch):
-    from pretrain import hiend_mae, train
+    from pretrain import train
+    from pretrain.methods import hiend_mae
 
     cfg = train.PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(tmp_path / "nan"),
-                               arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, crops_per_volume=2, epochs=3,
-                               iters_per_epoch=3, warmup_epochs=1, num_workers=0, device="cpu", progress_bar=False)
+                               arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, epochs=3,
+                               method_settings={"crops_per_volume": 2}, iters_per_epoch=3, warmup_epochs=1,
+                               num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0)
     run = train.PretrainRun(cfg)
     forward = hiend_mae.HiEndMAE.forward
 
-    def nan_in_second_epoch(self, x, shuffle=None):
-        loss, pred, shuffle = forward(self, x, shuffle)
-        return (loss * float("nan") if run.global_step >= 3 else loss), pred, shuffle
+    def nan_in_second_epoch(self, views):
+        losses = forward(self, views)
+        return {**losses, "loss": losses["loss"] * float("nan")} if run.global_step >= 3 else losses
 
     monkeypatch.setattr(hiend_mae.HiEndMAE, "forward", nan_in_second_epoch)
     with pytest.raises(train.NonFiniteLoss, match="non-finite loss at epoch 2, iteration 1.*last good checkpoint kept"):

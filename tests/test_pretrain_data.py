@@ -38,14 +38,30 @@ def _edit_json(path: Path, edit) -> None:
 
 # ---------------------------------------------------------------------------------------------------- shapes, padding
 
+def crops(sources, crop, k: int, items: int, **kw) -> PretrainCrops:
+    """K crops of one size per case, as Hi-End-MAE and MAE ask for."""
+    return PretrainCrops(sources, {"crops": (k, crop)}, items, **kw)
+
+
 @pytest.mark.parametrize("crop", [(16, 32, 32), (16, 32, 48), (32, 48, 48), (8, 8, 8)])
 def test_item_shape_is_k_crops_of_exact_size(sources, crop):
-    ds = PretrainCrops(sources, crop, crops_per_volume=3, items_per_epoch=4, seed=0)
+    ds = crops(sources, crop, 3, 4, seed=0)
     assert len(ds) == 4
     for i in range(len(ds)):
-        x = ds[i]
+        x = ds[i]["crops"]
         assert x.shape == (3, 1, *crop) and x.dtype == torch.float32
         assert torch.isfinite(x).all()
+
+
+def test_several_kinds_of_views_and_compact_dtype(sources):
+    """GL-MAE asks for global and local views of one case, MiM for one crop twice the patch; float16 halves the bytes
+    moved and keeps nnU-Net's normalised intensities to float16 precision."""
+    views = {"global": (2, (24, 40, 40)), "local": (3, (16, 32, 32))}
+    full, half = (PretrainCrops(sources, views, 4, seed=5, dtype=d)[1] for d in ("float32", "float16"))
+    assert set(full) == {"global", "local"}
+    assert full["global"].shape == (2, 1, 24, 40, 40) and full["local"].shape == (3, 1, 16, 32, 32)
+    assert half["local"].dtype == torch.float16
+    torch.testing.assert_close(half["local"].float(), full["local"], rtol=1e-3, atol=1e-3)
 
 
 def test_crop_larger_than_case_holds_the_whole_case_padded_with_the_ct_floor(sources):
@@ -55,7 +71,7 @@ def test_crop_larger_than_case_holds_the_whole_case_padded_with_the_ct_floor(sou
     floor = (props["percentile_00_5"] - props["mean"]) / props["std"]
     crop = (32, 64, 64)
     assert all(c > n for c, n in zip(crop, data.shape[1:]))
-    x = PretrainCrops([src], crop, crops_per_volume=4, items_per_epoch=1, augment=False)[0].numpy()
+    x = crops([src], crop, 4, 1)[0]["crops"].numpy()
     for k in range(4):
         assert x[k].min() == pytest.approx(floor, abs=1e-4)
         assert (x[k] > floor + 1e-3).sum() == (data > floor + 1e-3).sum()  # the whole case is inside the crop
@@ -65,30 +81,31 @@ def test_crop_larger_than_case_holds_the_whole_case_padded_with_the_ct_floor(sou
 # ---------------------------------------------------------------------------------------------------- determinism
 
 def test_items_are_a_function_of_seed_epoch_rank_and_index(sources):
-    make = lambda **kw: PretrainCrops(sources, (16, 32, 32), crops_per_volume=2, items_per_epoch=8, **kw)
+    make = lambda **kw: crops(sources, (16, 32, 32), 2, 8, **kw)  # noqa: E731
     a, b = make(seed=3), make(seed=3)
-    assert torch.equal(a[5], b[5]) and torch.equal(a[5], a[5])
-    assert not torch.equal(a[5], a[6])
-    assert not torch.equal(a[5], make(seed=4)[5])
-    assert not torch.equal(a[5], make(seed=3, rank=1, world_size=2)[5])
-    first = a[5]
-    a.set_epoch(1)
-    assert not torch.equal(first, a[5])
-    b.set_epoch(1)
-    assert torch.equal(a[5], b[5])
+    item = lambda ds, i: ds[i]["crops"]  # noqa: E731
+    assert torch.equal(item(a, 5), item(b, 5)) and torch.equal(item(a, 5), item(a, 5))
+    assert not torch.equal(item(a, 5), item(a, 6))
+    assert not torch.equal(item(a, 5), item(make(seed=4), 5))
+    assert not torch.equal(item(a, 5), item(make(seed=3, rank=1, world_size=2), 5))
+    assert not torch.equal(item(a, 5), item(a, 8 + 5))  # item 5 of epoch 1
     clone = pickle.loads(pickle.dumps(a))  # spawn workers get a pickled copy without the opened datasets
-    assert clone._datasets is None and torch.equal(clone[5], a[5])
+    assert clone._datasets is None and torch.equal(item(clone, 13), item(a, 13))
 
 
-def test_loader_with_workers_yields_the_same_batches_as_without(sources):
-    ds = PretrainCrops(sources, (16, 32, 32), crops_per_volume=2, items_per_epoch=6, seed=1)
-    ds.set_epoch(2)
-    with_workers = list(make_loader(ds, batch_size=2, num_workers=2, device_type="cpu"))
-    in_process = list(make_loader(ds, batch_size=2, num_workers=0, device_type="cpu"))
-    assert len(with_workers) == 3
-    for x, y in zip(with_workers, in_process):
-        assert x.shape == (2, 2, 1, 16, 32, 32)
-        assert torch.equal(x, y)
+def test_persistent_workers_follow_the_epoch_and_yield_what_the_main_process_would(sources):
+    ds = crops(sources, (16, 32, 32), 2, 6, seed=1)
+    with_workers, in_process = make_loader(ds, 2, 2, "cpu"), make_loader(ds, 2, 0, "cpu")
+    for epoch in (0, 2):
+        with_workers.sampler.set_epoch(epoch)
+        in_process.sampler.set_epoch(epoch)
+        a, b = list(with_workers), list(in_process)
+        assert len(a) == 3
+        for x, y in zip(a, b):
+            assert x["crops"].shape == (2, 2, 1, 16, 32, 32)
+            assert torch.equal(x["crops"], y["crops"])
+        expected = torch.stack([ds[epoch * 6 + i]["crops"] for i in range(2)])
+        assert torch.equal(a[0]["crops"], expected)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -119,13 +136,13 @@ def test_reads_only_crop_regions_and_draws_from_all_datasets(sources, monkeypatc
 
     monkeypatch.setattr(nnUNetDatasetBlosc2, "load_case", spying_load_case)
     crop = (8, 16, 16)
-    ds = PretrainCrops(sources, crop, crops_per_volume=4, items_per_epoch=40, seed=0)
+    ds = crops(sources, crop, 4, 40, seed=0)
     assert len(ds.cases) == sum(len(s.identifiers) for s in sources) == 9
     for i in range(len(ds)):
         ds[i]
     assert max(reads) == np.prod(crop)  # single voxels for centre choice, one crop-sized read per crop
     assert sum(r == np.prod(crop) for r in reads) == 40 * 4
-    assert {c.split("_")[0] for c in cases} == {"case", "pool"}
+    assert {c.split("_")[0] for c in cases} == {"case", "unlabelled"}  # 990: case_XXX, 991: unlabelled_scans__pool_XXX
 
 
 # ---------------------------------------------------------------------------------------------------- body centres
@@ -177,15 +194,44 @@ def test_crops_are_centred_in_the_body_far_more_often_than_chance(preprocessed_d
     inside = {"ct": lambda v: v > 0.0, "sample": lambda v: v > 0.0, "mask": lambda v: v != 0.0}[kind]
 
     def centre_in_body_fraction(body_prob: float) -> float:
-        ds = PretrainCrops(src, (8, 8, 8), crops_per_volume=8, items_per_epoch=40, seed=0, body_prob=body_prob,
-                           augment=False)
-        centres = torch.cat([ds[i][:, 0, 4, 4, 4] for i in range(len(ds))]).numpy()  # the drawn centre voxels
+        ds = crops(src, (8, 8, 8), 8, 40, seed=0, body_prob=body_prob)
+        centres = torch.cat([ds[i]["crops"][:, 0, 4, 4, 4] for i in range(len(ds))]).numpy()  # the centre voxels
         return float(np.mean(inside(centres)))
 
     chance = 12 * 20 * 20 / (24 * 40 * 40)
     assert centre_in_body_fraction(0.0) < 2 * chance
     assert centre_in_body_fraction(0.75) > 0.7  # 0.75 * ~0.99 + 0.25 * chance ~ 0.77
     assert centre_in_body_fraction(1.0) > 0.95
+
+
+def test_body_locations_in_the_case_properties_give_the_centres_without_probing(preprocessed_dataset, tmp_path,
+                                                                              monkeypatch):
+    """Cases preprocessed by nnUNetv2_hiendmae_preprocess_unlabeled carry body locations: centres come from them (no
+    voxel is read to judge a candidate), and with body_prob 1 every centre is one of them."""
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    name = _known_body_dataset(tmp_path, preprocessed_dataset["preprocessed"], 979, "ct")
+    folder = tmp_path / name / "nnUNetPlans_3d_fullres"
+    locations = np.array([[7, 12, 12], [16, 27, 20], [10, 15, 25]], dtype=np.int16)
+    for pkl in folder.glob("*.pkl"):
+        props = pickle.loads(pkl.read_bytes())
+        pkl.write_bytes(pickle.dumps({**props, "body_locations": locations}))
+    reads = []
+    original = nnUNetDatasetBlosc2.load_case
+
+    def spying_load_case(self, identifier):
+        data, seg, prev, props = original(self, identifier)
+        return _Spy(data, reads), _Spy(seg, reads), prev, props
+
+    src = resolve_sources([name])
+    cases = infer_dataset_class(str(folder))(str(folder))
+    values = {float(cases.load_case(c)[0][(0, *loc)]) for c in src[0].identifiers for loc in locations.tolist()}
+    centres = crops(src, (1, 1, 1), 6, 10, seed=0, body_prob=1.0)  # a 1^3 crop is its centre voxel
+    assert {float(centres[i]["crops"][k].item()) for i in range(10) for k in range(6)} <= values
+    monkeypatch.setattr(nnUNetDatasetBlosc2, "load_case", spying_load_case)
+    ds = crops(src, (4, 4, 4), 6, 10, seed=0, body_prob=1.0)
+    for i in range(len(ds)):
+        ds[i]
+    assert reads and min(reads) == 4 ** 3  # only crop reads: no single-voxel probes
 
 
 # ---------------------------------------------------------------------------------------------------- folds
@@ -196,7 +242,7 @@ def test_fold_uses_only_its_training_cases_and_writes_nothing(preprocessed_datas
     before = _listing(base)
     src = resolve_sources(["982"], fold=1)[0]
     for i in range(4):
-        PretrainCrops([src], (8, 16, 16), crops_per_volume=1, items_per_epoch=4)[i]
+        crops([src], (8, 16, 16), 1, 4)[i]
     assert _listing(base) == before  # nnU-Net's default split is made in memory, never written
     everything = sorted(resolve_sources(["982"])[0].identifiers)
     expected = generate_crossval_split(everything, seed=12345, n_splits=5)[1]["train"]
@@ -290,5 +336,5 @@ def test_channel_count_mismatch(preprocessed_dataset, tmp_path, monkeypatch):
 
 
 def test_bad_crop_size(sources):
-    with pytest.raises(UserError, match="3 positive integers"):
-        PretrainCrops(sources, (96, 96))
+    with pytest.raises(UserError, match="3 positive sizes"):
+        crops(sources, (96, 96), 1, 1)

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CROP, run_cli, write_checkpoint
+from conftest import CROP, make_trainer, run_cli, write_checkpoint
 from nnunetv2_hiendmae import trainers
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
 from nnunetv2_hiendmae.errors import UserError
@@ -37,12 +37,6 @@ def setup(preprocessed_dataset, tmp_path_factory) -> dict:
     for argv in (["-pt", str(ckpt), "-o", "T_tr"], ["--arch", "vit_tiny", "-o", "T_tr_scratch"]):
         plan_main(["-d", "990", *argv])
     return {"folder": folder, "ckpt": ckpt, "tmp": tmp}
-
-
-def make_trainer(cls: type, folder: Path, plans_name: str):
-    plans = json.loads((folder / f"{plans_name}.json").read_text())
-    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (spec nnunet.md §1.4)
-    return cls(plans, CFG, 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
 
 
 def log_text(trainer) -> str:

@@ -1,9 +1,10 @@
-"""``nnUNetv2_hiendmae_demo``: the whole workflow on a generated CT-like dataset, with the real commands.
+"""``nnUNetv2_hiendmae_demo``: The whole workflow on a generated CT-like dataset, with the real commands.
 
-generate data -> nnUNetv2_plan_and_preprocess -> nnUNetv2_hiendmae_pretrain -> nnUNetv2_hiendmae_plan ->
-nnUNetv2_train (pretrained ViT, scratch ViT, nnU-Net default) -> nnUNetv2_predict on held-out cases ->
-nnUNetv2_hiendmae_compare + held-out Dice. Everything lives under one demo folder with its own nnU-Net tree;
-finished steps are skipped when the demo is run again (``--fresh`` starts clean).
+generate data (a labelled dataset and a folder of unlabelled scans) -> nnUNetv2_plan_and_preprocess ->
+nnUNetv2_hiendmae_preprocess_unlabeled -> nnUNetv2_hiendmae_pretrain -> nnUNetv2_hiendmae_plan -> nnUNetv2_train
+(pretrained ViT, scratch ViT, nnU-Net default) -> nnUNetv2_predict on held-out cases -> nnUNetv2_hiendmae_compare and
+held-out Dice. Everything lives under one demo folder with its own nnU-Net tree; finished steps are skipped when the
+demo is run again (--fresh starts clean).
 """
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labelled", type=int, default=20, help="labelled training cases to generate (default: %(default)s)")
     p.add_argument("--unlabelled", type=int, default=10, help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
     p.add_argument("--test", type=int, default=4, help="held-out test cases for prediction and Dice (default: %(default)s)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=[16, 64, 64], metavar=("X", "Y", "Z"),
+    p.add_argument("--method", choices=["hiend_mae", "mae", "gl_mae", "mim"], default="hiend_mae",
+                   help="pretraining method (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="pretraining patch (crop) size, a multiple of the token size; also the ViT's fine-tuning "
-                        "patch (default: 16 64 64)")
+                        "patch (default: 16 64 64; 32 32 32 for mim, whose patch needs an even number of tokens per "
+                        "axis)")
     p.add_argument("--crop", type=int, nargs=3, dest="patch_size", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the flag's name before 0.2; still accepted
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
@@ -83,7 +87,7 @@ class Demo:
         self.trainers = [(f"nnUNetTrainerHiEndMAE{suffix}", PLANS, "pretrained ViT"),
                          (f"nnUNetTrainerHiEndMAE_scratch{suffix}", PLANS, "ViT from scratch"),
                          (baseline, "nnUNetPlans", "nnU-Net default")]
-        self.n_steps, self.step_no, self.t0 = 8, 0, time.time()
+        self.n_steps, self.step_no, self.t0 = 9, 0, time.time()
 
     def step(self, title: str) -> None:
         self.step_no += 1
@@ -106,29 +110,40 @@ class Demo:
             d.mkdir(parents=True, exist_ok=True)
         train_env = {"nnUNet_n_proc_DA": str(a.num_workers), "nnUNet_def_n_proc": str(max(1, a.num_workers))}
 
-        self.step("generate a CT-like dataset (labelled + unlabelled pool + held-out test cases)")
+        self.step("generate a CT-like dataset (labelled + held-out test cases) and a folder of unlabelled scans")
+        pool = self.root / "unlabelled_scans"
         if not (self.raw / self.dataset / "dataset.json").exists():
             from nnunetv2_hiendmae.demo.synthetic import make_datasets
 
-            make_datasets(self.raw, DATASET_ID, n_labelled=a.labelled, n_unlabelled=a.unlabelled, n_test=a.test, seed=a.seed,
-                          scale=a.scale)
-        print(f"raw data: {self.raw}")
+            make_datasets(self.raw, DATASET_ID, n_labelled=a.labelled, n_unlabelled=a.unlabelled, n_test=a.test,
+                          seed=a.seed, scale=a.scale, pool=pool)
+        print(f"raw data: {self.raw}; unlabelled scans (no labels): {pool}")
 
-        self.step("nnU-Net planning and preprocessing")
+        self.step("nnU-Net planning and preprocessing of the labelled dataset")
         if not (self.pre / self.dataset / "nnUNetPlans_3d_fullres").is_dir():
-            self.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-c", "3d_fullres",
+            self.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
                      "-np", str(max(1, a.num_workers)), "--verify_dataset_integrity")
 
-        self.step("Hi-End-MAE pretraining on the labelled and unlabelled images")
+        self.step("preprocess the unlabelled scans like the labelled dataset (nnUNetv2_hiendmae_preprocess_unlabeled)")
+        pretrain_sets = [str(DATASET_ID)]
+        if a.unlabelled:  # re-running skips the finished cases
+            self.run("nnUNetv2_hiendmae_preprocess_unlabeled", "-i", str(pool), "-d", str(DATASET_ID + 1), "--name",
+                     "HiEndDemoUnlabelled", "--like", str(DATASET_ID), "-np", str(max(1, a.num_workers)))
+            pretrain_sets.append(str(DATASET_ID + 1))
+
+        self.step(f"pretraining ({a.method}) on the labelled and unlabelled images")
         ckpt = self.root / "pretrain" / "checkpoint_final.pth"
         if not ckpt.exists():
-            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID), str(DATASET_ID + 1), "-o", str(ckpt.parent),
-                   "--arch", a.arch, "--patch-size", *map(str, a.patch_size), "--batch-size", str(a.pretrain_batch),
-                   "--crops-per-volume", "4", "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
+            patch = a.patch_size or ([32, 32, 32] if a.method == "mim" else [16, 64, 64])
+            views = {"hiend_mae": ["--crops-per-volume", "4"], "mae": ["--crops-per-volume", "4"],
+                     "gl_mae": ["--global-views", "1", "--local-views", "3"], "mim": ["--mid-samples", "2"]}[a.method]
+            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", *pretrain_sets, "-o", str(ckpt.parent), "--method", a.method,
+                   "--arch", a.arch, "--patch-size", *map(str, patch), "--batch-size", str(a.pretrain_batch), *views,
+                   "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
                    "--warmup-epochs", "1", "--lr", "1e-3" if a.arch == "vit_tiny" else "1e-4", "--recon-every", "4",
-                   "--num-workers", str(a.num_workers), "--device", a.device]
+                   "--num-workers", str(a.num_workers), "--device", a.device, "--checkpoint-minutes", "1"]
             if (ckpt.parent / "checkpoint_latest.pth").exists():
-                cmd.append("--resume")
+                cmd = ["nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(ckpt.parent)]
             self.run(*cmd)
 
         self.step("write the fine-tuning plans from the checkpoint")

@@ -2,8 +2,9 @@
 
 Each case is an abdomen-like phantom: air around a body (fat rim, soft tissue with texture), a spine, and three
 labelled organs with distinct HU ranges (1 liver, 2 spleen, 3 kidneys), at anisotropic, jittered spacing, with
-varying body size and organ positions. Unlabelled cases go into a second dataset whose "label" is the body mask, so
-that nnU-Net can preprocess them (it needs labels to compute CT intensity statistics); they serve pretraining only.
+varying body size and organ positions. Unlabelled cases are plain image files in a folder of their own (no labels,
+not in nnUNet_raw), as a user's pool of scans would be: ``nnUNetv2_hiendmae_preprocess_unlabeled`` turns them into
+pretraining data.
 """
 from __future__ import annotations
 
@@ -70,9 +71,11 @@ def _dataset_json(folder: Path, labels: dict, n: int) -> None:
 
 
 def make_datasets(raw_root: Path, dataset_id: int, name: str = "HiEndDemo", n_labelled: int = 20,
-                  n_unlabelled: int = 10, n_test: int = 4, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
-    """Write ``Dataset{id}_{name}`` (labelled + imagesTs/labelsTs) and, if ``n_unlabelled``, the unlabelled pool
-    ``Dataset{id+1}_{name}Unlabelled`` under ``raw_root``. Returns their folders."""
+                  n_unlabelled: int = 10, n_test: int = 4, seed: int = 0, scale: float = 1.0,
+                  pool: Path | None = None) -> dict[str, Path]:
+    """Write ``Dataset{id}_{name}`` (labelled + imagesTs/labelsTs) under ``raw_root`` and, if ``n_unlabelled``, the
+    unlabelled scans ``pool_XXX.nii.gz`` into ``pool`` (default: ``unlabelled_scans`` beside ``raw_root``).
+    Returns their folders."""
     rng = np.random.default_rng(seed)
     out = {"labelled": raw_root / f"Dataset{dataset_id:03d}_{name}"}
     lab = out["labelled"]
@@ -86,12 +89,9 @@ def make_datasets(raw_root: Path, dataset_id: int, name: str = "HiEndDemo", n_la
         _write(seg, sp, lab / f"labels{split}" / f"{case}.nii.gz")
     _dataset_json(lab, LABELS, n_labelled)
     if n_unlabelled:
-        out["unlabelled"] = unl = raw_root / f"Dataset{dataset_id + 1:03d}_{name}Unlabelled"
-        for sub in ("imagesTr", "labelsTr"):
-            (unl / sub).mkdir(parents=True, exist_ok=True)
+        out["unlabelled"] = unl = pool or raw_root.parent / "unlabelled_scans"
+        unl.mkdir(parents=True, exist_ok=True)
         for i in range(n_unlabelled):
             img, _, sp = make_case(rng, scale)
-            _write(img, sp, unl / "imagesTr" / f"pool_{i:03d}_0000.nii.gz")
-            _write((img > -500).astype(np.uint8), sp, unl / "labelsTr" / f"pool_{i:03d}.nii.gz")  # body mask
-        _dataset_json(unl, {"background": 0, "body": 1}, n_unlabelled)
+            _write(img, sp, unl / f"pool_{i:03d}.nii.gz")
     return out

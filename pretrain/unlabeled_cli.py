@@ -1,0 +1,88 @@
+"""``nnUNetv2_hiendmae_preprocess_unlabeled``: Folders of unlabelled scans -> a pretraining dataset in nnU-Net's
+preprocessed format, read by ``nnUNetv2_hiendmae_pretrain -d ID`` like any other."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
+
+EPILOG = """\
+examples:
+  nnUNetv2_hiendmae_preprocess_unlabeled -i /data/ct_pool -d 900 --name CTPool --ct-window -175 250
+  nnUNetv2_hiendmae_preprocess_unlabeled -i /data/siteA /data/siteB list.txt -d 901 --like 4 -np 16
+  nnUNetv2_hiendmae_pretrain -d 900 4 -o $nnUNet_results/hiendmae_pool
+
+Writes $nnUNet_preprocessed/DatasetID_NAME/: nnUNetPlans_3d_fullres/ (per case <case>.b2nd, its body mask
+<case>_seg.b2nd and <case>.pkl with body locations for crop sampling), nnUNetPlans.json, dataset.json,
+dataset_fingerprint.json, cases.json (case -> source files), skipped.json (file -> reason) and the settings
+(hiendmae_unlabeled.json). Nothing is written to nnUNet_raw. Re-running the same command skips finished cases; a kill
+at any moment leaves nothing half-written that a later run or the loader would trust. Files that cannot be used
+(unreadable, 2D, 4D, NaN, constant) are skipped and reported; the command fails only if no case succeeds.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="nnUNetv2_hiendmae_preprocess_unlabeled",
+                       description="Turn folders of unlabelled scans into a pretraining dataset in nnU-Net's "
+                                   "preprocessed format, which nnUNetv2_hiendmae_pretrain -d ID reads like any other.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--inputs", nargs="+", required=True, metavar="DIR_OR_LIST",
+                   help="folders searched recursively for images (.nii.gz, .nii, .nrrd, .mha, .gipl), or .txt files "
+                        "listing image paths; CASE_0000, CASE_0001, ... in one folder are the channels of one case")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id of the new dataset")
+    p.add_argument("--name", default="Unlabeled", help="dataset name after the id (default: %(default)s)")
+    p.add_argument("--modality", choices=("CT", "MR"), default="CT",
+                   help="CT: nnU-Net's CTNormalization (window or the pool's statistics); MR: per-image z-score "
+                        "(default: %(default)s)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], metavar=("X", "Y", "Z"),
+                   help="target spacing in mm, in the images' axis order as nnU-Net reads them (default: 1.5 1.5 1.5, "
+                        "the released Hi-End-MAE spacing)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT: map HU [LOW, HIGH] to [0, 1] (clipped) through CTNormalization; -175 250 reproduces the "
+                        "released weights' mapping (default: clip and z-score with the pool's body statistics)")
+    p.add_argument("--like", metavar="DATASET",
+                   help="take spacing, axis order and normalisation from this dataset's nnU-Net plans (pretrain on the "
+                        "pool, fine-tune on DATASET, both preprocessed alike); excludes --spacing, --ct-window and "
+                        "--modality")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans of --like (default: %(default)s)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration of --like (default: %(default)s)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"),
+                   help="pretraining patch size the blosc2 chunks are laid out for, as nnU-Net does for its patch "
+                        "(default: 96 96 96)")
+    p.add_argument("-np", "--num-processes", type=int, default=4,
+                   help="cases preprocessed in parallel; memory grows with it (default: %(default)s)")
+    p.add_argument("--file-ending", help="only files with this ending, e.g. .nii.gz (default: every supported one)")
+    return p
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    given = {a.dest for a in p._actions if a.dest != "help" and getattr(args, a.dest) != a.default}
+    if args.like and given & {"spacing", "ct_window", "modality"}:
+        raise UserError("--like takes spacing and normalisation from the dataset: drop --spacing, --ct-window and "
+                        "--modality")
+    if args.ct_window and args.modality != "CT":
+        raise UserError("--ct-window is for CT (--modality CT)")
+    if args.ct_window and args.ct_window[0] >= args.ct_window[1]:
+        raise UserError(f"--ct-window LOW HIGH needs LOW < HIGH, got {args.ct_window[0]} {args.ct_window[1]}")
+    if not 0 <= args.dataset_id <= 999 or args.num_processes < 1 or min(args.spacing) <= 0 or min(args.patch_size) < 1:
+        raise UserError("-d must be in 0..999, -np at least 1, --spacing and --patch-size positive")
+    from pretrain.unlabeled import preprocess_unlabeled  # nnU-Net and torch: after parsing, so --help is instant
+
+    folder, report = preprocess_unlabeled(
+        args.inputs, args.dataset_id, args.name,
+        {"like": args.like, "plans": args.plans, "configuration": args.configuration, "modality": args.modality,
+         "spacing": args.spacing, "ct_window": args.ct_window, "patch_size": args.patch_size},
+        processes=args.num_processes, file_ending=args.file_ending)
+    print(report.summary())
+    if report.done + report.already == 0:
+        raise UserError(f"no case could be preprocessed (reasons in {folder / 'skipped.json'})")
+    print(f"dataset: {folder}")
+    print(f"next: nnUNetv2_hiendmae_pretrain -d {args.dataset_id} -o OUTPUT_FOLDER")
+
+
+if __name__ == "__main__":
+    main()
