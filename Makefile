@@ -1,9 +1,16 @@
 # Two commands from a clean clone: `make demo` (the whole pipeline on a synthetic dataset) and `make test`.
 # Both create ./.venv and install the project into it first (once; again when pyproject.toml changes).
+#
+# PyTorch: on Linux the package index's default torch is the CUDA build (about 6.4 GB installed, 3.2 GB of it CUDA
+# libraries). TORCH=auto (default) installs PyTorch's CPU build (well under 1 GB) first when no NVIDIA GPU is
+# visible (no nvidia-smi) and falls back to the default build if that index cannot be reached; TORCH=cpu insists on
+# the CPU build; TORCH=default always takes the package index's build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
+TORCH ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test install
 
@@ -12,6 +19,11 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
+	@if [ "$(TORCH)" = cpu ] || { [ "$(TORCH)" = auto ] && ! command -v nvidia-smi >/dev/null 2>&1; }; then \
+	  echo "no NVIDIA GPU in use: installing PyTorch's CPU build from $(TORCH_CPU_INDEX) (make TORCH=default to skip)"; \
+	  $(BIN)/python -m pip install --retries 1 --timeout 20 --index-url $(TORCH_CPU_INDEX) torch torchvision || \
+	  { [ "$(TORCH)" = auto ] && echo "that index cannot be reached: the package index's default build is installed"; }; \
+	fi
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 

@@ -6,7 +6,10 @@ pretraining preprocessing without the pretraining code.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write
 
 FORMAT = "nnunetv2_hiendmae.pretrain/1"
+KEYS = ("format", "method", "package_version", "encoder", "model", "pretrain", "weights")
 ENCODER_PREFIX = "encoder."
 
 
@@ -41,23 +45,64 @@ def make_checkpoint(weights: dict, encoder: dict, model: dict, pretrain: dict, m
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`."""
+class HoldsPythonObjects(UserError):
+    """A valid PyTorch file whose pickle names classes beyond tensors and containers (``weights_only`` refuses it)."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", weights_only: bool = True,
+                    map_location: str | torch.device = "cpu") -> object:
+    """``torch.load``, with a file that cannot be read reported as one line saying what the file is and is not (never
+    torch's advice to unpickle it fully, which would run code stored in it)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        # a valid pickle naming classes outside torch's allow-list ("Unsupported global"; "class" before torch 2.4)
+        if weights_only and ("unsupported global" in str(e).lower() or "unsupported class" in str(e).lower()):
+            raise HoldsPythonObjects(f"{path} is a PyTorch file that holds Python objects besides tensors, not a "
+                                     f"plain {what}") from None
+        raise UserError(f"{path} is not a readable {what} (truncated, corrupt or not a torch file: "
+                        f"{first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means the file is unusable
+        raise UserError(f"{path} is not a readable {what} (truncated, corrupt or not a torch file: "
+                        f"{first_line(e)})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`."""
+    try:
+        ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
+    except HoldsPythonObjects as e:
+        raise UserError(f"{e}: nnunetv2_hiendmae checkpoints load with weights_only=True (a reference Hi-End-MAE "
+                        f"file converts with nnUNetv2_hiendmae_import)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and "state_dict" in ckpt:
-            hint = " (it looks like a reference Hi-End-MAE checkpoint: convert it with nnUNetv2_hiendmae_import)"
-        raise UserError(f"{path} is not a nnunetv2_hiendmae pretraining checkpoint{hint}")
+            hint = "; it looks like a reference Hi-End-MAE checkpoint: convert it with nnUNetv2_hiendmae_import"
+        found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} is a torch file but not a nnunetv2_hiendmae pretraining checkpoint: expected the "
+                        f"keys {', '.join(KEYS)}, found {found or 'none'}{hint}")
     return ckpt
 
 
 def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     """The encoder's own weights (keys as in :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D`)."""
     return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["weights"].items() if k.startswith(ENCODER_PREFIX)}
+
+
+def encoder_fingerprint(ckpt: dict) -> str:
+    """SHA-256 of what fine-tuning takes from a checkpoint, the encoder's configuration and weights: plans pin this,
+    not the file's bytes, so a checkpoint written again with the same encoder still matches its plans."""
+    h = hashlib.sha256(json.dumps(ckpt["encoder"], sort_keys=True).encode())
+    for name, t in sorted(encoder_state_dict(ckpt).items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -392,8 +392,9 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_png(comp: Comparison) -> bytes:
-    """Bar chart of mean fg Dice (± std, per-fold points) and per-class grouped bars, as PNG bytes.
+def comparison_figure(comp: Comparison):
+    """Bar chart of mean fg Dice (± std over folds, each fold a labelled dot; an entry with one fold says so instead
+    of drawing a zero-width error bar) and per-class grouped bars.
 
     Uses the Agg canvas directly instead of pyplot so no window opens and no global backend is changed.
     """
@@ -409,20 +410,25 @@ def render_png(comp: Comparison) -> bytes:
     ax = fig.add_subplot(1, 2 if show_classes else 1, 1)
     x = np.arange(n)
     stats = [comp.mean_std(e, FG_COLUMN) for e in comp.entries]
-    ax.bar(x, [m for m, _ in stats], yerr=[0 if math.isnan(s) else s for _, s in stats],
-           color=colors, alpha=0.8, capsize=4)
+    spread = [not math.isnan(s) for _, s in stats]
+    ax.bar(x, [m for m, _ in stats], color=colors, alpha=0.8)
+    ax.errorbar(x[spread], [m for (m, _), ok in zip(stats, spread) if ok],
+                yerr=[s for (_, s), ok in zip(stats, spread) if ok], fmt="none", ecolor="black", capsize=4)
     for i, e in enumerate(comp.entries):
         folds = e.fold_ids()
         offsets = np.linspace(-0.2, 0.2, len(folds)) if len(folds) > 1 else [0.0]
         for off, f in zip(offsets, folds):
             ax.scatter(i + off, e.folds[f].fg_dice, color="black", s=14, zorder=3)
-            ax.annotate(str(f), (i + off, e.folds[f].fg_dice), textcoords="offset points", xytext=(3, 2),
+            ax.annotate(f"fold {f}", (i + off, e.folds[f].fg_dice), textcoords="offset points", xytext=(3, 2),
                         fontsize=7)
+        if not spread[i] and not math.isnan(stats[i][0]):
+            ax.annotate(f"{len(folds)} fold: no spread", (i, stats[i][0]), textcoords="offset points",
+                        xytext=(0, -14), ha="center", fontsize=7, style="italic")
     ax.set_xticks(x)
     ax.set_xticklabels([e.name for e in comp.entries], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean foreground Dice (validation)")
-    ax.set_title("mean fg Dice: mean ± std, dots = folds", fontsize=10)
+    ax.set_title("mean fg Dice: mean ± std over folds, dots = folds", fontsize=10)
 
     if show_classes:
         ax2 = fig.add_subplot(1, 2, 2)
@@ -430,14 +436,16 @@ def render_png(comp: Comparison) -> bytes:
         bw = 0.8 / n
         for i, e in enumerate(comp.entries):
             ms = [comp.mean_std(e, c) for c in comp.classes]
-            ax2.bar(cx - 0.4 + bw * (i + 0.5), [m for m, _ in ms], bw,
-                    yerr=[0 if math.isnan(s) else s for _, s in ms], color=colors[i], alpha=0.8, capsize=2,
-                    label=e.name)
+            pos = cx - 0.4 + bw * (i + 0.5)
+            ax2.bar(pos, [m for m, _ in ms], bw, color=colors[i], alpha=0.8, label=e.name)
+            has = [not math.isnan(s) for _, s in ms]
+            ax2.errorbar(pos[has], [m for (m, _), ok in zip(ms, has) if ok],
+                         yerr=[s for (_, s), ok in zip(ms, has) if ok], fmt="none", ecolor="black", capsize=2)
         ax2.set_xticks(cx)
         ax2.set_xticklabels([comp.class_names[c] for c in comp.classes], rotation=30, ha="right", fontsize=8)
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("Dice (validation)")
-        ax2.set_title("Dice per class: mean ± std over folds", fontsize=10)
+        ax2.set_title("Dice per class: mean ± std over folds (none with one fold)", fontsize=10)
     bottom = 0.0
     if show_classes:
         # legend below both panels so it never hides bars that reach Dice 1
@@ -446,8 +454,13 @@ def render_png(comp: Comparison) -> bytes:
         bottom = 0.05 * math.ceil(n / ncol)
     fig.suptitle(f"{comp.dataset} — {comp.configuration}")
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+def render_png(comp: Comparison) -> bytes:
+    """:func:`comparison_figure` as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    comparison_figure(comp).savefig(buf, format="png", dpi=110)
     return buf.getvalue()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import EXPORT_LINE
-from nnunetv2_hiendmae.fileio import atomic_write_json, sha256
+from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id, dataset_name, nnunet_folder
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, PRESETS, encoder_config, token_size_3d
 
@@ -243,14 +243,17 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
     pretrain = ckpt["pretrain"]
     pre_tf = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
     crop = to_dataset_axes(pretrain_value(path, pretrain, "crop_size"), pre_tf, ds.base["transpose_forward"])
-    info = {"checkpoint": str(path), "sha256": sha256(path), "arch": ckpt_arch, "method": ckpt.get("method")}
+    from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
+
+    info = {"checkpoint": str(path), "encoder_sha256": encoder_fingerprint(ckpt), "arch": ckpt_arch,
+            "method": ckpt.get("method")}
     return Source(adapt_encoder_config(ckpt["encoder"], ds.num_channels), info, pretrain, path, pre_tf,
                   [int(c) for c in crop])
 
 
 def scratch_source(arch: str, ds: Dataset) -> Source:
     encoder = encoder_config(arch, in_channels=ds.num_channels, pos_embed="sincos")
-    return Source(encoder, {"checkpoint": None, "sha256": None, "arch": arch, "method": "scratch"})
+    return Source(encoder, {"checkpoint": None, "encoder_sha256": None, "arch": arch, "method": "scratch"})
 
 
 def data_source(ds: Dataset, name: str, plans: dict, previous: dict | None) -> str:

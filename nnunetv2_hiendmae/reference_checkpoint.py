@@ -14,7 +14,6 @@ which with -175 / 250 / -175 / 425 is exactly that mapping.
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict
 import re
 import sys
@@ -23,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from nnunetv2_hiendmae.checkpoint import FORMAT, make_checkpoint, save_atomic
+from nnunetv2_hiendmae.checkpoint import FORMAT, HoldsPythonObjects, make_checkpoint, read_torch_file, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH, encoder_config
@@ -62,35 +61,15 @@ def load_reference_file(path: str | Path, allow_unpickle: bool = True) -> object
     ``Namespace``); then, if ``allow_unpickle``, the file is loaded again with full unpickling (which can run code
     stored in the file: only for files from a trusted source) and a note says so.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"input checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e).lower()
-        # Fall back only when the file is a valid pickle that names classes outside torch's allow-list
-        # ("Unsupported global" since torch 2.4, "Unsupported class" before); garbage fails here for good.
-        if "unsupported global" not in msg and "unsupported class" not in msg:
-            raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        return read_torch_file(path, "PyTorch checkpoint")
+    except HoldsPythonObjects:
         if not allow_unpickle:
-            raise UserError(
-                f"{path} holds Python objects besides tensors and --weights-only was given: "
-                "drop --weights-only to unpickle it (only for files from a trusted source)"
-            ) from None
-    except Exception as e:  # noqa: BLE001 - any other failure means it is not a torch file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
-    _note(f"{path.name} holds Python objects besides tensors; unpickling it fully (weights_only=False), "
+            raise UserError(f"{path} holds Python objects besides tensors and --weights-only was given: drop "
+                            "--weights-only to unpickle it (only for files from a trusted source)") from None
+    _note(f"{Path(path).name} holds Python objects besides tensors; unpickling it fully (weights_only=False), "
           "which trusts the file's source")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return read_torch_file(path, "PyTorch checkpoint", weights_only=False)
 
 
 def reference_state_dict(obj: object) -> dict[str, torch.Tensor]:

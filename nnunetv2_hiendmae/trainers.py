@@ -22,6 +22,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2_hiendmae.checkpoint import read_torch_file
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.optim import param_groups
@@ -29,6 +30,9 @@ from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import NETWORK_CLASS
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
+
+
+NNUNET_CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "current_epoch", "logging", "_best_ema", "init_args")
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
             scratch = self.__class__.__name__.replace("nnUNetTrainerHiEndMAE", "nnUNetTrainerHiEndMAE_scratch", 1)
             raise UserError(f"plans '{name}' name no pretrained checkpoint (from-scratch plans): train them with "
                             f"-tr {scratch}, or create plans with '{plan_cmd}'")
-        return verify_checkpoint(info["checkpoint"], info.get("sha256"))
+        return verify_checkpoint(info["checkpoint"], info.get("encoder_sha256"))
 
     def initialize(self) -> None:
         """nnU-Net's initialize, with the pretrained encoder loaded into the freshly built, bare network.
@@ -213,7 +217,13 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if not isinstance(checkpoint, dict):  # nnU-Net's own file (numpy scalars in 'logging'): not weights-only
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            checkpoint = read_torch_file(checkpoint, "nnU-Net training checkpoint", weights_only=False,
+                                         map_location=self.device)
+        missing = [k for k in NNUNET_CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if missing:
+            raise UserError(f"{filename_or_checkpoint if not isinstance(filename_or_checkpoint, dict) else 'the checkpoint'}"
+                            f" is not an nnU-Net training checkpoint: expected the keys "
+                            f"{', '.join(NNUNET_CHECKPOINT_KEYS)}, missing {', '.join(missing)}")
         weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
         bare_module(self.network).load_state_dict(weights)
         self.my_init_kwargs = checkpoint["init_args"]

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
-from nnunetv2_hiendmae.fileio import sha256
+from nnunetv2_hiendmae.checkpoint import encoder_fingerprint, encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.presets import token_size_3d
@@ -40,14 +39,15 @@ def adapt_encoder_config(ckpt_encoder_config: dict, in_channels: int) -> dict:
     return {**ckpt_encoder_config, "in_channels": in_channels}
 
 
-def verify_checkpoint(path: str | os.PathLike, expected_sha256: str | None) -> dict:
-    """Load a checkpoint, refusing one that differs from the file the plans were written for."""
+def verify_checkpoint(path: str | os.PathLike, expected_encoder: str | None) -> dict:
+    """Load a checkpoint, refusing one whose encoder differs from the one the plans were written for."""
     ckpt = load_checkpoint(path)
-    if expected_sha256 is not None:
-        actual = sha256(path)
-        if actual != expected_sha256:
-            raise UserError(f"checkpoint {path} changed since the plans were written "
-                            f"(sha256 {actual}, the plans expect {expected_sha256})")
+    if expected_encoder is not None:
+        actual = encoder_fingerprint(ckpt)
+        if actual != expected_encoder:
+            raise UserError(f"checkpoint {path} changed since the plans were written: its encoder is not the one "
+                            f"they were made for (encoder sha256 {actual[:12]}..., the plans expect "
+                            f"{expected_encoder[:12]}...): write the plans again with nnUNetv2_hiendmae_plan")
     return ckpt
 
 

@@ -10,6 +10,7 @@ with probability 0.3 x 2/3 = 0.2 (the odd k). That is what :func:`augment` draws
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SWAP_PROB = 0.3 * 2 / 3  # rot90 with p 0.3 and k odd (1 or 3) in 2 of 3 cases
@@ -33,3 +34,20 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     scale = torch.where(torch.rand(n, device=dev) < 0.1, 1 + torch.empty(n, device=dev).uniform_(-0.1, 0.1), 1.0)
     shift = torch.where(torch.rand(n, device=dev) < 0.1, torch.empty(n, device=dev).uniform_(-0.1, 0.1), 0.0)
     return x * _per_sample(scale).to(x.dtype) + _per_sample(shift).to(x.dtype)
+
+
+def reference_augment(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
+    """The reference's augmentation of one ``[C, X, Y, Z]`` crop in numpy, as loader workers applied it per crop
+    before: the specification :func:`augment` is tested against, and the CPU work it removed from the workers."""
+    for axis in (1, 2, 3):
+        if rng.random() < 0.5:
+            crop = np.flip(crop, axis)
+    planes = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if crop.shape[a + 1] == crop.shape[b + 1]]
+    if planes and rng.random() < 0.3:
+        a, b = planes[rng.integers(len(planes))]
+        crop = np.rot90(crop, int(rng.integers(1, 4)), axes=(a + 1, b + 1))
+    if rng.random() < 0.1:
+        crop = crop * np.float32(1 + rng.uniform(-0.1, 0.1))
+    if rng.random() < 0.1:
+        crop = crop + np.float32(rng.uniform(-0.1, 0.1))
+    return crop

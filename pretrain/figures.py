@@ -44,29 +44,38 @@ def plot_progress(history: dict[str, list[float]], path: Path) -> None:
     _save(fig, path)
 
 
+def slice_panels(shape: Sequence[int], spacing: Sequence[float]) -> list[dict]:
+    """For the central cut across each axis of a ``[X, Y, Z]`` volume: the two axes shown (rows, columns), the
+    ``imshow`` aspect that draws a voxel with its physical proportions, and the panel's size in mm."""
+    panels = []
+    for cut, (rows, cols) in enumerate(((1, 2), (0, 2), (0, 1))):
+        panels.append({"cut": cut, "axes": (rows, cols), "aspect": spacing[rows] / spacing[cols],
+                       "mm": (shape[rows] * spacing[rows], shape[cols] * spacing[cols])})
+    return panels
+
+
 def plot_reconstruction(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: Path, title: str,
                         spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
     """Central slices along each axis of the first crop of a batch ``[B, C, X, Y, Z]`` (channel 0): input, masked
-    input, reconstruction; each panel drawn with the voxels' physical aspect (``spacing`` in the crop's axis order)."""
+    input, reconstruction; each panel drawn with the voxels' physical aspect (``spacing`` in the crop's axis order),
+    so a 16 x 64 slice of 4 x 1 mm voxels shows as the square it is."""
     rows = (("input", image), ("masked input", masked), ("reconstruction", recon))
     vol = image[0, 0].float().cpu()
     lo, hi = float(vol.quantile(0.01)), float(vol.quantile(0.99))
-    planes = ((1, 2), (0, 2), (0, 1))  # the axes shown (rows, columns) when cutting across axis 0, 1, 2
-    extents = [[vol.shape[a] * spacing[a] for a in plane] for plane in planes]  # mm
-    fig, axes = plt.subplots(3, 3, figsize=(10, 9), gridspec_kw={"width_ratios": [max(e[1], 1e-6) for e in extents]})
+    panels = slice_panels(vol.shape, spacing)
+    fig, axes = plt.subplots(3, 3, figsize=(10, 9), gridspec_kw={"width_ratios": [p["mm"][1] for p in panels]})
     for r, (name, v) in enumerate(rows):
         v = v[0, 0].float().cpu()
         slices = (v[v.shape[0] // 2], v[:, v.shape[1] // 2], v[:, :, v.shape[2] // 2])
-        for c, (s, plane) in enumerate(zip(slices, planes)):
+        for c, (s, panel) in enumerate(zip(slices, panels)):
             ax = axes[r, c]
-            ax.imshow(s.numpy(), cmap="gray", vmin=lo, vmax=hi, aspect=spacing[plane[0]] / spacing[plane[1]],
-                      interpolation="nearest")
+            ax.imshow(s.numpy(), cmap="gray", vmin=lo, vmax=hi, aspect=panel["aspect"], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name)
             if r == 0:
-                ax.set_title(f"cut across axis {c} ({extents[c][0]:.0f} x {extents[c][1]:.0f} mm)", fontsize=9)
+                ax.set_title(f"cut across axis {c} ({panel['mm'][0]:.0f} x {panel['mm'][1]:.0f} mm)", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)

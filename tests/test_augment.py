@@ -8,25 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.augment import augment
+from pretrain.augment import augment, reference_augment
 
 N = 20_000
-
-
-def reference_augment(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
-    """The reference's augmentation of one ``[C, X, Y, Z]`` crop, as this project applied it per crop before."""
-    for axis in (1, 2, 3):
-        if rng.random() < 0.5:
-            crop = np.flip(crop, axis)
-    planes = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if crop.shape[a + 1] == crop.shape[b + 1]]
-    if planes and rng.random() < 0.3:
-        a, b = planes[rng.integers(len(planes))]
-        crop = np.rot90(crop, int(rng.integers(1, 4)), axes=(a + 1, b + 1))
-    if rng.random() < 0.1:
-        crop = crop * np.float32(1 + rng.uniform(-0.1, 0.1))
-    if rng.random() < 0.1:
-        crop = crop + np.float32(rng.uniform(-0.1, 0.1))
-    return crop
 
 
 def describe(out: np.ndarray, ids: np.ndarray) -> tuple[tuple, float, float]:

@@ -50,6 +50,19 @@ def test_pretrain_throughput_model_and_end_to_end(preprocessed_dataset, method, 
     assert loader["bytes_per_crop"] == 16 * 32 * 32 * 4 if method == "hiend_mae" else loader["bytes_per_crop"] > 0
 
 
+def test_loader_throughput_times_each_step_on_the_datasets_given(preprocessed_dataset):
+    r = _run("loader_throughput.py", "-d", str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"]),
+             "--patch-size", "16", "32", "32", "--crops-per-volume", "2", "--batch-size", "2", "--num-workers", "1",
+             "--batches", "2", "--crops", "8")
+    assert r["datasets"] == [preprocessed_dataset["name"], preprocessed_dataset["unlabelled_name"]]
+    steps = r["per_crop_ms"]
+    assert all(_positive(steps[k]) for k in ("centre_by_probing", "read", "cpu_augmentation"))
+    assert _positive(steps["centre_from_body_locations"])  # the unlabelled pool carries body locations
+    loader = r["loader"]
+    assert _positive(loader["crops_per_s_per_worker_now"]) and _positive(loader["ratio"])
+    assert r["bytes_per_crop"] == {"float32": 16 * 32 * 32 * 4, "float16_for_gpu": 16 * 32 * 32 * 2}
+
+
 def test_finetune_speed_ratios_to_default_unet():
     from nnunetv2_hiendmae.network import HiEndUNETR
     from nnunetv2_hiendmae.presets import encoder_config

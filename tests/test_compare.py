@@ -285,3 +285,21 @@ def test_help_explains_flags():
     assert proc.returncode == 0
     for flag in ("--dataset", "--configuration", "--entries", "--folds", "--output-dir", "paired"):
         assert flag in proc.stdout
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_figure_labels_folds_and_says_when_there_is_no_spread(env, results, tmp_path):
+    from matplotlib.collections import LineCollection
+
+    make_entry(results, "nnUNetTrainer__OneFold", {3: (0.7, 0.5)})
+    comp = cmp.compare(7, [REF, "nnUNetTrainer__OneFold"], CFG, None, tmp_path / "o")
+    fig = cmp.comparison_figure(comp)
+    texts = _texts(fig)
+    assert {"fold 0", "fold 1", "fold 2", "fold 3"} <= set(texts)  # each dot says which fold it is
+    assert texts.count("1 fold: no spread") == 1  # the one-fold entry, and only it
+    fg = fig.axes[0]
+    bars = [c for c in fg.collections if isinstance(c, LineCollection)]
+    assert len(bars) == 1 and len(bars[0].get_segments()) == 1  # one error bar: the 3-fold reference only

@@ -226,7 +226,7 @@ def test_bare_state_dict_without_prefix_and_pickled_objects(tmp_path, capsys):
 def test_bad_inputs_in_process(tmp_path, capsys, sincos_import):
     src, out = sincos_import[1], tmp_path / "o.pth"
     (tmp_path / "text.pth").write_text("not a checkpoint\n")
-    expect_user_error(capsys, ["-i", tmp_path / "text.pth", "-o", out], "not a readable PyTorch checkpoint")
+    expect_user_error(capsys, ["-i", tmp_path / "text.pth", "-o", out], "is not a readable PyTorch checkpoint (truncated, corrupt or not a torch file")
     torch.save({"state_dict": {"module.foo.weight": torch.zeros(3)}}, tmp_path / "foreign.pth")
     expect_user_error(capsys, ["-i", tmp_path / "foreign.pth", "-o", out], "not a reference Hi-End-MAE checkpoint")
     expect_user_error(capsys, ["-i", src, "-o", out, "--arch", "vit_b16"], "does not match the checkpoint")

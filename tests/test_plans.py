@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CROP, TOKEN, run_cli, write_checkpoint
-from nnunetv2_hiendmae.fileio import sha256
+from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.plans import (CONFIGURATION, DEFAULT_NAME, Dataset, build_plan, main, normalisation, parser,
@@ -74,7 +74,7 @@ def test_pretrained_plans_content(preprocessed_dataset, ckpts):
     assert plans["foreground_intensity_properties_per_channel"] == {"0": PRETRAIN_CT}
     info = plans["pretrain_info"]
     assert info["checkpoint"] == str(ckpts["pretrain"].resolve()) and Path(info["checkpoint"]).is_absolute()
-    assert info["sha256"] == sha256(ckpts["pretrain"])
+    assert info["encoder_sha256"] == encoder_fingerprint(torch.load(ckpts["pretrain"], weights_only=True))
     assert (info["arch"], info["method"], info["spacing"], info["normalization"]) == (
         "vit_tiny", "hiend_mae", "pretrain", "pretrain")
     # new data: its own identifier, preprocessing needed; the rest of the base plans kept
@@ -211,8 +211,8 @@ def bad_input_cases(tmp: Path, folder: Path, ckpts: dict) -> list[tuple[list[str
         (["-d", "987", "-pt", same], {}, "dataset '987' not found in nnUNet_raw"),
         (["-d", "990", "-pt", same, "-pl_base", "NoSuchPlans"], {}, "NoSuchPlans.json not found"),
         (["-d", "990", "-pt", str(tmp / "missing.pth")], {}, "checkpoint not found"),
-        (["-d", "990", "-pt", str(corrupt)], {}, "cannot read checkpoint"),
-        (["-d", "990", "-pt", str(foreign)], {}, "not a nnunetv2_hiendmae pretraining checkpoint"),
+        (["-d", "990", "-pt", str(corrupt)], {}, "is not a readable checkpoint (truncated, corrupt or not a torch"),
+        (["-d", "990", "-pt", str(foreign)], {}, "is a torch file but not a nnunetv2_hiendmae pretraining checkpoint"),
         (["-d", "990", "-pt", str(two)], {}, "pretrained on 2 channels, the dataset has 1"),
         (["-d", "990", "-pt", same, "--patch-size", "32", "40", "48"], {}, "not a multiple of the token size"),
         (["-d", "990"], {}, "give -pt CHECKPOINT"),

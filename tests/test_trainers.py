@@ -161,6 +161,18 @@ def test_load_checkpoint_accepts_a_dict_and_restores_the_stage(setup):
         assert torch.equal(resumed.network.state_dict()[key], value), key
 
 
+def test_load_checkpoint_of_an_unreadable_or_foreign_file_says_what_it_is_not(setup, tmp_path):
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    broken = tmp_path / "checkpoint_latest.pth"
+    broken.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(UserError, match=r"is not a readable nnU-Net training checkpoint \(truncated, corrupt"):
+        trainer.load_checkpoint(str(broken))
+    torch.save({"weights": {}}, broken)
+    with pytest.raises(UserError, match=r"not an nnU-Net training checkpoint: expected the keys network_weights"):
+        trainer.load_checkpoint(str(broken))
+
+
 @pytest.mark.slow
 def test_end_to_end_plan_train_resume_validate_predict(preprocessed_dataset, nnunet_dirs, setup, tmp_path,
                                                          monkeypatch):

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint, save_atomic
-from nnunetv2_hiendmae.fileio import sha256
+from nnunetv2_hiendmae.checkpoint import encoder_fingerprint, encoder_state_dict, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.presets import encoder_config
@@ -49,7 +48,7 @@ def test_adapt_encoder_config_only_sets_the_channels():
 
 def test_loading_copies_every_encoder_tensor(saved):
     path, _ = saved
-    ckpt = verify_checkpoint(str(path), sha256(path))
+    ckpt = verify_checkpoint(str(path), encoder_fingerprint(saved[1]))
     net = network_for(ckpt, 1)
     report = load_pretrained_encoder(net, ckpt)
     source, loaded = encoder_state_dict(ckpt), net.encoder.state_dict()
@@ -122,7 +121,7 @@ def test_two_channel_checkpoint_into_three_channels_is_refused():
 
 def test_changed_checkpoint_is_refused(saved):
     path, _ = saved
-    message = r"changed since the plans were written \(sha256 [0-9a-f]{64}, the plans expect 0+\)"
+    message = r"changed since the plans were written: .*encoder sha256 [0-9a-f]{12}\.\.\., the plans expect 0{12}"
     with pytest.raises(UserError, match=message):
         verify_checkpoint(str(path), "0" * 64)
 
@@ -137,19 +136,44 @@ def test_missing_file_is_refused(tmp_path):
         verify_checkpoint(str(tmp_path / "nope.pt"), None)
 
 
-def test_corrupt_file_is_refused(saved):
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_unreadable_file_says_what_it_is_not(saved, damage):
     path, _ = saved
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match="cannot read checkpoint"):
+    path.write_bytes({"truncated": path.read_bytes()[:1000], "empty": b"", "text": b"hello"}[damage])
+    with pytest.raises(UserError) as e:
+        verify_checkpoint(str(path), None)
+    message = str(e.value)
+    assert message.startswith(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file")
+    assert "weights_only=False" not in message and "\n" not in message  # never the advice to unpickle
+
+
+def test_torch_file_with_python_objects_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "objects.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "args": UserError("any object")}, path)
+    with pytest.raises(UserError, match="holds Python objects besides tensors.*weights_only=True"):
         verify_checkpoint(str(path), None)
 
 
-@pytest.mark.parametrize("content", [
-    {"weights": {"encoder.norm.weight": torch.ones(3)}},  # a dict without our 'format'
-    {"state_dict": {"module.encoder.norm.weight": torch.ones(3)}},  # a reference checkpoint, not converted
+@pytest.mark.parametrize("content,extra", [
+    ({"weights": {"encoder.norm.weight": torch.ones(3)}}, "found weights"),  # a dict without our 'format'
+    ({"state_dict": {"module.encoder.norm.weight": torch.ones(3)}}, "convert it with nnUNetv2_hiendmae_import"),
 ])
-def test_foreign_file_is_refused(tmp_path, content):
+def test_foreign_file_is_refused(tmp_path, content, extra):
     path = tmp_path / "foreign.pt"
     torch.save(content, path)
-    with pytest.raises(UserError, match="is not a nnunetv2_hiendmae pretraining checkpoint"):
+    with pytest.raises(UserError, match=r"is a torch file but not a nnunetv2_hiendmae pretraining checkpoint: "
+                                        r"expected the keys format, method, .*weights") as e:
         verify_checkpoint(str(path), None)
+    assert extra in str(e.value)
+
+
+def test_plans_pin_the_encoder_not_the_file_bytes(saved):
+    path, ckpt = saved
+    pinned = encoder_fingerprint(ckpt)
+    rewritten = {**ckpt, "pretrain": {**ckpt["pretrain"], "note": "saved again"}}  # other bytes, same encoder
+    save_atomic(rewritten, path)
+    assert verify_checkpoint(str(path), pinned)["pretrain"]["note"] == "saved again"
+    changed = {**ckpt, "weights": {**ckpt["weights"], "encoder.norm.bias": ckpt["weights"]["encoder.norm.bias"] + 1}}
+    save_atomic(changed, path)
+    with pytest.raises(UserError, match="changed since the plans were written"):
+        verify_checkpoint(str(path), pinned)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,6 +21,20 @@ from pathlib import Path
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 
+# nnU-Net output that looks like failure but is expected here (the demo explains it once and hides it)
+NOISE = [re.compile(rb) for rb in (
+    rb"Trainer '[^']+' not found in nnunetv2\.training\.nnUNetTrainer",  # then found through nnUNet_extTrainer
+    rb"Searching in external trainer paths from environment variable",
+    rb"^Searching in: ", rb"Searching for class \S+ in folder",
+    rb"Unable to plot network architecture", rb"No module named 'hiddenlayer'",  # optional plot
+    rb"torch\.jit\.interface. is deprecated",  # torchvision under recent torch
+)]
+WARNING_WITH_SOURCE_LINE = [re.compile(rb"Warning: ")]  # a Python warning prints its source line after it
+GPU_WORDING_ON_CPU = [re.compile(rb"GPU prediction completed")]
+NOISE_NOTE = ("Note: nnU-Net's own lines that look like failures but are expected here are hidden: the search for our "
+              "trainers ('Trainer ... not found in nnunetv2.training.nnUNetTrainer. Searching ...'; they are then "
+              "found through nnUNet_extTrainer), the optional network plot ('No module named hiddenlayer'), "
+              "'GPU prediction completed' when predicting on a CPU, and torchvision's torch.jit FutureWarning.")
 DATASET_ID = 501
 PLANS = "nnUNetPlans_HiEndMAE"
 EPILOG = """\
@@ -94,11 +109,25 @@ class Demo:
         print(f"\n=== [{self.step_no}/{self.n_steps}] {title}  (t = {time.time() - self.t0:.0f} s)", flush=True)
 
     def run(self, *cmd: str, extra_env: dict | None = None) -> None:
-        """Run one real command; stream its output; stop the demo with a clear message if it fails."""
+        """Run one real command; stream its output without nnU-Net's known noise (:data:`NOISE`); stop the demo
+        with a clear message if it fails."""
         print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
         exe = Path(sys.executable).parent / cmd[0]  # the commands installed next to this Python (venv not on PATH)
-        proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env={**self.env, **(extra_env or {})})
-        if proc.returncode != 0:
+        proc = subprocess.Popen([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env={**self.env, **(extra_env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        noise = NOISE + (GPU_WORDING_ON_CPU if self.args.device == "cpu" else [])
+        line, skip_next = b"", False
+        while chunk := proc.stdout.read1(65536):
+            line += chunk
+            *done, line = line.split(b"\n")
+            for text in done:  # progress bars redraw with \r inside a line: they pass through whole
+                if skip_next or any(p.search(text) for p in noise):
+                    skip_next = any(p.search(text) for p in WARNING_WITH_SOURCE_LINE)
+                    continue
+                sys.stdout.buffer.write(text + b"\n")
+            sys.stdout.buffer.flush()
+        sys.stdout.buffer.write(line)
+        if proc.wait() != 0:
             raise UserError(f"step {self.step_no} failed: `{cmd[0]}` exited with {proc.returncode} (output above). "
                             f"Re-run to continue from this step, or add --fresh to start clean")
 
@@ -110,6 +139,7 @@ class Demo:
             d.mkdir(parents=True, exist_ok=True)
         train_env = {"nnUNet_n_proc_DA": str(a.num_workers), "nnUNet_def_n_proc": str(max(1, a.num_workers))}
 
+        print(NOISE_NOTE)
         self.step("generate a CT-like dataset (labelled + held-out test cases) and a folder of unlabelled scans")
         pool = self.root / "unlabelled_scans"
         if not (self.raw / self.dataset / "dataset.json").exists():
@@ -126,9 +156,11 @@ class Demo:
 
         self.step("preprocess the unlabelled scans like the labelled dataset (nnUNetv2_hiendmae_preprocess_unlabeled)")
         pretrain_sets = [str(DATASET_ID)]
-        if a.unlabelled:  # re-running skips the finished cases
+        pool_plans = self.pre / f"Dataset{DATASET_ID + 1:03d}_HiEndDemoUnlabelled" / "nnUNetPlans.json"
+        if a.unlabelled and not pool_plans.exists():  # the plans are written last
             self.run("nnUNetv2_hiendmae_preprocess_unlabeled", "-i", str(pool), "-d", str(DATASET_ID + 1), "--name",
                      "HiEndDemoUnlabelled", "--like", str(DATASET_ID), "-np", str(max(1, a.num_workers)))
+        if a.unlabelled:
             pretrain_sets.append(str(DATASET_ID + 1))
 
         self.step(f"pretraining ({a.method}) on the labelled and unlabelled images")

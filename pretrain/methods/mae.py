@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from nnunetv2_hiendmae.vit import (Grid, build_encoder, init_linear_and_norm, patchify, sincos_pos_embed_3d,
+from nnunetv2_hiendmae.presets import Grid
+from nnunetv2_hiendmae.vit import (build_encoder, init_linear_and_norm, patchify, sincos_pos_embed_3d,
                                    take_tokens, unpatchify)
 
 DECODER_PRESETS: dict[str, dict] = {
