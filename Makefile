@@ -20,11 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	@if [ "$(TORCH)" = cpu ] || { [ "$(TORCH)" = auto ] && ! command -v nvidia-smi >/dev/null 2>&1; }; then \
-	  echo "no NVIDIA GPU in use: installing PyTorch's CPU build from $(TORCH_CPU_INDEX) (make TORCH=default to skip)"; \
-	  $(BIN)/python -m pip install --retries 1 --timeout 20 --index-url $(TORCH_CPU_INDEX) torch torchvision || \
-	  { [ "$(TORCH)" = auto ] && echo "that index cannot be reached: the package index's default build is installed"; }; \
+	  if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=15)" 2>/dev/null; then \
+	    echo "no NVIDIA GPU in use: installing PyTorch's CPU build from $(TORCH_CPU_INDEX) (make TORCH=default to skip)"; \
+	    $(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) torch torchvision; \
+	  elif [ "$(TORCH)" = cpu ]; then echo "$(TORCH_CPU_INDEX) cannot be reached (TORCH=cpu)"; exit 1; \
+	  else echo "no NVIDIA GPU in use, but $(TORCH_CPU_INDEX) cannot be reached: installing the default PyTorch build"; \
+	  fi; \
 	fi
 	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -c "import torch, torchvision, nnunetv2_hiendmae; print('torch', torch.__version__)"
 	touch $@
 
 demo: install

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -28,6 +28,15 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def publish(moves: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """Rename each finished file onto its target, in the given order (each rename is atomic), then fsync the target
+    folders: with several files, the one readers look for goes last."""
+    for source, target in moves:
+        os.replace(source, target)
+    for folder in {Path(target).parent for _, target in moves}:
+        _fsync_folder(folder)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then move it into place atomically."""
     path = Path(path)
@@ -40,12 +49,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish([(tmp, path)])
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_folder(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

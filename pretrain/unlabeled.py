@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import re
 import shutil
 import sys
@@ -31,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.fileio import atomic_write_json
+from nnunetv2_hiendmae.fileio import atomic_write_json, publish
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
 
@@ -231,8 +230,9 @@ def preprocess_case(case: Case, settings: Settings, plans: dict, staging: Path, 
         (staging / f"{case.name}{suffix}").unlink(missing_ok=True)
     nnUNetDatasetBlosc2.save_case(data.astype(np.float32, copy=False), body, props, str(stem), chunks=chunks,
                                   blocks=blocks, chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-    for suffix in ("_seg.b2nd", ".pkl", ".b2nd"):  # the data file last: it makes the case visible
-        os.replace(staging / f"{case.name}{suffix}", target / f"{case.name}{suffix}")
+    # the data file last: it makes the case visible (nnU-Net lists cases by it; a re-run skips cases that have it)
+    publish([(staging / f"{case.name}{suffix}", target / f"{case.name}{suffix}")
+             for suffix in ("_seg.b2nd", ".pkl", ".b2nd")])
     return None
 
 
@@ -346,6 +346,7 @@ def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, sett
     if others:
         raise UserError(f"dataset id {dataset_id} is taken by {others[0]} in nnUNet_preprocessed: choose another -d")
     folder = root / full_name
+    created = not folder.exists()
     cases = find_cases(inputs, file_ending)
     if not cases:
         raise UserError(f"no images ({', '.join(FILE_ENDINGS)}) found in {' '.join(inputs)}")
@@ -378,6 +379,8 @@ def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, sett
             tqdm.write(f"skipped {case}: {reason}", file=sys.stderr)
     shutil.rmtree(staging, ignore_errors=True)
     _write_dataset_files(folder, full_name, settings, cases, target, report)
+    if created and report.done == 0:  # nothing usable: leave no dataset that a later run would have to match
+        shutil.rmtree(folder)
     return folder, report
 
 

@@ -77,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         {"like": args.like, "plans": args.plans, "configuration": args.configuration, "modality": args.modality,
          "spacing": args.spacing, "ct_window": args.ct_window, "patch_size": args.patch_size},
         processes=args.num_processes, file_ending=args.file_ending)
-    print(report.summary())
     if report.done + report.already == 0:
-        raise UserError(f"no case could be preprocessed (reasons in {folder / 'skipped.json'})")
+        raise UserError(f"no case could be preprocessed: {report.summary()}")
+    print(report.summary())
     print(f"dataset: {folder}")
     print(f"next: nnUNetv2_hiendmae_pretrain -d {args.dataset_id} -o OUTPUT_FOLDER")
 

@@ -170,3 +170,11 @@ def test_mr_zscore_ct_window_and_bad_flags(nnunet_dirs, tmp_path):
     empty.mkdir()
     proc = run_cli(CMD, "-i", str(empty), "-d", "974")
     assert proc.returncode == 2 and "no images" in proc.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.nii.gz").write_bytes(b"nothing")
+    proc = run_cli(CMD, "-i", str(bad), "-d", "974", "--ct-window", "-175", "250", "-np", "1")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: no case could be preprocessed: 0 preprocessed")
+    assert "1 unreadable" in lines[-1]
+    assert not list(nnunet_dirs["nnUNet_preprocessed"].glob("Dataset974_*"))  # no empty dataset left behind
