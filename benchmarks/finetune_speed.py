@@ -56,14 +56,16 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
 
 
 def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, classes: int, case: list[int],
-            device: torch.device, steps: int, warmup: int) -> dict:
-    """Training iteration time and peak memory (from building the network on), then sliding-window time for one case."""
+            device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
+    """Training iteration time and peak memory (from building the network on), then sliding-window time for one case;
+    ``compile_``: the network under ``torch.compile``, as nnU-Net runs it when ``nnUNet_compile`` is on."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     with PeakMemory(device) as mem:
         torch.manual_seed(0)
-        net = build().to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        model = build().to(device)
+        net = torch.compile(model) if compile_ else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(batch, 1, *patch, device=device)
         y = torch.randint(0, classes, (batch, *patch), device=device)
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -95,9 +97,9 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
         predictor._internal_maybe_mirror_and_predict(torch.zeros(1, 1, *patch, device=device))  # warm-up
         with Stopwatch(device) as infer_clock:
             predictor.predict_sliding_window_return_logits(image)
-    params = sum(p.numel() for p in net.parameters())
-    network_class = f"{type(net).__module__}.{type(net).__qualname__}"
-    del net, predictor
+    params = sum(p.numel() for p in model.parameters())
+    network_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    del net, model, predictor
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"class": network_class, "params": params, "params_m": round(params / 1e6, 2),
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16) or cpu (fp32)")
     p.add_argument("--steps", type=int, default=10, help="timed iterations (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every network (nnU-Net's default on CUDA)")
     a = p.parse_args()
 
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as base
@@ -132,12 +135,12 @@ def main() -> None:
                (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
     result = {"device": a.device, "device_name": device_name(device),
               "torch": torch.__version__, "precision": resolve_precision(device), "patch_size": a.patch_size,
-              "batch_size": a.batch_size, "case_size": a.case_size, "networks": {}}
+              "batch_size": a.batch_size, "case_size": a.case_size, "compile": a.compile, "networks": {}}
     for name, trainer, arch in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
         build = lambda: trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
         result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device,
-                                           a.steps, a.warmup)
+                                           a.steps, a.warmup, a.compile)
     ref = result["networks"][entries[0][0]]
     result["ratios_to_default"] = {n: {k: round(v[k] / ref[k], 2) if ref[k] else None
                                        for k in ("s_per_iter", "peak_mem_gib", "sliding_window_s")}

@@ -3,9 +3,9 @@
 Per crop, on the cases of the datasets given: choosing a body-centred centre from the case's ``body_locations``
 (datasets from nnUNetv2_hiendmae_preprocess_unlabeled) versus by probing candidate voxels (nnU-Net's own datasets);
 reading the crop (blosc2, only the chunks it touches); and the per-crop CPU augmentation the workers did before it
-moved to the training device. Then whole loaders: crops per second per worker as the loader is now (reads only)
-and with that CPU augmentation added back (as before), and the bytes per crop in float32 and in the float16 the
-loader uses for a GPU in bf16/fp16. One JSON line.
+moved to the training device. Then whole loaders: crops per second per worker as the loader is now (reads only;
+float32 as on a CPU, and float16 as for a GPU in bf16/fp16) and with that CPU augmentation added back (as before),
+and the bytes per crop moved in each dtype. One JSON line.
 
     python benchmarks/loader_throughput.py -d 503 --patch-size 96 96 96 --num-workers 1
 """
@@ -94,12 +94,16 @@ def main() -> None:
               "device_name": device_name(torch.device("cpu")), "torch": torch.__version__,
               "per_crop_ms": per_crop_ms(PretrainCrops(sources, views, a.crops, seed=0), a.crops)}
     now = loader_crops_per_s(PretrainCrops(sources, views, items, seed=0), a.batch_size, a.num_workers, a.batches)
+    half = loader_crops_per_s(PretrainCrops(sources, views, items, seed=0, dtype="float16"), a.batch_size,
+                              a.num_workers, a.batches)
     before = loader_crops_per_s(WithCpuAugmentation(sources, views, items, seed=0), a.batch_size, a.num_workers,
                                 a.batches)
     voxels = int(np.prod(a.patch_size))
     result["loader"] = {"crops_per_s_per_worker_now": round(now / max(1, a.num_workers), 2),
+                        "crops_per_s_per_worker_now_float16": round(half / max(1, a.num_workers), 2),
                         "crops_per_s_per_worker_with_cpu_augmentation": round(before / max(1, a.num_workers), 2),
-                        "ratio": round(now / before, 2)}
+                        "ratio_now_to_before": round(now / before, 2),
+                        "ratio_now_float16_to_before": round(half / before, 2)}
     result["bytes_per_crop"] = {"float32": 4 * voxels, "float16_for_gpu": 2 * voxels}
     print(json.dumps(result))
 

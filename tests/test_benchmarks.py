@@ -59,8 +59,25 @@ def test_loader_throughput_times_each_step_on_the_datasets_given(preprocessed_da
     assert all(_positive(steps[k]) for k in ("centre_by_probing", "read", "cpu_augmentation"))
     assert _positive(steps["centre_from_body_locations"])  # the unlabelled pool carries body locations
     loader = r["loader"]
-    assert _positive(loader["crops_per_s_per_worker_now"]) and _positive(loader["ratio"])
+    assert all(_positive(loader[k]) for k in ("crops_per_s_per_worker_now", "crops_per_s_per_worker_now_float16",
+                                               "crops_per_s_per_worker_with_cpu_augmentation",
+                                               "ratio_now_to_before", "ratio_now_float16_to_before"))
     assert r["bytes_per_crop"] == {"float32": 16 * 32 * 32 * 4, "float16_for_gpu": 16 * 32 * 32 * 2}
+
+
+def test_make_scans_writes_ct_like_volumes_of_the_size_asked(tmp_path):
+    import SimpleITK as sitk
+
+    proc = subprocess.run([sys.executable, str(BENCH / "make_scans.py"), "-o", str(tmp_path), "-n", "2", "--scale",
+                           "0.4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    scans = sorted(tmp_path.glob("scan_*.nii.gz"))
+    assert [s.name for s in scans] == ["scan_000.nii.gz", "scan_001.nii.gz"]
+    image = sitk.ReadImage(str(scans[0]))
+    size_mm = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
+    assert 0.4 * 180 < size_mm[0] < 0.4 * 260 and 0.4 * 110 < size_mm[2] < 0.4 * 180  # the demo's field of view x 0.4
+    values = sitk.GetArrayFromImage(image)
+    assert values.min() < -900 and values.max() > 500  # air and bone: CT-like
 
 
 def test_finetune_speed_ratios_to_default_unet():
