@@ -277,6 +277,9 @@ def test_kill_during_checkpoint_write_keeps_previous_file(tmp_path):
     ("missing_dataset", "555"),
     ("not_preprocessed", "nnUNetv2_plan_and_preprocess"),
     ("bad_crop", "not a multiple of the token size"),
+    ("flag_of_another_method", "--global-views: not a setting of method hiend_mae"),
+    ("views_the_method_cannot_use", "smaller than --patch-size"),
+    ("unknown_method", "invalid choice: 'byol'"),
 ])
 def test_bad_input_gives_one_clear_line(preprocessed_dataset, tmp_path, case, expect):
     args = pretrain_args(preprocessed_dataset, tmp_path / "out", 1, 1)
@@ -289,6 +292,13 @@ def test_bad_input_gives_one_clear_line(preprocessed_dataset, tmp_path, case, ex
         args += ["-p", "nnUNetResEncUNetMPlans"]
     elif case == "bad_crop":
         args[args.index("--patch-size") + 1] = "20"
+    elif case == "flag_of_another_method":
+        args += ["--global-views", "2"]
+    elif case == "views_the_method_cannot_use":
+        args = pretrain_args(preprocessed_dataset, tmp_path / "out", 1, 1, "--global-size", "8", "32", "32",
+                             method="gl_mae")
+    elif case == "unknown_method":
+        args += ["--method", "byol"]
     proc = run_cli(*args, env=env)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -147,7 +147,7 @@ def test_same_arrays_as_nnunet_preprocessing(preprocessed_dataset, nnunet_dirs, 
     assert plans["foreground_intensity_properties_per_channel"] == base["foreground_intensity_properties_per_channel"]
 
 
-def test_mr_zscore_ct_window_and_bad_flags(nnunet_dirs, tmp_path):
+def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tmp_path):
     images = tmp_path / "mr"
     rng = np.random.default_rng(5)
     for i in range(2):
@@ -162,8 +162,9 @@ def test_mr_zscore_ct_window_and_bad_flags(nnunet_dirs, tmp_path):
             (["--like", "990", "--spacing", "1", "1", "1"], "drop --spacing"),
             (["--ct-window", "250", "-175"], "LOW < HIGH"),
             (["--modality", "MR", "--ct-window", "-175", "250"], "--ct-window is for CT"),
-            (["--like", "555"], "dataset '555' not found")):
-        proc = run_cli(CMD, "-i", str(images), "-d", "974", *argv)
+            (["--like", "555"], "dataset '555' not found"),
+            (["-d", "990"], "dataset id 990 is taken by Dataset990_HiEndTest")):
+        proc = run_cli(CMD, "-i", str(images), *(argv if "-d" in argv else ["-d", "974", *argv]))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (argv, proc.stderr)
     empty = tmp_path / "empty"
