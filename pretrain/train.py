@@ -166,7 +166,11 @@ def resumed_config(stored: dict, given: dict) -> tuple[PretrainConfig, list[str]
         raise UserError("--resume continues the run with its own settings; these differ: " + ", ".join(refused)
                         + " (leave them out, or start a new run in another -o)")
     merged = {**stored, **{k: v for k, v in given.items() if k != "method_settings"}, "method_settings": settings}
-    return PretrainConfig(**merged), changed
+    try:
+        return PretrainConfig(**merged), changed
+    except TypeError:  # a run of a release whose settings had other names (before the method registry)
+        raise UserError("the run was written by an older nnunetv2_hiendmae whose settings this version does not "
+                        "know: it cannot be resumed (its checkpoints still fine-tune)") from None
 
 
 class PretrainRun:

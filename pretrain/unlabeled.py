@@ -135,10 +135,11 @@ def find_cases(inputs: Sequence[str], file_ending: str | None = None) -> list[Ca
 # ------------------------------------------------------------------------------------------------- reading one case
 
 def _reader(path: str):
+    """nnU-Net's first reader for the file's ending (chosen by the ending alone: no trial read of the file)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
     ending = next(e for e in FILE_ENDINGS if path.lower().endswith(e))
-    return determine_reader_writer_from_file_ending(ending, path, allow_nonmatching_filename=True, verbose=False)()
+    return determine_reader_writer_from_file_ending(ending, verbose=False)()
 
 
 def read_case(case: Case) -> tuple[np.ndarray, dict]:

@@ -11,6 +11,7 @@ import torch
 
 from conftest import console_script, kill_tree, make_trainer, run_cli
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
+from nnunetv2_hiendmae.errors import UserError
 
 TINY = ["--arch", "vit_tiny", "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress-bar",
         "--warmup-epochs", "1", "--checkpoint-minutes", "0"]
@@ -304,3 +305,13 @@ def test_bad_input_gives_one_clear_line(preprocessed_dataset, tmp_path, case, ex
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], proc.stderr
     assert not (tmp_path / "out" / "checkpoint_latest.pth").exists()
+
+
+def test_resume_of_a_run_from_before_the_method_registry_is_one_line(tmp_path):
+    """0.1.0 stored mask_ratio and crops_per_volume among the run's settings; this version cannot continue it."""
+    from pretrain.train import resumed_config
+
+    stored = {"datasets": ["990"], "output_dir": str(tmp_path), "arch": "vit_tiny", "patch_size": [16, 32, 32],
+              "mask_ratio": 0.75, "crops_per_volume": 8, "resume": False, "method_settings": {}}
+    with pytest.raises(UserError, match="written by an older nnunetv2_hiendmae .* cannot be resumed"):
+        resumed_config(stored, {"output_dir": str(tmp_path)})
