@@ -21,16 +21,18 @@ from torch import nn
 from nnunetv2_hiendmae.presets import Grid, token_size_3d
 
 
-def sincos_pos_embed_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_pos_embed_3d(grid: Sequence[int], dim: int, temperature: float = 10000.0,
+                        device: torch.device | str | None = None) -> torch.Tensor:
     """Fixed 3D sin-cos embedding ``[1, gh*gw*gd, dim]`` in raster (h, w, d) order, as in the reference.
 
     Layout per token: [sin(h w), cos(h w), sin(w w), cos(w w), sin(d w), cos(d w)] with F = dim/6 frequencies.
+    Built on ``device`` from the grid alone (no state), so ``torch.compile`` traces it once and never recompiles.
     """
     if dim % 6:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 6, got {dim}")
     f = dim // 6
-    omega = 1.0 / temperature ** (torch.arange(f, dtype=torch.float32) / f)
-    axes = torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(f, dtype=torch.float32, device=device) / f)
+    axes = torch.meshgrid(*[torch.arange(g, dtype=torch.float32, device=device) for g in grid], indexing="ij")
     parts = []
     for a in axes:
         out = a.flatten()[:, None] * omega[None]  # [L, F]
@@ -145,7 +147,6 @@ class ViTEncoder3D(nn.Module):
             self.pos_embed = nn.Parameter(sincos_pos_embed_3d(self.pos_embed_grid, embed_dim))
         else:
             self.pos_embed_grid = None
-        self._sincos_cache: dict[Grid, torch.Tensor] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -179,14 +180,10 @@ class ViTEncoder3D(nn.Module):
         return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
 
     def pos_embed_for(self, grid: Grid, device: torch.device) -> torch.Tensor:
-        """``[1, L, E]`` positional embedding for a token grid (sin-cos built and cached, learned interpolated)."""
+        """``[1, L, E]`` positional embedding for a token grid (sin-cos built for it, learned interpolated)."""
         if self.pos_embed_type == "learned":
             return interpolate_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
-        key = tuple(grid)
-        pe = self._sincos_cache.get(key)
-        if pe is None or pe.device != device:
-            pe = self._sincos_cache[key] = sincos_pos_embed_3d(grid, self.embed_dim).to(device)
-        return pe
+        return sincos_pos_embed_3d(grid, self.embed_dim, device=device)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``x [B, C, H, W, D]``; see the class docstring."""

@@ -204,3 +204,20 @@ def test_gl_mae_global_views_are_resized_regions_larger_than_the_patch():
 def test_bad_settings_are_one_clear_error(name, given, patch, message):
     with pytest.raises(UserError, match=message):
         methods.make_settings(name, given).check(patch, (16, 16, 16))
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_compiled_once_no_recompilation_as_masks_change(name):
+    """torch.compile (as the CLI on CUDA) traces each method once: fresh masks every step keep their shapes, and
+    nothing in forward changes state that a compiled graph guards on. (The eager backend checks tracing and guards
+    without generating code.)"""
+    import torch._dynamo
+
+    model, settings = build(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            out = compiled(structured(2, settings.views(PATCH), seed=step))
+            out["loss"].backward()
+    torch._dynamo.reset()

@@ -117,7 +117,7 @@ class MAE(nn.Module):
         token but the CLS, taken in shuffled order (each token gets its own position)."""
         b, n_masked = normed.shape[0], shuffle.shape[1] - (normed.shape[1] - 1)
         query = torch.cat([self.embed_for_decoder(normed), self.mask_token.expand(b, n_masked, -1)], dim=1)
-        pos = take_tokens(sincos_pos_embed_3d(grid, self.dec_dim).to(normed.device, query.dtype), shuffle)
+        pos = take_tokens(sincos_pos_embed_3d(grid, self.dec_dim, device=normed.device).to(query.dtype), shuffle)
         return torch.cat([query[:, :1], query[:, 1:] + pos], dim=1)
 
     def embed_for_decoder(self, normed: torch.Tensor) -> torch.Tensor:
