@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nnunetv2_hiendmae.fileio import atomic_write  # noqa: E402
 
@@ -40,6 +41,7 @@ def plot_progress(history: dict[str, list[float]], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     _save(fig, path)
 
