@@ -84,8 +84,6 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
         with Stopwatch(device) as train_clock:
             for _ in range(steps):
                 step()
-    del opt, x, y
-
     net.eval()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=device,
                                 perform_everything_on_device=device.type == "cuda", verbose=False, allow_tqdm=False)
@@ -99,9 +97,6 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
             predictor.predict_sliding_window_return_logits(image)
     params = sum(p.numel() for p in model.parameters())
     network_class = f"{type(model).__module__}.{type(model).__qualname__}"
-    del net, model, predictor
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"class": network_class, "params": params, "params_m": round(params / 1e6, 2),
             "s_per_iter": round(train_clock.s / steps, 4),
             "peak_mem_gib": mem.gib, "sliding_window_s": round(infer_clock.s, 3)}
@@ -141,6 +136,8 @@ def main() -> None:
         build = lambda: trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
         result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device,
                                            a.steps, a.warmup, a.compile)
+        if device.type == "cuda":  # the network measured is freed now: start the next one from an empty cache
+            torch.cuda.empty_cache()
     ref = result["networks"][entries[0][0]]
     result["ratios_to_default"] = {n: {k: round(v[k] / ref[k], 2) if ref[k] else None
                                        for k in ("s_per_iter", "peak_mem_gib", "sliding_window_s")}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.import_reference import main
-from nnunetv2_hiendmae.vit import build_encoder, sincos_pos_embed_3d
+from nnunetv2_hiendmae.vit import build_encoder
 
 E, DEPTH, HEADS, P, C = 96, 4, 4, 16, 1  # vit_tiny
 DEC, DEC_SELF, DEC_CROSS = 48, 2, 3

@@ -9,7 +9,6 @@ import torch
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.presets import encoder_config
-from nnunetv2_hiendmae.vit import patchify
 from pretrain import methods
 from pretrain.methods.mae import MAE
 from pretrain.methods.mim import octant_volumes, token_octants, token_volumes

@@ -18,8 +18,6 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.plans import (CONFIGURATION, DEFAULT_NAME, Dataset, build_plan, main, normalisation, parser,
                                      pretrained_source)
-from nnunetv2_hiendmae.presets import encoder_config
-from nnunetv2_hiendmae.vit import build_encoder
 from nnunetv2_hiendmae.weights import adapt_encoder_config
 
 # The released model's CT statistics (HU [-175, 250] -> [0, 1] through CTNormalization), unlike the dataset's own.
