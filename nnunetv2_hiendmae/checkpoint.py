@@ -49,7 +49,7 @@ class HoldsPythonObjects(UserError):
     """A valid PyTorch file whose pickle names classes beyond tensors and containers (``weights_only`` refuses it)."""
 
 
-def first_line(e: BaseException) -> str:
+def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
@@ -69,10 +69,10 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", weights_o
             raise HoldsPythonObjects(f"{path} is a PyTorch file that holds Python objects besides tensors, not a "
                                      f"plain {what}") from None
         raise UserError(f"{path} is not a readable {what} (truncated, corrupt or not a torch file: "
-                        f"{first_line(e)})") from None
+                        f"{_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - any other failure means the file is unusable
         raise UserError(f"{path} is not a readable {what} (truncated, corrupt or not a torch file: "
-                        f"{first_line(e)})") from None
+                        f"{_first_line(e)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

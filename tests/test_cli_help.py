@@ -32,6 +32,8 @@ def test_help_imports_nothing_heavy_and_returns_within_a_second(script):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "heavy": []}, (script, result)
     assert "usage:" in proc.stdout and "--help" in proc.stdout
+    description = proc.stdout.split("\n\n")[1]  # after the usage block
+    assert description[0].isupper() and "``" not in proc.stdout, description  # plain text, a sentence
     best = float("inf")
     for _ in range(3):  # best of three: the bound is about this program, not about the machine's load
         t0 = time.perf_counter()
@@ -47,3 +49,10 @@ def test_unknown_flag_is_one_error_line(script):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (script, proc.stderr)
     assert proc.stdout == ""
+
+
+def test_license_is_an_spdx_string():
+    """setuptools deprecated the ``license = {text = ...}`` table (three warnings per install)."""
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]  # the first release that reads the SPDX form
