@@ -31,6 +31,13 @@ def token_size_3d(token_size: int | Sequence[int]) -> Grid:
     return size  # type: ignore[return-value]
 
 
+def ct_window_statistics(low: float, high: float) -> dict:
+    """nnU-Net intensity properties under which its ``CTNormalization`` (clip to the 0.5 / 99.5 percentiles, then
+    ``(x - mean) / std``) maps HU [low, high] to [0, 1]; (-175, 250) is the released Hi-End-MAE weights' mapping."""
+    return {"max": high, "mean": low, "median": (low + high) / 2, "min": low, "percentile_00_5": low,
+            "percentile_99_5": high, "std": high - low}
+
+
 def encoder_config(arch: str, in_channels: int = 1, pos_embed: str = "sincos",
                    pos_embed_grid: Sequence[int] | None = None) -> dict:
     """Every constructor argument of an encoder built from a preset: stored in checkpoints and plans."""

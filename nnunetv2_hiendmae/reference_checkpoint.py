@@ -25,7 +25,7 @@ import torch
 from nnunetv2_hiendmae.checkpoint import FORMAT, HoldsPythonObjects, make_checkpoint, read_torch_file, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import sha256
-from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH, encoder_config
+from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH, ct_window_statistics, encoder_config
 from nnunetv2_hiendmae.vit import build_encoder, sincos_pos_embed_3d
 from pretrain.methods import MaskedCropsSettings
 from pretrain.methods.hiend_mae import DECODER_PRESETS
@@ -34,15 +34,7 @@ SINCOS_ATOL = 1e-5
 
 # The released weights' preprocessing, in nnU-Net plans terms (see the module docstring).
 RELEASE_SPACING = [1.5, 1.5, 1.5]
-RELEASE_INTENSITY = {
-    "percentile_00_5": -175.0,
-    "percentile_99_5": 250.0,
-    "mean": -175.0,
-    "std": 425.0,
-    "median": 37.5,
-    "min": -175.0,
-    "max": 250.0,
-}
+RELEASE_CT_WINDOW = (-175.0, 250.0)
 
 ENCODER_PATCH_KEY = "encoder.patch_embed.proj.weight"
 _DROPPED = ("decoder_pos_embed",)  # fixed sin-cos, recomputed by our pretraining model
@@ -246,7 +238,7 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
         "transpose_forward": [0, 1, 2],
         "normalization_schemes": ["CTNormalization"],
         "use_mask_for_norm": [False],
-        "foreground_intensity_properties_per_channel": {"0": dict(RELEASE_INTENSITY)},
+        "foreground_intensity_properties_per_channel": {"0": ct_window_statistics(*RELEASE_CT_WINDOW)},
         "channel_names": {"0": "CT"},
         "in_channels": in_channels,
         "crop_size": crop,

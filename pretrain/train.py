@@ -29,7 +29,7 @@ from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision
-from nnunetv2_hiendmae.presets import encoder_config, token_size_3d
+from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.augment import augment
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
@@ -204,7 +204,7 @@ class PretrainRun:
                                   world_size=self.world_size, dtype=compact)
         self.crops_per_step = cfg.batch_size * sum(n for n, _ in self.views.values())
 
-        token = token_size_3d(encoder_config(cfg.arch)["token_size"])
+        token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
                                           [s // t for s, t in zip(cfg.patch_size, token)]
                                           if cfg.pos_embed == "learned" else None)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write_json, publish
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
+from nnunetv2_hiendmae.presets import ct_window_statistics
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
 
 PLANS = "nnUNetPlans"  # what nnUNetv2_hiendmae_pretrain reads by default
@@ -317,12 +318,6 @@ def settings_like(dataset: str, plans_name: str, configuration: str, patch_size:
                     [bool(m) for m in cfg["use_mask_for_norm"]],
                     json.loads(json.dumps(manager.foreground_intensity_properties_per_channel)),
                     {**DEFAULT_RESAMPLING, **resampling}, list(patch_size), f"like {name}"), name
-
-
-def ct_window_statistics(low: float, high: float) -> dict:
-    """Intensity properties under which nnU-Net's CTNormalization maps HU [low, high] to [0, 1] (clipped)."""
-    return {"max": high, "mean": low, "median": (low + high) / 2, "min": low, "percentile_00_5": low,
-            "percentile_99_5": high, "std": high - low}
 
 
 @dataclass
