@@ -8,6 +8,7 @@ import os
 import platform
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -100,3 +101,27 @@ class Stopwatch:
     def __exit__(self, *exc) -> None:
         sync(self.device)
         self.s = time.perf_counter() - self._t0
+
+
+# Dense tensor-core peak of bf16/fp16 in TFLOP/s, from the vendors' data sheets (first match of the device name wins).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's bf16/fp16 peak for MFU; None on a CPU, in fp32 or on a GPU not in :data:`PEAK_TFLOPS`."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls, convolutions, attention; forward and backward), as
+    PyTorch's ``FlopCounterMode`` counts them. Attention runs on the math kernel here, whose matmuls count on every
+    device (the CPU's fused kernel has no FLOP formula); the count does not depend on the kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -5,21 +5,28 @@
 pinned, moved without blocking, augmented on the device) feeding the same steps; needs ``-d`` and
 ``nnUNet_preprocessed``. Also the loader alone: crops/s per worker and bytes per crop moved.
 Peak memory: GPU allocator peak on CUDA; on CPU the main process's resident-memory growth from building the model to
-the last step (loader workers are separate processes and not counted).
+the last step (loader workers are separate processes and not counted). FLOPs per crop (forward + backward, counted
+by PyTorch) and, on a GPU with a known bf16 peak, the model FLOPs utilisation (MFU) of the model-only step.
+``--reference DIR``: the reference Hi-End-MAE code's step in the same run (``reference_throughput.py``), and the ratio.
 
     python benchmarks/pretrain_throughput.py --arch vit_tiny --batch-size 2 --crops-per-volume 4 --patch-size 32 64 64
     python benchmarks/pretrain_throughput.py --method gl_mae --arch vit_b16 --batch-size 24 --device cuda -d 1
+    python benchmarks/pretrain_throughput.py --device cuda --reference /tmp/Hi-End-MAE --reference-pythonpath /tmp/timm054
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from _measure import PeakMemory, Stopwatch, device_name
+from _measure import PeakMemory, Stopwatch, counted_flops, device_name, peak_tflops
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import encoder_config
@@ -54,6 +61,29 @@ def measure(method: str, arch: str, settings, batches, device: torch.device, pre
             for _ in range(n_steps):
                 step(next(it))
     return {"s_per_step": round(clock.s / n_steps, 4), "peak_mem_gib": mem.gib, "params": params}
+
+
+def flops_per_crop(method: str, arch: str, settings, views: dict, device: torch.device) -> float:
+    """Forward + backward FLOPs of one step on one volume's views, per crop (every op is per sample, so the count
+    per crop does not depend on the batch size)."""
+    torch.manual_seed(0)
+    model = methods.model_class(method)(encoder_config(arch), settings).to(device)
+    one = next(synthetic(views, 1, 1, device))
+    flops = counted_flops(lambda: model(one)["loss"].backward())
+    return flops / sum(n for n, _ in views.values())
+
+
+def reference_side_by_side(a: argparse.Namespace) -> dict:
+    """``reference_throughput.py`` on the same crops per step, device and step counts, in its own environment."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [a.reference_pythonpath, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, str(Path(__file__).with_name("reference_throughput.py")), "--reference", a.reference,
+           "--arch", a.arch, "--patch-size", str(a.patch_size[0]), "--batch-size", str(a.batch_size),
+           "--crops-per-volume", str(a.crops_per_volume or 8), "--device", a.device, "--steps", str(a.steps),
+           "--warmup", str(a.warmup)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"the reference code failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def synthetic(views: dict, batch: int, channels: int, device: torch.device):
@@ -96,7 +126,14 @@ def main() -> None:
     p.add_argument("-d", "--datasets", nargs="*", default=[],
                    help="nnU-Net dataset ids for the end-to-end measurement (needs nnUNet_preprocessed)")
     p.add_argument("--num-workers", type=int, default=8, help="loader worker processes (default: %(default)s)")
+    p.add_argument("--reference", default=None,
+                   help="a checkout of FengheTan9/Hi-End-MAE outside this tree: time its step too (hiend_mae, cubic "
+                        "patches)")
+    p.add_argument("--reference-pythonpath", default=None,
+                   help="prepended to PYTHONPATH for the reference code, e.g. a folder holding timm 0.5.4, which it pins")
     a = p.parse_args()
+    if a.reference and (a.method != "hiend_mae" or len(set(a.patch_size)) != 1):
+        p.error("--reference times the reference Hi-End-MAE: use it with --method hiend_mae and a cubic --patch-size")
 
     device = torch.device(a.device)
     if device.type == "cpu":
@@ -111,11 +148,17 @@ def main() -> None:
               "device": a.device, "device_name": device_name(device), "torch": torch.__version__,
               "precision": precision, "compile": a.compile, "threads": torch.get_num_threads()}
 
+    flops = flops_per_crop(a.method, a.arch, settings, views, device)
+    if device.type == "cuda":  # the models measured are freed now: start the next one from an empty cache
+        torch.cuda.empty_cache()
     r = measure(a.method, a.arch, settings, synthetic(views, a.batch_size, 1, device), device, precision, a.compile,
                 a.warmup, a.steps)
-    if device.type == "cuda":  # the model measured is freed now: start the next one from an empty cache
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    result["model_only"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2)}
+    peak = peak_tflops(device, precision)
+    result["model_only"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "gflops_per_crop": round(flops / 1e9, 2),
+                            "achieved_tflops": round(flops * crops / r["s_per_step"] / 1e12, 3), "peak_tflops": peak,
+                            "mfu": round(flops * crops / r["s_per_step"] / (peak * 1e12), 4) if peak else None}
 
     if a.datasets:
         from pretrain.data import PretrainCrops, make_loader, resolve_sources
@@ -129,6 +172,12 @@ def main() -> None:
         result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers,
                                 "cases": sorted({data.case_name(i) for i in range(len(data))})}
         result["loader_alone"] = loader_alone(data, a.batch_size, a.num_workers, device.type, a.warmup + a.steps - 1)
+    if a.reference:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["reference"] = reference_side_by_side(a)
+        result["model_only_to_reference"] = round(result["model_only"]["crops_per_s"]
+                                                  / result["reference"]["model_only"]["crops_per_s"], 3)
     print(json.dumps(result))
 
 

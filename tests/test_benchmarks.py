@@ -2,6 +2,7 @@
 JSON line with finite, positive measurements."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.data import resolve_sources
 
@@ -23,6 +25,13 @@ def _run(script: str, *args: str) -> dict:
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _measure_module():
+    spec = importlib.util.spec_from_file_location("_measure", BENCH / "_measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("method,extra,crops", [("hiend_mae", ["--crops-per-volume", "2"], 4), ("gl_mae", [], 16)])
@@ -99,3 +108,50 @@ def test_finetune_speed_ratios_to_default_unet():
         ratio = r["ratios_to_default"][name]
         assert abs(ratio["s_per_iter"] - m["s_per_iter"] / default["s_per_iter"]) <= 0.01
     assert r["ratios_to_default"]["nnUNetTrainer (default U-Net)"]["s_per_iter"] == 1.0
+
+
+def test_counted_flops_equal_the_vit_formula_attention_included():
+    """The FLOPs behind the MFU figure: a ViT's forward + backward, attention counted on the CPU too."""
+    from nnunetv2_hiendmae.vit import ViTEncoder3D
+
+    b, c, e, depth, token, shape = 3, 2, 48, 2, (4, 4, 2), (8, 8, 4)
+    enc = ViTEncoder3D(in_channels=c, embed_dim=e, depth=depth, num_heads=4, token_size=token)
+    x = torch.randn(b, c, *shape)
+    n = 2 * 2 * 2  # tokens
+    t = n + 1  # with CLS
+    embed = 2 * b * n * (4 * 4 * 2 * c) * e  # one GEMM of the patches
+    blocks = depth * (24 * b * t * e * e + 4 * b * t * t * e)  # qkv, proj, 2 MLP layers; q k^T and attn v
+    flops = _measure_module().counted_flops(lambda: enc(x)[0].sum().backward())
+    # backward: twice the forward, except the embedding, whose input needs no gradient
+    assert flops == 3 * blocks + 2 * embed
+
+
+def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
+    """--reference builds the model with the reference's own builder, in the Python path given for it, on the same
+    crops per step; the ratio is ours over the reference's crops/s."""
+    ref, pinned = tmp_path / "Hi-End-MAE", tmp_path / "pinned"
+    ref.mkdir()
+    pinned.mkdir()
+    (pinned / "pinned_dep.py").write_text("SCALE = 2.0\n")
+    (ref / "hi_end_mae.py").write_text(
+        "import torch\nimport pinned_dep\n\n\n"
+        "class Model(torch.nn.Module):\n"
+        "    def __init__(self, args):\n"
+        "        super().__init__()\n"
+        "        self.w = torch.nn.Parameter(torch.ones(args.patch_size, args.img_size))\n\n"
+        "    def forward(self, x, return_image=False):\n"
+        "        assert not return_image and x.shape[1:] == (1, self.w.shape[1], self.w.shape[1], self.w.shape[1])\n"
+        "        return (x.mean() * self.w * pinned_dep.SCALE).sum()\n\n\n"
+        "def build_vit_base_hi_end_mae_p16_3d(args):\n"
+        "    print(args)  # the reference prints its model\n"
+        "    return Model(args)\n")
+    r = _run("pretrain_throughput.py", "--arch", "vit_b16", "--patch-size", "32", "32", "32", "--batch-size", "2",
+             "--crops-per-volume", "1", "--device", "cpu", "--steps", "1", "--warmup", "1",
+             "--reference", str(ref), "--reference-pythonpath", str(pinned))
+    theirs = r["reference"]
+    assert theirs["code"] == "reference" and theirs["crops_per_step"] == r["crops_per_step"] == 2
+    assert theirs["model_only"]["params"] == 16 * 32  # the reference's model: token 16 for vit_b16, crops of 32
+    assert _positive(theirs["model_only"]["crops_per_s"])
+    assert r["model_only_to_reference"] == pytest.approx(
+        r["model_only"]["crops_per_s"] / theirs["model_only"]["crops_per_s"], abs=6e-4)
+    assert r["model_only"]["gflops_per_crop"] > 0 and r["model_only"]["mfu"] is None  # no known peak on a CPU
