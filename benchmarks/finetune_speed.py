@@ -2,9 +2,10 @@
 
 All networks are built by their trainers' own ``build_network_architecture`` from one synthetic plans file (nnU-Net's
 topology rule for the default U-Net), at the same patch and batch size, in one process. Per network: seconds per
-training iteration (forward, loss, backward, AdamW step), peak memory (GPU allocator peak; on CPU the process's
-resident-memory growth, approximate), and nnU-Net's sliding-window inference
-time for one case; then the ratios to nnU-Net's default. One JSON line.
+training iteration (forward, loss, backward, a step of the trainer's own optimiser: SGD with Nesterov momentum for
+nnU-Net's default, AdamW for Primus and ours), peak memory (GPU allocator peak; on CPU the process's resident-memory
+growth, approximate), and nnU-Net's sliding-window inference time for one case; then the ratios to nnU-Net's default.
+One JSON line. ``finetune_profile.py`` breaks the work and memory down per part of the networks.
 
     python benchmarks/finetune_speed.py --patch-size 32 64 64 --batch-size 2 --case-size 48 96 96 --arch vit_tiny --primus S
     python benchmarks/finetune_speed.py --device cuda            # vit_b16, 96^3 patches, batch 2, Primus-M
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterable
 
 import torch
 
@@ -55,7 +57,21 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
                          "foreground_intensity_properties_per_channel": {}})
 
 
-def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, classes: int, case: list[int],
+Optimizer = Callable[[Iterable[torch.nn.Parameter], torch.device], torch.optim.Optimizer]
+
+
+def nnunet_sgd(params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """nnU-Net's default trainer: SGD, lr 1e-2, Nesterov momentum 0.99, weight decay 3e-5 (one state buffer)."""
+    return torch.optim.SGD(params, 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+
+
+def adamw(betas: tuple[float, float]) -> Optimizer:
+    """AdamW as the Primus trainers and ours run it (two state buffers; fused on CUDA)."""
+    return lambda params, device: torch.optim.AdamW(params, 1e-4, betas=betas, weight_decay=0.05,
+                                                    fused=device.type == "cuda")
+
+
+def measure(build: Callable[[], torch.nn.Module], optimizer: Optimizer, patch: list[int], batch: int, classes: int, case: list[int],
             device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
     """Training iteration time and peak memory (from building the network on), then sliding-window time for one case;
     ``compile_``: the network under ``torch.compile``, as nnU-Net runs it when ``nnUNet_compile`` is on."""
@@ -65,7 +81,7 @@ def measure(build: Callable[[], torch.nn.Module], patch: list[int], batch: int, 
         torch.manual_seed(0)
         model = build().to(device)
         net = torch.compile(model) if compile_ else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = optimizer(model.parameters(), device)
         x = torch.randn(batch, 1, *patch, device=device)
         y = torch.randint(0, classes, (batch, *patch), device=device)
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -125,16 +141,17 @@ def main() -> None:
     ours = {"network_class_name": NETWORK_CLASS,
             "arch_kwargs": {"encoder": encoder_config(a.arch), "feature_size": 16}, "_kw_requires_import": []}
     primus = getattr(primus_trainers, f"nnUNet_Primus_{a.primus}_Trainer")
-    entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, default_unet_architecture(a.patch_size, [1.0] * 3)),
-               (f"Primus-{a.primus}", primus, default_unet_architecture(a.patch_size, [1.0] * 3)),
-               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
+    unet = default_unet_architecture(a.patch_size, [1.0] * 3)
+    entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, unet, nnunet_sgd),
+               (f"Primus-{a.primus}", primus, unet, adamw((0.9, 0.98))),
+               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours, adamw(nnUNetTrainerHiEndMAE_scratch.betas))]
     result = {"device": a.device, "device_name": device_name(device),
               "torch": torch.__version__, "precision": resolve_precision(device), "patch_size": a.patch_size,
               "batch_size": a.batch_size, "case_size": a.case_size, "compile": a.compile, "networks": {}}
-    for name, trainer, arch in entries:
+    for name, trainer, arch, optimizer in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
-        build = lambda: trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
-        result["networks"][name] = measure(build, a.patch_size, a.batch_size, a.classes, a.case_size, device,
+        build = partial(trainer.build_network_architecture, pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
+        result["networks"][name] = measure(build, optimizer, a.patch_size, a.batch_size, a.classes, a.case_size, device,
                                            a.steps, a.warmup, a.compile)
         if device.type == "cuda":  # the network measured is freed now: start the next one from an empty cache
             torch.cuda.empty_cache()
