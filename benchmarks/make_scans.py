@@ -1,5 +1,8 @@
 """Write CT-like scans (the demo's phantom) of a chosen size as NIfTI files, for benchmarks on realistic volumes.
 
+Written with nibabel, which the GPU machine has (its SimpleITK is an import-only stand-in): preprocess them there with
+``nnUNetv2_hiendmae_preprocess_unlabeled --reader NibabelIOWithReorient``.
+
     python benchmarks/make_scans.py -o /tmp/scans -n 4 --scale 2.2     # about 320 x 320 x 210 voxels at 1.5 mm
 """
 from __future__ import annotations
@@ -7,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from nnunetv2_hiendmae.demo.synthetic import make_case
 
@@ -24,10 +27,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
     for i in range(a.number):
-        image, _, spacing = make_case(rng, a.scale)
-        im = sitk.GetImageFromArray(image)
-        im.SetSpacing(spacing)
-        sitk.WriteImage(im, str(out / f"scan_{i:03d}.nii.gz"), useCompression=True)
+        image, _, spacing = make_case(rng, a.scale)  # image [z, y, x], spacing (x, y, z) as SimpleITK orders them
+        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), np.diag([*spacing, 1.0])), out / f"scan_{i:03d}.nii.gz")
         print(f"{out / f'scan_{i:03d}.nii.gz'}: {image.shape[::-1]} voxels of {[round(s, 2) for s in spacing]} mm")
 
 

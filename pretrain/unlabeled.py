@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -68,6 +68,7 @@ class Settings:
     resampling: dict = field(default_factory=lambda: dict(DEFAULT_RESAMPLING))
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])  # blosc2 chunking for crops of this size
     source: str = "spacing"  # how spacing and normalisation were chosen: spacing / ct-window / like DATASET
+    reader: str | None = None  # nnU-Net image reader class; None: nnU-Net's first for the file ending
 
 
 @dataclass
@@ -135,18 +136,29 @@ def find_cases(inputs: Sequence[str], file_ending: str | None = None) -> list[Ca
 
 # ------------------------------------------------------------------------------------------------- reading one case
 
-def _reader(path: str):
-    """nnU-Net's first reader for the file's ending (chosen by the ending alone: no trial read of the file)."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+def image_reader(path: str, name: str | None = None):
+    """The nnU-Net reader called ``name`` (as ``overwrite_image_reader_writer`` in a dataset.json), else nnU-Net's
+    first reader for the file's ending (chosen by the ending alone: no trial read of the file)."""
+    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_file_ending,
+                                                         recursive_find_reader_writer_by_name)
 
+    if name:
+        return recursive_find_reader_writer_by_name(name)()
     ending = next(e for e in FILE_ENDINGS if path.lower().endswith(e))
     return determine_reader_writer_from_file_ending(ending, verbose=False)()
 
 
-def read_case(case: Case) -> tuple[np.ndarray, dict]:
+def reader_names() -> list[str]:
+    """The reader classes nnU-Net knows (its registry's names)."""
+    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+
+    return [c.__name__ for c in LIST_OF_IO_CLASSES]
+
+
+def read_case(case: Case, reader: str | None = None) -> tuple[np.ndarray, dict]:
     """``(data [C, X, Y, Z] float32, properties)``; a file that is not a usable 3D image raises ``ValueError``."""
     try:
-        data, props = _reader(case.files[0]).read_images(case.files)
+        data, props = image_reader(case.files[0], reader).read_images(case.files)
     except Exception as e:  # noqa: BLE001 - any reader failure means the file is unusable
         text = str(e).strip().splitlines()
         raise ValueError(f"unreadable ({type(e).__name__}: {text[0][:150] if text else 'no message'})") from None
@@ -162,10 +174,10 @@ def read_case(case: Case) -> tuple[np.ndarray, dict]:
     return data.astype(np.float32, copy=False), props
 
 
-def body_intensities(case: Case, channels: int) -> np.ndarray:
+def body_intensities(case: Case, channels: int, reader: str | None = None) -> np.ndarray:
     """Up to :data:`FINGERPRINT_SAMPLES` raw intensities per channel of the voxels above :data:`CT_BODY_HU` in any
     channel (the CT body), ``[N, C]``, drawn with a seed fixed per case."""
-    data, _ = read_case(case)
+    data, _ = read_case(case, reader)
     if data.shape[0] != channels:
         raise ValueError(f"has {data.shape[0]} channels, the dataset {channels}")
     body = np.flatnonzero((data > CT_BODY_HU).any(0))
@@ -213,7 +225,7 @@ def preprocess_case(case: Case, settings: Settings, plans: dict, staging: Path, 
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
-        data, props = read_case(case)
+        data, props = read_case(case, settings.reader)
     except ValueError as e:
         return str(e)
     if data.shape[0] != settings.channels:
@@ -248,9 +260,9 @@ def _work(job: tuple) -> tuple[str, str | None]:
 
 
 def _fingerprint_work(job: tuple) -> tuple[str, np.ndarray | str]:
-    case, channels = job
+    case, channels, reader = job
     try:
-        return case.name, body_intensities(case, channels)
+        return case.name, body_intensities(case, channels, reader)
     except ValueError as e:
         return case.name, str(e)
 
@@ -279,7 +291,7 @@ def plans_for(name: str, settings: Settings, median_shape: Sequence[float]) -> d
         "dataset_name": name, "plans_name": PLANS,
         "original_median_spacing_after_transp": list(settings.spacing),
         "original_median_shape_after_transp": [int(round(s)) for s in median_shape],
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": list(settings.transpose_forward),
+        "image_reader_writer": settings.reader or "SimpleITKIO", "transpose_forward": list(settings.transpose_forward),
         "transpose_backward": back,
         "configurations": {CONFIGURATION: {
             "data_identifier": DATA_IDENTIFIER, "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
@@ -349,9 +361,10 @@ def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, sett
     settings = _settings(settings_args, cases, processes, folder)
     stored = folder / SETTINGS_FILE
     if stored.is_file():
-        before = json.loads(stored.read_text())
-        if before != json.loads(json.dumps(asdict(settings))):
-            changed = [k for k in before if before[k] != json.loads(json.dumps(asdict(settings))).get(k)]
+        before = json.loads(json.dumps(asdict(Settings(**json.loads(stored.read_text())))))
+        now = json.loads(json.dumps(asdict(settings)))
+        if before != now:
+            changed = [k for k in before if before[k] != now.get(k)]
             raise UserError(f"{full_name} was preprocessed with other settings ({', '.join(changed)} differ): "
                             f"use another -d, or the settings of {stored}")
     elif folder.exists() and any(folder.iterdir()):
@@ -381,8 +394,13 @@ def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, sett
 
 
 def _settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Settings:
-    """Settings from the flags; CT without a window takes its statistics from a fingerprint of the pool (once:
-    a re-run reuses the stored settings' statistics)."""
+    """Settings from the flags, with the reader they name."""
+    return replace(_normalisation_settings(args, cases, processes, folder), reader=args.get("reader"))
+
+
+def _normalisation_settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Settings:
+    """Spacing and normalisation from the flags; CT without a window takes its statistics from a fingerprint of the
+    pool (once: a re-run reuses the stored settings' statistics)."""
     if args.get("like"):
         settings, _ = settings_like(args["like"], args["plans"], args["configuration"], args["patch_size"])
         return settings
@@ -402,7 +420,7 @@ def _settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Se
         if previous.get("source") == "fingerprint":
             return Settings(**previous)
     samples = []
-    jobs = [(c, channels) for c in cases]
+    jobs = [(c, channels, args.get("reader")) for c in cases]
     for _, result in parallel(_fingerprint_work, jobs, processes, "intensity fingerprint"):
         if not isinstance(result, str) and len(result):
             samples.append(result)

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=4,
                    help="cases preprocessed in parallel; memory grows with it (default: %(default)s)")
     p.add_argument("--file-ending", help="only files with this ending, e.g. .nii.gz (default: every supported one)")
+    p.add_argument("--reader", metavar="CLASS",
+                   help="nnU-Net image reader for every file, as overwrite_image_reader_writer in a dataset.json, e.g. "
+                        "NibabelIOWithReorient (default: nnU-Net's first reader for each file ending, SimpleITKIO for "
+                        "NIfTI)")
     return p
 
 
@@ -70,12 +74,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--ct-window LOW HIGH needs LOW < HIGH, got {args.ct_window[0]} {args.ct_window[1]}")
     if not 0 <= args.dataset_id <= 999 or args.num_processes < 1 or min(args.spacing) <= 0 or min(args.patch_size) < 1:
         raise UserError("-d must be in 0..999, -np at least 1, --spacing and --patch-size positive")
-    from pretrain.unlabeled import preprocess_unlabeled  # nnU-Net and torch: after parsing, so --help is instant
+    from pretrain.unlabeled import preprocess_unlabeled, reader_names  # nnU-Net: after parsing, --help is instant
 
+    if args.reader and args.reader not in reader_names():
+        raise UserError(f"--reader {args.reader} is not an nnU-Net image reader; choose one of {', '.join(reader_names())}")
     folder, report = preprocess_unlabeled(
         args.inputs, args.dataset_id, args.name,
         {"like": args.like, "plans": args.plans, "configuration": args.configuration, "modality": args.modality,
-         "spacing": args.spacing, "ct_window": args.ct_window, "patch_size": args.patch_size},
+         "spacing": args.spacing, "ct_window": args.ct_window, "patch_size": args.patch_size, "reader": args.reader},
         processes=args.num_processes, file_ending=args.file_ending)
     if report.done + report.already == 0:
         raise UserError(f"no case could be preprocessed: {report.summary()}")

@@ -179,3 +179,27 @@ def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tm
     assert proc.returncode == 2 and lines[-1].startswith("error: no case could be preprocessed: 0 preprocessed")
     assert "1 unreadable" in lines[-1]
     assert not list(nnunet_dirs["nnUNet_preprocessed"].glob("Dataset974_*"))  # no empty dataset left behind
+
+
+def test_reader_flag_names_the_nnunet_reader_of_every_file(nnunet_dirs, tmp_path):
+    """--reader picks nnU-Net's reader by name, as a dataset.json's overwrite_image_reader_writer does: the
+    orientation-normalising NibabelIOWithReorient turns these SimpleITK-written (LPS) files to RAS, so the two in-plane
+    axes come out flipped; the reader is recorded with the settings and the plans, and a re-run must use the same."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    images = tmp_path / "scans"
+    write(make_case(np.random.default_rng(11), 0.5)[0], images / "s0.nii.gz")
+    flags = ["-i", str(images), "--ct-window", "-175", "250", "-np", "1", *SMALL]
+    run_cli(CMD, "-d", "976", *flags, check=True)
+    run_cli(CMD, "-d", "977", *flags, "--reader", "NibabelIOWithReorient", check=True)
+    default, nibabel = (nnUNetDatasetBlosc2(str(dataset_folder(nnunet_dirs, d) / "nnUNetPlans_3d_fullres"))
+                        .load_case("scans__s0")[0][:] for d in (976, 977))
+    np.testing.assert_allclose(nibabel, default[:, :, ::-1, ::-1], rtol=0, atol=1e-5)
+    folder = dataset_folder(nnunet_dirs, 977)
+    assert json.loads((folder / "hiendmae_unlabeled.json").read_text())["reader"] == "NibabelIOWithReorient"
+    assert json.loads((folder / "nnUNetPlans.json").read_text())["image_reader_writer"] == "NibabelIOWithReorient"
+    proc = run_cli(CMD, "-d", "977", *flags)  # the same dataset, read by another reader: refused
+    assert proc.returncode == 2 and "reader" in proc.stderr.strip().splitlines()[-1]
+    proc = run_cli(CMD, "-d", "978", *flags, "--reader", "NoSuchIO")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "NoSuchIO is not an nnU-Net image reader" in lines[0]
