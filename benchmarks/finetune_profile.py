@@ -1,14 +1,14 @@
-"""Where a fine-tuning iteration's work and memory go, per part of the network: our ``HiEndUNETR`` against nnU-Net's
-default U-Net, both built by their trainers at the same patch and batch size.
+"""Where a fine-tuning iteration's work and memory go, per part of the network: our ``HiEndUNETR`` (plain, and as the
+``_recompute`` trainer variants train it) against nnU-Net's default U-Net, built by their trainers at the same patch
+and batch size.
 
 Per part (module two levels down, e.g. ``encoder.blocks``, ``decoder2.conv_block``, ``decoder.stages``): the forward
 FLOPs (PyTorch's counter) and the bytes autograd keeps from the forward for the backward (saved activations, each
 storage counted once, parameters excluded). Per network: the forward + backward FLOPs, and the bytes of parameters,
-gradients and AdamW state. These
-counts do not depend on the device (fp32; in bf16 most activations take half), so they run on a CPU and say what a GPU
-must compute and hold; a GPU's time per part is the profile ``finetune_speed.py`` leaves to a GPU run. One JSON line.
+gradients and AdamW state. These counts do not depend on the device (fp32; in bf16 most activations take half), so
+they run on a CPU and say what a GPU must compute and hold; the time per part needs a GPU profile. One JSON line.
 
-    python benchmarks/finetune_profile.py                              # vit_b16, 96^3 patches, batch 2 (minutes on a CPU)
+    python benchmarks/finetune_profile.py                              # vit_b16, 96^3 patches, batch 2 (1 min on a CPU)
     python benchmarks/finetune_profile.py --arch vit_tiny --patch-size 32 64 64
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from _measure import counted_flops
-from finetune_speed import default_unet_architecture, plans_manager
+from finetune_speed import build_network, default_unet_architecture, plans_manager
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, encoder_config
 
 
@@ -104,17 +104,18 @@ def main() -> None:
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch
+    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch, nnUNetTrainerHiEndMAE_scratch_recompute
 
     ours = {"network_class_name": NETWORK_CLASS,
             "arch_kwargs": {"encoder": encoder_config(a.arch), "feature_size": 16}, "_kw_requires_import": []}
     entries = [("nnUNetTrainer (default U-Net)", nnUNetTrainer, default_unet_architecture(a.patch_size, [1.0] * 3)),
-               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours)]
+               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours),
+               (f"HiEndUNETR {a.arch}, recompute", nnUNetTrainerHiEndMAE_scratch_recompute, ours)]
     result = {"torch": torch.__version__, "dtype": "float32", "patch_size": a.patch_size, "batch_size": a.batch_size,
               "networks": {}}
     for name, trainer, arch in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
-        model = trainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
+        model = build_network(trainer, pm, a.classes)
         result["networks"][name] = profile(model, a.patch_size, a.batch_size, a.classes)
     print(json.dumps(result))
 

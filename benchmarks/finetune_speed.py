@@ -1,4 +1,5 @@
-"""Fine-tuning cost of our ViT-UNETR against nnU-Net's default network and a Primus network, side by side.
+"""Fine-tuning cost of our ViT-UNETR (also as the ``_recompute`` trainer variants train it) against nnU-Net's default
+network and a Primus network, side by side.
 
 All networks are built by their trainers' own ``build_network_architecture`` from one synthetic plans file (nnU-Net's
 topology rule for the default U-Net), at the same patch and batch size, in one process. Per network: seconds per
@@ -55,6 +56,16 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
                          "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": cfg},
                          "experiment_planner_used": "bench", "label_manager": "LabelManager",
                          "foreground_intensity_properties_per_channel": {}})
+
+
+def build_network(trainer: type, plans_manager, classes: int) -> torch.nn.Module:
+    """The network as ``trainer`` trains it: its ``build_network_architecture``, plus what our trainers' ``initialize``
+    sets on it (the full-resolution recomputation of the ``_recompute`` variants)."""
+    net = trainer.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"), 1, classes,
+                                             False)
+    if getattr(trainer, "recompute_full_resolution", False):
+        net.recompute_full_resolution = True
+    return net
 
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter], torch.device], torch.optim.Optimizer]
@@ -135,7 +146,7 @@ def main() -> None:
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as base
     from nnunetv2.training.nnUNetTrainer.primus import primus_trainers
 
-    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch
+    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch, nnUNetTrainerHiEndMAE_scratch_recompute
 
     device = torch.device(a.device)
     ours = {"network_class_name": NETWORK_CLASS,
@@ -144,13 +155,15 @@ def main() -> None:
     unet = default_unet_architecture(a.patch_size, [1.0] * 3)
     entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, unet, nnunet_sgd),
                (f"Primus-{a.primus}", primus, unet, adamw((0.9, 0.98))),
-               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours, adamw(nnUNetTrainerHiEndMAE_scratch.betas))]
+               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours, adamw(nnUNetTrainerHiEndMAE_scratch.betas)),
+               (f"HiEndUNETR {a.arch}, recompute", nnUNetTrainerHiEndMAE_scratch_recompute, ours,
+                adamw(nnUNetTrainerHiEndMAE_scratch.betas))]
     result = {"device": a.device, "device_name": device_name(device),
               "torch": torch.__version__, "precision": resolve_precision(device), "patch_size": a.patch_size,
               "batch_size": a.batch_size, "case_size": a.case_size, "compile": a.compile, "networks": {}}
     for name, trainer, arch, optimizer in entries:
         pm = plans_manager(a.patch_size, arch, a.batch_size)
-        build = partial(trainer.build_network_architecture, pm, pm.get_configuration("3d_fullres"), 1, a.classes, False)
+        build = partial(build_network, trainer, pm, a.classes)
         result["networks"][name] = measure(build, optimizer, a.patch_size, a.batch_size, a.classes, a.case_size, device,
                                            a.steps, a.warmup, a.compile)
         if device.type == "cuda":  # the network measured is freed now: start the next one from an empty cache

@@ -97,6 +97,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
     layer_decay: float = 0.75
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    recompute_full_resolution: bool = False  # see HiEndUNETR: less activation memory for more FLOPs
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -148,20 +149,20 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         inference, which uses the static method).
         """
         ckpt = None if self.was_initialized else self._pretrained_checkpoint()  # fails before anything is built
-        if ckpt is None:
-            return super().initialize()
         build = type(self).build_network_architecture
 
-        def build_and_load(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                           num_input_channels: int, num_output_channels: int,
-                           enable_deep_supervision: bool = True) -> nn.Module:
+        def build_for_training(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                               num_input_channels: int, num_output_channels: int,
+                               enable_deep_supervision: bool = True) -> nn.Module:
             network = build(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                             enable_deep_supervision)
-            report = load_pretrained_encoder(network, ckpt)
-            self.print_to_log_file(f"{report.summary()} from {self.plans_manager.plans['pretrain_info']['checkpoint']}")
+            network.recompute_full_resolution = self.recompute_full_resolution
+            if ckpt is not None:
+                report = load_pretrained_encoder(network, ckpt)
+                self.print_to_log_file(f"{report.summary()} from {self.plans_manager.plans['pretrain_info']['checkpoint']}")
             return network
 
-        self.build_network_architecture = build_and_load
+        self.build_network_architecture = build_for_training
         try:
             super().initialize()
         finally:
@@ -245,6 +246,17 @@ class nnUNetTrainerHiEndMAE_scratch(nnUNetTrainerHiEndMAE):
 
     load_pretrained = False
     layer_decay = 1.0
+
+
+class nnUNetTrainerHiEndMAE_recompute(nnUNetTrainerHiEndMAE):
+    """Recomputes the full-resolution blocks in the backward: the same gradients, for memory-bound GPUs (patches or
+    batches that do not fit otherwise); docs/benchmarks.md has the memory and FLOPs it trades."""
+
+    recompute_full_resolution = True
+
+
+class nnUNetTrainerHiEndMAE_scratch_recompute(nnUNetTrainerHiEndMAE_scratch):
+    recompute_full_resolution = True
 
 
 class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):

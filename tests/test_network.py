@@ -138,3 +138,39 @@ def test_network_class_constant_names_the_network():
     from nnunetv2_hiendmae.presets import NETWORK_CLASS
 
     assert pydoc.locate(NETWORK_CLASS) is HiEndUNETR
+
+
+def _saved_bytes(net: HiEndUNETR, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes autograd keeps from one forward (each storage once, parameters excluded), and the loss."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = net(x).square().mean()
+    return sum(seen.values()), loss
+
+
+def test_recomputing_the_full_resolution_blocks_keeps_gradients_and_frees_their_activations():
+    torch.manual_seed(0)
+    plain = HiEndUNETR(1, 3, (16, 32, 32), TINY)
+    recompute = HiEndUNETR(1, 3, (16, 32, 32), TINY, recompute_full_resolution=True)
+    recompute.load_state_dict(plain.state_dict())
+    assert recompute.state_dict().keys() == plain.state_dict().keys()  # no parameter added: checkpoints load alike
+    x = torch.randn(2, 1, 16, 32, 32)
+    (kept, loss), (kept_recomputed, loss_recomputed) = _saved_bytes(plain, x), _saved_bytes(recompute, x)
+    assert torch.equal(loss, loss_recomputed)
+    loss.backward()
+    loss_recomputed.backward()
+    for (name, a), b in zip(plain.named_parameters(), recompute.parameters()):
+        assert torch.equal(a.grad, b.grad), name  # bit for bit: the blocks are deterministic
+    full_res = 16 * 2 * 16 * 32 * 32 * 4  # one fp32 tensor of feature_size channels at full resolution
+    # the stem keeps 5 such tensors and the last decoder block 7 (its 32-channel concat counts twice); recomputed,
+    # their outputs stay (the stem's is the last block's skip input, the last block's the output layer's input)
+    assert kept - kept_recomputed == pytest.approx(10 * full_res, rel=1e-3)
+    with torch.no_grad():  # inference: nothing to recompute, the plain path
+        assert torch.equal(recompute(x), plain(x))

@@ -85,6 +85,20 @@ def test_initialize_loads_the_pretrained_encoder(setup):
     assert f"{len(source)} tensors loaded, 1 adapted (pos_embed" in log and str(setup["ckpt"]) in log
 
 
+@pytest.mark.parametrize("cls", [trainers.nnUNetTrainerHiEndMAE_recompute, trainers.nnUNetTrainerHiEndMAE_scratch_recompute])
+def test_recompute_variants_train_the_same_network_with_less_kept(setup, cls):
+    """The variants change one thing: the built network recomputes its full-resolution blocks; a training step runs."""
+    trainer = make_trainer(cls, setup["folder"], "T_tr")
+    trainer.initialize()
+    assert trainer.network.recompute_full_resolution and cls.__mro__[1].recompute_full_resolution is False
+    assert cls.load_pretrained is cls.__mro__[1].load_pretrained
+    shape = (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
+    batch = {"data": torch.randn(shape), "target": torch.randint(0, 2, (shape[0], 1, *shape[2:])).float()}
+    before = trainer.network.out.conv.conv.weight.detach().clone()
+    loss = trainer.train_step(batch)["loss"]
+    assert np.isfinite(loss) and not torch.equal(before, trainer.network.out.conv.conv.weight)
+
+
 def test_recipe_layerwise_lr_and_no_decay_groups(setup):
     trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
     trainer.initialize()
