@@ -12,7 +12,7 @@ DEMO_ARGS ?=
 TORCH ?= auto
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,6 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check nnunetv2_hiendmae pretrain benchmarks tests

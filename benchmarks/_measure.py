@@ -8,7 +8,7 @@ import os
 import platform
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -65,7 +65,7 @@ class PeakMemory:
         while not self._stop.wait(0.002):
             self._peak = max(self._peak, _rss_bytes())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -93,7 +93,7 @@ class Stopwatch:
     def __init__(self, device: torch.device):
         self.device, self.s = device, 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         sync(self.device)
         self._t0 = time.perf_counter()
         return self

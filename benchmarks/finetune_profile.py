@@ -18,9 +18,9 @@ import json
 from collections import defaultdict
 
 import torch
-
 from _measure import counted_flops
 from finetune_speed import build_network, default_unet_architecture, plans_manager
+
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, encoder_config
 
 

@@ -8,19 +8,20 @@ nnU-Net's default, AdamW for Primus and ours), peak memory (GPU allocator peak; 
 growth, approximate), and nnU-Net's sliding-window inference time for one case; then the ratios to nnU-Net's default.
 One JSON line. ``finetune_profile.py`` breaks the work and memory down per part of the networks.
 
-    python benchmarks/finetune_speed.py --patch-size 32 64 64 --batch-size 2 --case-size 48 96 96 --arch vit_tiny --primus S
+    python benchmarks/finetune_speed.py --patch-size 32 64 64 --batch-size 2 --case-size 48 96 96 \\
+        --arch vit_tiny --primus S
     python benchmarks/finetune_speed.py --device cuda            # vit_b16, 96^3 patches, batch 2, Primus-M
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Callable, Iterable
 
 import torch
-
 from _measure import PeakMemory, Stopwatch, device_name
+
 from nnunetv2_hiendmae.precision import autocast, resolve_precision
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, encoder_config
 
@@ -36,7 +37,8 @@ def default_unet_architecture(patch_size: list[int], spacing: list[float]) -> di
                             "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": pools,
                             "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
                             "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+                            "dropout_op": None, "dropout_op_kwargs": None,
                             "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
 
@@ -51,9 +53,11 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
            "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": {},
            "resampling_fn_seg_kwargs": {}, "resampling_fn_probabilities_kwargs": {}, "architecture": architecture,
            "batch_dice": False}
-    return PlansManager({"dataset_name": "Dataset999_Bench", "plans_name": "bench", "original_median_spacing_after_transp": [1, 1, 1],
+    return PlansManager({"dataset_name": "Dataset999_Bench", "plans_name": "bench",
+                         "original_median_spacing_after_transp": [1, 1, 1],
                          "original_median_shape_after_transp": patch_size, "image_reader_writer": "SimpleITKIO",
-                         "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": cfg},
+                         "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+                         "configurations": {"3d_fullres": cfg},
                          "experiment_planner_used": "bench", "label_manager": "LabelManager",
                          "foreground_intensity_properties_per_channel": {}})
 
@@ -82,8 +86,8 @@ def adamw(betas: tuple[float, float]) -> Optimizer:
                                                     fused=device.type == "cuda")
 
 
-def measure(build: Callable[[], torch.nn.Module], optimizer: Optimizer, patch: list[int], batch: int, classes: int, case: list[int],
-            device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
+def measure(build: Callable[[], torch.nn.Module], optimizer: Optimizer, patch: list[int], batch: int, classes: int,
+            case: list[int], device: torch.device, steps: int, warmup: int, compile_: bool = False) -> dict:
     """Training iteration time and peak memory (from building the network on), then sliding-window time for one case;
     ``compile_``: the network under ``torch.compile``, as nnU-Net runs it when ``nnUNet_compile`` is on."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -136,7 +140,8 @@ def main() -> None:
     p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96], help="training patch (default: 96 96 96)")
     p.add_argument("--batch-size", type=int, default=2, help="patches per iteration (default: %(default)s)")
     p.add_argument("--classes", type=int, default=4, help="output classes incl. background (default: %(default)s)")
-    p.add_argument("--case-size", type=int, nargs=3, default=[160, 192, 192], help="image size for sliding-window inference")
+    p.add_argument("--case-size", type=int, nargs=3, default=[160, 192, 192],
+                   help="image size for sliding-window inference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (bf16) or cpu (fp32)")
     p.add_argument("--steps", type=int, default=10, help="timed iterations (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: %(default)s)")
@@ -155,7 +160,8 @@ def main() -> None:
     unet = default_unet_architecture(a.patch_size, [1.0] * 3)
     entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, unet, nnunet_sgd),
                (f"Primus-{a.primus}", primus, unet, adamw((0.9, 0.98))),
-               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours, adamw(nnUNetTrainerHiEndMAE_scratch.betas)),
+               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours,
+                adamw(nnUNetTrainerHiEndMAE_scratch.betas)),
                (f"HiEndUNETR {a.arch}, recompute", nnUNetTrainerHiEndMAE_scratch_recompute, ours,
                 adamw(nnUNetTrainerHiEndMAE_scratch.betas))]
     result = {"device": a.device, "device_name": device_name(device),

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 import torch
-
 from _measure import device_name
+
 from pretrain.augment import reference_augment
 from pretrain.data import PretrainCrops, make_loader, resolve_sources
 

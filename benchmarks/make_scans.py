@@ -20,7 +20,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--output", required=True, help="folder for the scans")
     p.add_argument("-n", "--number", type=int, default=4, help="scans (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=2.2, help="field of view relative to the demo's (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=2.2,
+                   help="field of view relative to the demo's (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     a = p.parse_args()
     out = Path(a.output)

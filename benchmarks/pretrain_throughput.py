@@ -11,7 +11,8 @@ by PyTorch) and, on a GPU with a known bf16 peak, the model FLOPs utilisation (M
 
     python benchmarks/pretrain_throughput.py --arch vit_tiny --batch-size 2 --crops-per-volume 4 --patch-size 32 64 64
     python benchmarks/pretrain_throughput.py --method gl_mae --arch vit_b16 --batch-size 24 --device cuda -d 1
-    python benchmarks/pretrain_throughput.py --device cuda --reference /tmp/Hi-End-MAE --reference-pythonpath /tmp/timm054
+    python benchmarks/pretrain_throughput.py --device cuda --reference /tmp/Hi-End-MAE \\
+        --reference-pythonpath /tmp/timm054
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _measure import PeakMemory, Stopwatch, counted_flops, device_name, peak_tflops
+
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import encoder_config
@@ -75,7 +76,8 @@ def flops_per_crop(method: str, arch: str, settings, views: dict, device: torch.
 
 def reference_side_by_side(a: argparse.Namespace) -> dict:
     """``reference_throughput.py`` on the same crops per step, device and step counts, in its own environment."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [a.reference_pythonpath, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [a.reference_pythonpath, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(Path(__file__).with_name("reference_throughput.py")), "--reference", a.reference,
            "--arch", a.arch, "--patch-size", str(a.patch_size[0]), "--batch-size", str(a.batch_size),
            "--crops-per-volume", str(a.crops_per_volume or 8), "--device", a.device, "--steps", str(a.steps),
@@ -130,7 +132,8 @@ def main() -> None:
                    help="a checkout of FengheTan9/Hi-End-MAE outside this tree: time its step too (hiend_mae, cubic "
                         "patches)")
     p.add_argument("--reference-pythonpath", default=None,
-                   help="prepended to PYTHONPATH for the reference code, e.g. a folder holding timm 0.5.4, which it pins")
+                   help="prepended to PYTHONPATH for the reference code, e.g. a folder holding timm 0.5.4, "
+                        "which it pins")
     a = p.parse_args()
     if a.reference and (a.method != "hiend_mae" or len(set(a.patch_size)) != 1):
         p.error("--reference times the reference Hi-End-MAE: use it with --method hiend_mae and a cubic --patch-size")
@@ -156,7 +159,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak = peak_tflops(device, precision)
-    result["model_only"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "gflops_per_crop": round(flops / 1e9, 2),
+    result["model_only"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2),
+                            "gflops_per_crop": round(flops / 1e9, 2),
                             "achieved_tflops": round(flops * crops / r["s_per_step"] / 1e12, 3), "peak_tflops": peak,
                             "mfu": round(flops * crops / r["s_per_step"] / (peak * 1e12), 4) if peak else None}
 

@@ -21,7 +21,6 @@ import json
 import sys
 
 import torch
-
 from _measure import PeakMemory, Stopwatch, device_name
 
 BUILDERS = {"vit_b16": ("build_vit_base_hi_end_mae_p16_3d", 16), "vit_l16": ("build_vit_large_hi_end_mae_p16_3d", 16),

@@ -1,10 +1,11 @@
 """``nnUNetv2_hiendmae_import``: convert a checkpoint of the reference Hi-End-MAE code (e.g. the released
-``hi_end_mae_10k.pth``) into a nnunetv2_hiendmae pretraining checkpoint (see :mod:`nnunetv2_hiendmae.reference_checkpoint`).
+``hi_end_mae_10k.pth``) into a nnunetv2_hiendmae pretraining checkpoint (see
+:mod:`nnunetv2_hiendmae.reference_checkpoint`).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from nnunetv2_hiendmae.errors import ArgumentParser, cli_entry
 from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH

@@ -20,7 +20,7 @@ the backward instead (activation checkpointing: the same gradients, bit for bit)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -15,16 +15,17 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import EXPORT_LINE
 from nnunetv2_hiendmae.fileio import atomic_write_json
-from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id, dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
+from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, PRESETS, encoder_config, token_size_3d
 
 CONFIGURATION = "3d_fullres"
@@ -127,7 +128,7 @@ def median_shape(fingerprint: dict, spacing: Sequence[float], transpose_forward:
 
 def default_patch(median: Sequence[float], token: Sequence[int], limit: Sequence[int]) -> list[int]:
     """Per axis: the median image rounded up to whole tokens (at least one), but never above ``limit``."""
-    return [min(max(t, l // t * t), max(t, math.ceil(m / t) * t)) for m, t, l in zip(median, token, limit)]
+    return [min(max(t, lim // t * t), max(t, math.ceil(m / t) * t)) for m, t, lim in zip(median, token, limit)]
 
 
 def check_patch(patch: Sequence[int], token: Sequence[int]) -> list[int]:

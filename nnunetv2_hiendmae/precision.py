@@ -1,7 +1,7 @@
 """Mixed precision: one rule for pretraining and fine-tuning (bf16 autocast on CUDA, fp32 elsewhere by default)."""
 from __future__ import annotations
 
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -19,7 +19,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     return precision
 
 
-def autocast(device: torch.device, precision: str = "auto") -> ContextManager:
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
     """``torch.autocast`` for a device and precision (disabled for fp32)."""
     dtype = _DTYPES.get(resolve_precision(device, precision))
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -1,7 +1,7 @@
 """Encoder presets and other plain data shared by the commands (no torch import, so ``--help`` stays instant)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Presets are data: every encoder is built from one of these plus in_channels / pos-embed options.
 PRESETS: dict[str, dict] = {

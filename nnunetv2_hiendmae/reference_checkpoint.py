@@ -14,11 +14,11 @@ which with -175 / 250 / -175 / 425 is exactly that mapping.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

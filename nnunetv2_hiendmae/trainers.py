@@ -30,8 +30,6 @@ from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import NETWORK_CLASS
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
-
-
 NNUNET_CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "current_epoch", "logging", "_best_ema", "init_args")
 
 
@@ -159,7 +157,8 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
             network.recompute_full_resolution = self.recompute_full_resolution
             if ckpt is not None:
                 report = load_pretrained_encoder(network, ckpt)
-                self.print_to_log_file(f"{report.summary()} from {self.plans_manager.plans['pretrain_info']['checkpoint']}")
+                self.print_to_log_file(f"{report.summary()} from "
+                                       f"{self.plans_manager.plans['pretrain_info']['checkpoint']}")
             return network
 
         self.build_network_architecture = build_for_training
@@ -222,7 +221,8 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
                                          map_location=self.device)
         missing = [k for k in NNUNET_CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
         if missing:
-            raise UserError(f"{filename_or_checkpoint if not isinstance(filename_or_checkpoint, dict) else 'the checkpoint'}"
+            source = filename_or_checkpoint if not isinstance(filename_or_checkpoint, dict) else "the checkpoint"
+            raise UserError(f"{source}"
                             f" is not an nnU-Net training checkpoint: expected the keys "
                             f"{', '.join(NNUNET_CHECKPOINT_KEYS)}, missing {', '.join(missing)}")
         weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}

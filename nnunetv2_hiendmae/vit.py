@@ -10,8 +10,8 @@ embedding, as in the reference), and the GEMM avoids the convolution's layout co
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,8 @@ def unpatchify(p: torch.Tensor, token_size: Sequence[int], grid: Sequence[int], 
 
 
 def take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``tokens[b, index[b, n]]``: ``[B, L, ...]`` with ``index [B, N]`` -> ``[B, N, ...]`` (batch-expanded input ok)."""
+    """``tokens[b, index[b, n]]``: ``[B, L, ...]`` with ``index [B, N]`` -> ``[B, N, ...]``
+    (batch-expanded input ok)."""
     return tokens.expand(index.shape[0], *tokens.shape[1:]).gather(
         1, index.reshape(*index.shape, *([1] * (tokens.ndim - 2))).expand(-1, -1, *tokens.shape[2:]))
 
@@ -137,7 +138,8 @@ class ViTEncoder3D(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=norm)
+            for i in range(depth)
         )
         self.norm = norm(embed_dim)
         if pos_embed == "learned":
@@ -175,7 +177,8 @@ class ViTEncoder3D(nn.Module):
         """Token grid of an input; every axis must be a multiple of the token size."""
         if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
             raise ValueError(
-                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} on every axis"
+                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} "
+                "on every axis"
             )
         return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS
@@ -95,7 +95,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     data.add_argument("--patch-size", nargs=3, type=int, metavar=("X", "Y", "Z"),
                       help="crop size in voxels, in nnU-Net's (transposed) axis order; each a multiple of the token "
                            f"size (default: {' '.join(map(str, d('patch_size')))})")
-    data.add_argument("--batch-size", type=int, help=f"volumes loaded per iteration and GPU (default: {d('batch_size')})")
+    data.add_argument("--batch-size", type=int,
+                      help=f"volumes loaded per iteration and GPU (default: {d('batch_size')})")
     data.add_argument("--fold", type=int,
                       help="pretrain only on the training cases of this nnU-Net fold (splits_final.json), so a later "
                            "cross-validation on the same dataset is not leaked (default: all cases)")
@@ -104,14 +105,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                            f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=list(PRESETS),
-                       help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), vit_l12 (1536/12/16, "
-                            f"12^3 tokens, the released model), vit_tiny (CPU tests/demo) (default: {d('arch')})")
+                       help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), "
+                            "vit_l12 (1536/12/16, 12^3 tokens, the released model), vit_tiny (CPU tests/demo) "
+                            f"(default: {d('arch')})")
     model.add_argument("--pos-embed", choices=["sincos", "learned"],
-                       help=f"encoder position embedding: fixed 3D sin-cos (reference) or learned (default: {d('pos_embed')})")
+                       help="encoder position embedding: fixed 3D sin-cos (reference) or learned "
+                            f"(default: {d('pos_embed')})")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help=f"training epochs (default: {d('epochs')})")
     optim.add_argument("--iters-per-epoch", type=int,
-                       help="iterations per epoch (default: cases / (batch-size x GPUs), i.e. each volume once per epoch)")
+                       help="iterations per epoch (default: cases / (batch-size x GPUs), "
+                            "i.e. each volume once per epoch)")
     optim.add_argument("--lr", type=float,
                        help=f"peak learning rate of AdamW(0.9, 0.95), not scaled with batch (default: {d('lr')})")
     optim.add_argument("--warmup-epochs", type=int,
@@ -119,9 +123,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     optim.add_argument("--weight-decay", type=float,
                        help=f"AdamW weight decay; biases, norms, tokens and position embeddings get none "
                             f"(default: {d('weight_decay')})")
-    optim.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default: off, as the reference)")
+    optim.add_argument("--grad-clip", type=float,
+                       help="clip the gradient norm to this value (default: off, as the reference)")
     optim.add_argument("--accum-steps", type=int,
-                       help=f"accumulate gradients over this many iterations per optimiser step (default: {d('accum_steps')})")
+                       help="accumulate gradients over this many iterations per optimiser step "
+                            f"(default: {d('accum_steps')})")
     optim.add_argument("--seed", type=int, help=f"random seed (reference: 41) (default: {d('seed')})")
     hw = p.add_argument_group("hardware and output")
     hw.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto = cuda if available, else cpu")

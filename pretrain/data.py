@@ -38,19 +38,20 @@ import json
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-from torch.utils.data import DataLoader, Dataset, Sampler
-
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch.utils.data import DataLoader, Dataset, Sampler
+
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id, dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
+from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 
 CT_BODY_MIN_HU = -500.0
 BODY_EPS = 1e-3

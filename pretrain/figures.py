@@ -1,8 +1,8 @@
 """Plots a person looks at during pretraining: progress curves and masked-reconstruction slices."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

@@ -210,7 +210,8 @@ class PretrainRun:
                                           if cfg.pos_embed == "learned" else None)
         torch.manual_seed(cfg.seed)
         self.model = methods.model_class(cfg.method)(self.encoder_cfg, cfg.settings()).to(self.device)
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.ddp = (DistributedDataParallel(self.model,
+                                            device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world_size > 1 else self.model)
         compile_ = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.compiled = torch.compile(self.ddp) if compile_ else self.ddp
@@ -246,7 +247,8 @@ class PretrainRun:
                         history=self.history)
         train_state = None
         if rng is not None:  # a resumable checkpoint
-            train_state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            train_state = {"optimizer": self.optimizer.state_dict(),
+                           "scaler": self.scaler.state_dict() if self.scaler else None,
                            "epoch": epochs_done, "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
         return _on_cpu(make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
                                        model={"settings": dict(cfg.method_settings),
@@ -333,8 +335,8 @@ class PretrainRun:
         cfg = self.cfg
         self.model.train()
         loader.sampler.set_epoch(epoch)
-        bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (self.is_main and cfg.progress_bar),
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (self.is_main and cfg.progress_bar), dynamic_ncols=True, leave=False)
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
@@ -389,7 +391,8 @@ class PretrainRun:
         """Check the output folder against the mode; restore a resumed run. False: the run is already finished."""
         latest = self.out / LATEST
         if latest.exists() and self.resume_from is None:
-            raise UserError(f"{self.out} already holds a run ({LATEST}); pass --resume to continue it or choose another -o")
+            raise UserError(f"{self.out} already holds a run ({LATEST}); "
+                            "pass --resume to continue it or choose another -o")
         if self.resume_from is not None:
             done = self.resume_from["train_state"]["epoch"]
             if done >= self.cfg.epochs and (self.out / FINAL).exists():

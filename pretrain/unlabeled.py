@@ -22,9 +22,9 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -139,8 +139,10 @@ def find_cases(inputs: Sequence[str], file_ending: str | None = None) -> list[Ca
 def image_reader(path: str, name: str | None = None):
     """The nnU-Net reader called ``name`` (as ``overwrite_image_reader_writer`` in a dataset.json), else nnU-Net's
     first reader for the file's ending (chosen by the ending alone: no trial read of the file)."""
-    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_file_ending,
-                                                         recursive_find_reader_writer_by_name)
+    from nnunetv2.imageio.reader_writer_registry import (
+        determine_reader_writer_from_file_ending,
+        recursive_find_reader_writer_by_name,
+    )
 
     if name:
         return recursive_find_reader_writer_by_name(name)()
@@ -368,7 +370,8 @@ def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, sett
             raise UserError(f"{full_name} was preprocessed with other settings ({', '.join(changed)} differ): "
                             f"use another -d, or the settings of {stored}")
     elif folder.exists() and any(folder.iterdir()):
-        raise UserError(f"{folder} exists and was not written by nnUNetv2_hiendmae_preprocess_unlabeled: choose another -d")
+        raise UserError(f"{folder} exists and was not written by nnUNetv2_hiendmae_preprocess_unlabeled: "
+                        "choose another -d")
     target, staging = folder / DATA_IDENTIFIER, folder / f".staging_{DATA_IDENTIFIER}"
     target.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run: never trusted

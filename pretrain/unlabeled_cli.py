@@ -3,7 +3,7 @@ preprocessed format, read by ``nnUNetv2_hiendmae_pretrain -d ID`` like any other
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 
@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from pretrain.unlabeled import preprocess_unlabeled, reader_names  # nnU-Net: after parsing, --help is instant
 
     if args.reader and args.reader not in reader_names():
-        raise UserError(f"--reader {args.reader} is not an nnU-Net image reader; choose one of {', '.join(reader_names())}")
+        raise UserError(f"--reader {args.reader} is not an nnU-Net image reader; "
+                        f"choose one of {', '.join(reader_names())}")
     folder, report = preprocess_unlabeled(
         args.inputs, args.dataset_id, args.name,
         {"like": args.like, "plans": args.plans, "configuration": args.configuration, "modality": args.modality,

@@ -36,12 +36,14 @@ def console_script(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
-def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
+def run_cli(*args: str, check: bool = False, env: dict | None = None,
+            timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run one of the real commands (ours or nnU-Net's) as a subprocess, capturing its output."""
     cmd = [console_script(args[0]), *args[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 

@@ -96,12 +96,14 @@ def test_finetune_speed_ratios_to_default_unet():
     r = _run("finetune_speed.py", "--arch", "vit_tiny", "--primus", "S", "--patch-size", "16", "32", "32",
              "--batch-size", "1", "--case-size", "20", "40", "40", "--device", "cpu", "--steps", "1", "--warmup", "1")
     nets = r["networks"]
-    assert set(nets) == {"nnUNetTrainer (default U-Net)", "Primus-S", "HiEndUNETR vit_tiny", "HiEndUNETR vit_tiny, recompute"}
+    assert set(nets) == {"nnUNetTrainer (default U-Net)", "Primus-S", "HiEndUNETR vit_tiny",
+                         "HiEndUNETR vit_tiny, recompute"}
     assert nets["nnUNetTrainer (default U-Net)"]["class"].endswith(".PlainConvUNet")
     assert nets["Primus-S"]["class"].endswith(".Primus")
     ours = nets["HiEndUNETR vit_tiny"]
     assert ours["class"] == "nnunetv2_hiendmae.network.HiEndUNETR"
-    assert ours["params"] == sum(p.numel() for p in HiEndUNETR(1, 4, (16, 32, 32), encoder_config("vit_tiny")).parameters())
+    assert ours["params"] == sum(
+        p.numel() for p in HiEndUNETR(1, 4, (16, 32, 32), encoder_config("vit_tiny")).parameters())
     default = nets["nnUNetTrainer (default U-Net)"]
     for name, m in nets.items():
         assert all(_positive(m[k]) for k in ("params_m", "s_per_iter", "peak_mem_gib", "sliding_window_s")), (name, m)
@@ -160,7 +162,8 @@ def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
 def test_finetune_profile_accounts_for_work_and_memory_per_part():
     """Saved activations and FLOPs land on the part that produces them, and the parts add up to the network."""
     r = _run("finetune_profile.py", "--arch", "vit_tiny", "--patch-size", "16", "32", "32", "--batch-size", "1")
-    assert set(r["networks"]) == {"nnUNetTrainer (default U-Net)", "HiEndUNETR vit_tiny", "HiEndUNETR vit_tiny, recompute"}
+    assert set(r["networks"]) == {"nnUNetTrainer (default U-Net)", "HiEndUNETR vit_tiny",
+                                  "HiEndUNETR vit_tiny, recompute"}
     mib_16_channels = 16 * 16 * 32 * 32 * 4 / 2**20  # one fp32 full-resolution tensor of 16 channels: 1 MiB
     for name, net in r["networks"].items():
         parts = net["parts"]

@@ -5,11 +5,10 @@ import json
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from conftest import console_script
 
 SCRIPTS = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]

@@ -248,7 +248,8 @@ def _broken_tree(results: Path) -> None:
     (["-d", "abc", "-r", REF], False, "error: dataset 'abc' not found"),
     (["-d", "7", "-r", REF, "nnUNetTrainer__MissingPlans"], False,
      "error: no results for nnUNetTrainer__MissingPlans with configuration 3d_fullres"),
-    (["-d", "7", "-r", REF, "-c", "2d"], False, "error: no results for nnUNetTrainer__nnUNetPlans with configuration 2d"),
+    (["-d", "7", "-r", REF, "-c", "2d"], False,
+     "error: no results for nnUNetTrainer__nnUNetPlans with configuration 2d"),
     (["-d", "7", "-r", "nnUNetTrainer__Empty"], False, "error: nnUNetTrainer__Empty: no validation/summary.json"),
     (["-d", "7", "-r", REF, "-f", "7", "8"], False, "error: nnUNetTrainer__nnUNetPlans: no validation/summary.json "
                                                     "for folds 7 8"),

@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 import SimpleITK as sitk
-
 from conftest import run_cli
+
 from nnunetv2_hiendmae.compare import FG_COLUMN
 from nnunetv2_hiendmae.demo.pipeline import NOISE_NOTE
 

@@ -36,7 +36,8 @@ def test_same_loss_as_the_implementation_before_the_method_registry():
     assert model(dict(crops=x[:, None]))["loss"].ndim == 0  # the method's forward: K crops per volume
 
 
-@pytest.mark.parametrize("token,shape", [(16, (32, 32, 32)), (16, (16, 48, 32)), (12, (24, 36, 12)), (12, (36, 36, 36))])
+@pytest.mark.parametrize("token,shape", [(16, (32, 32, 32)), (16, (16, 48, 32)), (12, (24, 36, 12)),
+                                         (12, (36, 36, 36))])
 @pytest.mark.parametrize("channels", [1, 2])
 def test_output_shapes_cubic_and_non_cubic(token, shape, channels):
     model = tiny(token, channels)
@@ -155,7 +156,8 @@ def test_reference_parameter_names_and_sizes():
                  "encoder.blocks.0.attn.qkv.bias", "encoder.blocks.3.attn.proj.weight", "encoder.blocks.0.norm2.bias",
                  "encoder.blocks.0.mlp.fc1.weight", "encoder.blocks.0.mlp.fc2.bias", "encoder.norm.weight",
                  "mask_token", "encoder_to_decoder.3.weight", "decoder.blocks.1.attn.qkv.weight",
-                 "decoder.cross_attention_blocks.2.cross_attn.kv.weight", "decoder.cross_attention_blocks.0.norm0.weight",
+                 "decoder.cross_attention_blocks.2.cross_attn.kv.weight",
+                 "decoder.cross_attention_blocks.0.norm0.weight",
                  "decoder.cross_attention_blocks.0.self_attn.qkv.weight", "decoder.head.bias", "decoder.norm.weight"):
         assert name in keys, name
     # ViT-B/16 Hi-End-MAE has 101.6M trainable parameters, 12.2M in the decoder (reference, methods.md §1.2)

@@ -28,7 +28,8 @@ CONSOLE = Path(sys.executable).parent / "nnUNetv2_hiendmae_import"
 
 
 def _ln(g: torch.Generator, prefix: str, dim: int) -> dict:
-    return {f"{prefix}.weight": 1 + 0.1 * torch.randn(dim, generator=g), f"{prefix}.bias": 0.1 * torch.randn(dim, generator=g)}
+    return {f"{prefix}.weight": 1 + 0.1 * torch.randn(dim, generator=g),
+            f"{prefix}.bias": 0.1 * torch.randn(dim, generator=g)}
 
 
 def _lin(g: torch.Generator, prefix: str, out: int, inp: int) -> dict:
@@ -46,7 +47,8 @@ def reference_state_dict(pos: str = "sincos", in_channels: int = C, depth: int =
     """Random weights for a vit_tiny Hi-End-MAE, keys as the reference model's ``state_dict()`` (no prefix)."""
     g = torch.Generator().manual_seed(seed)
     sd = {"mask_token": 0.02 * torch.randn(1, 1, DEC, generator=g)}
-    sd["encoder_pos_embed"] = (sincos_reference(GRID, E) if pos == "sincos" else 0.02 * torch.randn(1, L, E, generator=g))
+    sd["encoder_pos_embed"] = (sincos_reference(GRID, E) if pos == "sincos"
+                               else 0.02 * torch.randn(1, L, E, generator=g))
     sd["decoder_pos_embed"] = sincos_reference(GRID, DEC)
     sd["encoder.cls_token"] = 0.02 * torch.randn(1, 1, E, generator=g)
     fan_in = in_channels * P ** 3
@@ -226,7 +228,8 @@ def test_bare_state_dict_without_prefix_and_pickled_objects(tmp_path, capsys):
 def test_bad_inputs_in_process(tmp_path, capsys, sincos_import):
     src, out = sincos_import[1], tmp_path / "o.pth"
     (tmp_path / "text.pth").write_text("not a checkpoint\n")
-    expect_user_error(capsys, ["-i", tmp_path / "text.pth", "-o", out], "is not a readable PyTorch checkpoint (truncated, corrupt or not a torch file")
+    expect_user_error(capsys, ["-i", tmp_path / "text.pth", "-o", out],
+                      "is not a readable PyTorch checkpoint (truncated, corrupt or not a torch file")
     torch.save({"state_dict": {"module.foo.weight": torch.zeros(3)}}, tmp_path / "foreign.pth")
     expect_user_error(capsys, ["-i", tmp_path / "foreign.pth", "-o", out], "not a reference Hi-End-MAE checkpoint")
     expect_user_error(capsys, ["-i", src, "-o", out, "--arch", "vit_b16"], "does not match the checkpoint")

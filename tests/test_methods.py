@@ -163,7 +163,8 @@ def test_gl_mae_teacher_gets_no_gradient_moves_by_momentum_and_sees_unmasked_glo
     seen = {}
     teacher_forward = type(model.teacher_encoder).forward
     monkeypatch.setattr(type(model.teacher_encoder), "forward",
-                        lambda self, x, keep=None: (seen.setdefault(id(self), (x, keep)), teacher_forward(self, x, keep))[1])
+                        lambda self, x, keep=None: (seen.setdefault(id(self), (x, keep)),
+                                                    teacher_forward(self, x, keep))[1])
     out = model(views)
     x, keep = seen[id(model.teacher_encoder)]
     assert keep is None and x.shape == (2, 1, *PATCH)  # whole (unmasked) global views, resized to the patch

@@ -174,3 +174,17 @@ def test_recomputing_the_full_resolution_blocks_keeps_gradients_and_frees_their_
     assert kept - kept_recomputed == pytest.approx(10 * full_res, rel=1e-3)
     with torch.no_grad():  # inference: nothing to recompute, the plain path
         assert torch.equal(recompute(x), plain(x))
+
+
+def test_recomputation_traces_under_torch_compile():
+    """nnU-Net compiles the network by default on CUDA: the recomputed blocks must trace (dynamo and AOT autograd;
+    the backend that needs no compiler) and give the eager loss and gradients."""
+    torch.manual_seed(0)
+    net = HiEndUNETR(1, 3, (16, 32, 32), TINY, recompute_full_resolution=True)
+    x = torch.randn(2, 1, 16, 32, 32)
+    net(x).square().mean().backward()
+    eager = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    torch.compile(net, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    for (name, p), g in zip(net.named_parameters(), eager):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6, msg=name)

@@ -26,7 +26,8 @@ def test_pretraining_groups_decay_all_but_biases_norms_tokens_and_position_embed
     model = HiEndMAE(encoder_config("vit_tiny", pos_embed="learned", pos_embed_grid=(2, 2, 2)), MaskedCropsSettings())
     got = by_name(model, param_groups(model, 0.05))
     for name, p in model.named_parameters():
-        exempt = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in ("cls_token", "mask_token", "pos_embed"))
+        exempt = (p.ndim <= 1 or name.endswith(".bias")
+                  or any(k in name for k in ("cls_token", "mask_token", "pos_embed")))
         assert got[name] == ((0.0 if exempt else 0.05), 1.0), name
     assert got["encoder.pos_embed"][0] == got["mask_token"][0] == got["encoder.cls_token"][0] == 0.0
 

@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CROP, TOKEN, run_cli, write_checkpoint
+
 from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
-from nnunetv2_hiendmae.plans import (CONFIGURATION, DEFAULT_NAME, Dataset, build_plan, main, normalisation, parser,
-                                     pretrained_source)
+from nnunetv2_hiendmae.plans import (
+    CONFIGURATION,
+    DEFAULT_NAME,
+    Dataset,
+    build_plan,
+    main,
+    normalisation,
+    parser,
+    pretrained_source,
+)
 from nnunetv2_hiendmae.weights import adapt_encoder_config
 
 # The released model's CT statistics (HU [-175, 250] -> [0, 1] through CTNormalization), unlike the dataset's own.
@@ -87,7 +95,8 @@ def test_dataset_modes_keep_the_dataset_preprocessing_and_share_its_data(preproc
     base_plans, base_cfg = base(preprocessed_dataset)
     cfg = p.plans["configurations"][CONFIGURATION]
     assert cfg["spacing"] == base_cfg["spacing"]
-    assert p.plans["foreground_intensity_properties_per_channel"] == base_plans["foreground_intensity_properties_per_channel"]
+    assert (p.plans["foreground_intensity_properties_per_channel"]
+            == base_plans["foreground_intensity_properties_per_channel"])
     assert (p.data, cfg["data_identifier"]) == ("reuse", base_cfg["data_identifier"])
 
 
@@ -102,7 +111,8 @@ def test_other_modality_keeps_the_dataset_normalisation(preprocessed_dataset, tm
     p = plan("-d", "990", "-pt", str(ckpt))
     base_plans, _ = base(preprocessed_dataset)
     assert p.plans["configurations"][CONFIGURATION]["normalization_schemes"] == ["CTNormalization"]
-    assert p.plans["foreground_intensity_properties_per_channel"] == base_plans["foreground_intensity_properties_per_channel"]
+    assert (p.plans["foreground_intensity_properties_per_channel"]
+            == base_plans["foreground_intensity_properties_per_channel"])
     assert any("kept the dataset's normalisation" in n for n in p.notes)
 
 
@@ -111,7 +121,8 @@ def fake_dataset(preprocessed_dataset, schemes: list[str]) -> Dataset:
     plans, cfg = base(preprocessed_dataset)
     props = {str(c): dict(plans["foreground_intensity_properties_per_channel"]["0"]) for c in range(len(schemes))}
     cfg = {**cfg, "normalization_schemes": schemes, "use_mask_for_norm": [False] * len(schemes)}
-    return Dataset(990, preprocessed_dataset["preprocessed"], {**plans, "foreground_intensity_properties_per_channel": props},
+    return Dataset(990, preprocessed_dataset["preprocessed"],
+                   {**plans, "foreground_intensity_properties_per_channel": props},
                    cfg, {}, {"channel_names": {str(c): s for c, s in enumerate(schemes)}})
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import console_script, kill_tree, make_trainer, run_cli
+
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 
@@ -62,7 +62,8 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
     assert ckpt["format"] == FORMAT and ckpt["method"] == "hiend_mae" and "train_state" not in ckpt
     assert ckpt["encoder"]["arch"] == "vit_tiny" and ckpt["encoder"]["in_channels"] == 1
     meta = ckpt["pretrain"]
-    assert [d["name"] for d in meta["datasets"]] == [preprocessed_dataset["name"], preprocessed_dataset["unlabelled_name"]]
+    assert [d["name"] for d in meta["datasets"]] == [preprocessed_dataset["name"],
+                                                     preprocessed_dataset["unlabelled_name"]]
     import json
 
     plans = json.loads((preprocessed_dataset["preprocessed"] / "nnUNetPlans.json").read_text())

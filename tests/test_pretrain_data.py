@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from conftest import copy_preprocessed_dataset
 from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, infer_dataset_class, nnUNetDatasetBlosc2
 from nnunetv2.utilities.crossval_split import generate_crossval_split
-from conftest import copy_preprocessed_dataset
+
 from nnunetv2_hiendmae.errors import UserError
 from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
 

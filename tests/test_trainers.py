@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import CROP, make_trainer, run_cli, write_checkpoint
+
 from nnunetv2_hiendmae import trainers
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
 from nnunetv2_hiendmae.errors import UserError
@@ -85,7 +85,8 @@ def test_initialize_loads_the_pretrained_encoder(setup):
     assert f"{len(source)} tensors loaded, 1 adapted (pos_embed" in log and str(setup["ckpt"]) in log
 
 
-@pytest.mark.parametrize("cls", [trainers.nnUNetTrainerHiEndMAE_recompute, trainers.nnUNetTrainerHiEndMAE_scratch_recompute])
+@pytest.mark.parametrize("cls", [trainers.nnUNetTrainerHiEndMAE_recompute,
+                                 trainers.nnUNetTrainerHiEndMAE_scratch_recompute])
 def test_recompute_variants_train_the_same_network_with_less_kept(setup, cls):
     """The variants change one thing: the built network recomputes its full-resolution blocks; a training step runs."""
     trainer = make_trainer(cls, setup["folder"], "T_tr")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import console_script, kill_tree, run_cli
+
 from nnunetv2_hiendmae.demo.synthetic import make_case
 
 CMD = "nnUNetv2_hiendmae_preprocess_unlabeled"
@@ -79,7 +79,8 @@ def test_pool_with_bad_files_becomes_a_dataset_that_pretraining_reads(pool, nnun
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
     assert -200 < stats["mean"] < 150 and stats["percentile_00_5"] > -500  # body (fat, tissue, organs, bone)
     fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
-    assert fingerprint["foreground_intensity_properties_per_channel"]["0"] == stats and len(fingerprint["spacings"]) == 5
+    assert (fingerprint["foreground_intensity_properties_per_channel"]["0"] == stats
+            and len(fingerprint["spacings"]) == 5)
     with open(data / "scans__siteA__scan0.pkl", "rb") as f:
         props = pickle.load(f)
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2

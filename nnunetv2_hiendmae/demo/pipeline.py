@@ -54,13 +54,21 @@ SCHEDULES = {
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="nnUNetv2_hiendmae_demo", description=__doc__.split(":", 1)[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", default="demo_output", help="demo folder; holds its own nnUNet_raw/preprocessed/results (default: %(default)s)")
-    p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start clean (default: continue, skipping finished steps)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for pretraining, training and prediction (default: %(default)s)")
-    p.add_argument("--arch", default="vit_tiny", help="ViT preset to pretrain and fine-tune: vit_tiny, vit_b16, vit_l16, vit_l12 (default: %(default)s)")
-    p.add_argument("--labelled", type=int, default=20, help="labelled training cases to generate (default: %(default)s)")
-    p.add_argument("--unlabelled", type=int, default=10, help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
-    p.add_argument("--test", type=int, default=4, help="held-out test cases for prediction and Dice (default: %(default)s)")
+    p.add_argument("-o", "--output", default="demo_output",
+                   help="demo folder; holds its own nnUNet_raw/preprocessed/results (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the demo folder first and start clean (default: continue, skipping finished steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="device for pretraining, training and prediction (default: %(default)s)")
+    p.add_argument("--arch", default="vit_tiny",
+                   help="ViT preset to pretrain and fine-tune: vit_tiny, vit_b16, vit_l16, vit_l12 "
+                        "(default: %(default)s)")
+    p.add_argument("--labelled", type=int, default=20,
+                   help="labelled training cases to generate (default: %(default)s)")
+    p.add_argument("--unlabelled", type=int, default=10,
+                   help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
+    p.add_argument("--test", type=int, default=4,
+                   help="held-out test cases for prediction and Dice (default: %(default)s)")
     p.add_argument("--method", choices=["hiend_mae", "mae", "gl_mae", "mim"], default="hiend_mae",
                    help="pretraining method (default: %(default)s)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
@@ -70,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, nargs=3, dest="patch_size", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the flag's name before 0.2; still accepted
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
-    p.add_argument("--pretrain-iters", type=int, default=25, help="pretraining iterations per epoch (default: %(default)s)")
-    p.add_argument("--pretrain-batch", type=int, default=4, help="volumes per pretraining iteration (default: %(default)s)")
+    p.add_argument("--pretrain-iters", type=int, default=25,
+                   help="pretraining iterations per epoch (default: %(default)s)")
+    p.add_argument("--pretrain-batch", type=int, default=4,
+                   help="volumes per pretraining iteration (default: %(default)s)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="demo",
-                   help="fine-tuning length for all three trainers: smoke (seconds, for checks), demo (short, CPU), 100epochs, 250epochs or full "
-                        "(1000 epochs; nnU-Net's defaults) (default: %(default)s)")
+                   help="fine-tuning length for all three trainers: smoke (seconds, for checks), demo (short, CPU), "
+                        "100epochs, 250epochs or full (1000 epochs; nnU-Net's defaults) (default: %(default)s)")
     p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, e.g. 0 1 2 3 4 (default: 0)")
     p.add_argument("--num-workers", type=int, default=1,
                    help="data-loading processes for pretraining and nnU-Net; on a small CPU more workers only steal "
@@ -90,7 +100,8 @@ class Demo:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.root = Path(args.output).resolve()
-        self.raw, self.pre, self.res = self.root / "nnUNet_raw", self.root / "nnUNet_preprocessed", self.root / "nnUNet_results"
+        self.raw, self.pre, self.res = (self.root / "nnUNet_raw", self.root / "nnUNet_preprocessed",
+                                        self.root / "nnUNet_results")
         from nnunetv2_hiendmae.ext import ext_path
 
         self.env = {**os.environ, "nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.pre),
@@ -189,7 +200,8 @@ class Demo:
                 fold_dir = self.res / self.dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
                 if (fold_dir / "validation" / "summary.json").exists():
                     continue
-                cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-tr", trainer, "-p", plans, "-device", a.device]
+                cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-tr", trainer, "-p", plans,
+                       "-device", a.device]
                 if (fold_dir / "checkpoint_latest.pth").exists() or (fold_dir / "checkpoint_final.pth").exists():
                     cmd.append("--c")
                 self.run(*cmd, extra_env=train_env)
@@ -239,7 +251,8 @@ class Demo:
             print(f"| {name} | " + " | ".join(f"{d[c]:.3f}" for c in classes) + f" | {d['mean']:.3f} |")
         (self.root / "heldout_dice.json").write_text(json.dumps(held_out, indent=2))
         if self.args.schedule in ("smoke", "demo"):
-            print(f"Note: the {self.args.schedule!r} schedule shows that the pipeline works, not which method is better: "
+            print(f"Note: the {self.args.schedule!r} schedule shows that the pipeline works, "
+                  "not which method is better: "
                   "a few dozen iterations are far too few (nnU-Net's SGD recipe often still predicts only background). "
                   "Compare with --schedule 250epochs or full and --folds 0 1 2 3 4 on a GPU.")
         print(f"\nDemo finished in {time.time() - self.t0:.0f} s. Where to look:")

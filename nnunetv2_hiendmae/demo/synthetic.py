@@ -19,10 +19,12 @@ LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 
 
 def _ellipsoid(zz, yy, xx, centre, radii) -> np.ndarray:
-    return ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+    return (((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+            + ((xx - centre[2]) / radii[2]) ** 2 <= 1)
 
 
-def make_case(rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+def make_case(rng: np.random.Generator,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """One phantom: ``(image HU [z,y,x] float32, labels [z,y,x] uint8, spacing (x, y, z) mm)``."""
     spacing = (float(rng.uniform(2.7, 3.3)), float(rng.uniform(2.7, 3.3)), float(rng.uniform(4.5, 5.5)))
     fov = np.array([rng.uniform(130, 160), rng.uniform(200, 240), rng.uniform(200, 240)]) * scale  # z, y, x in mm
@@ -40,10 +42,14 @@ def make_case(rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray,
     seg = np.zeros(shape, np.uint8)
     s = scale * rng.uniform(0.85, 1.15)
     organs = [  # (label, HU, centre (z, y, x) relative to body, radii mm)
-        (1, 65.0, (rng.uniform(-10, 10), -0.1 * body_r[0], -0.45 * body_r[1]), (45 * s, 0.45 * body_r[0], 0.35 * body_r[1])),
-        (2, 110.0, (rng.uniform(-10, 10), 0.05 * body_r[0], 0.55 * body_r[1]), (30 * s, 0.25 * body_r[0], 0.15 * body_r[1])),
-        (3, 170.0, (rng.uniform(-15, 5), 0.45 * body_r[0], -0.25 * body_r[1]), (28 * s, 0.15 * body_r[0], 0.10 * body_r[1])),
-        (3, 170.0, (rng.uniform(-15, 5), 0.45 * body_r[0], 0.25 * body_r[1]), (28 * s, 0.15 * body_r[0], 0.10 * body_r[1])),
+        (1, 65.0, (rng.uniform(-10, 10), -0.1 * body_r[0], -0.45 * body_r[1]),
+         (45 * s, 0.45 * body_r[0], 0.35 * body_r[1])),
+        (2, 110.0, (rng.uniform(-10, 10), 0.05 * body_r[0], 0.55 * body_r[1]),
+         (30 * s, 0.25 * body_r[0], 0.15 * body_r[1])),
+        (3, 170.0, (rng.uniform(-15, 5), 0.45 * body_r[0], -0.25 * body_r[1]),
+         (28 * s, 0.15 * body_r[0], 0.10 * body_r[1])),
+        (3, 170.0, (rng.uniform(-15, 5), 0.45 * body_r[0], 0.25 * body_r[1]),
+         (28 * s, 0.15 * body_r[0], 0.10 * body_r[1])),
     ]
     for label, hu, (cz, cy, cx), radii in organs:
         jitter = rng.uniform(-6, 6, size=2) * scale

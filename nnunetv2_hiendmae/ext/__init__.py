@@ -7,8 +7,8 @@ holds one uniquely named shim, ``hiendmae_ext_trainers.py``, that only re-export
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from nnunetv2_hiendmae.errors import ArgumentParser, cli_entry
 
@@ -32,7 +32,8 @@ def ext_trainer_hint() -> str | None:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    """``nnUNetv2_hiendmae_ext_path``: print the folder, for ``export nnUNet_extTrainer=$(nnUNetv2_hiendmae_ext_path)``."""
+    """``nnUNetv2_hiendmae_ext_path``: print the folder, for
+    ``export nnUNet_extTrainer=$(nnUNetv2_hiendmae_ext_path)``."""
     ArgumentParser(
         prog="nnUNetv2_hiendmae_ext_path",
         description="Print the folder that nnU-Net's nnUNet_extTrainer variable must name so that nnUNetv2_train, "

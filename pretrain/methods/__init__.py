@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from nnunetv2_hiendmae.errors import UserError
 

@@ -47,7 +47,7 @@ class GLMAE(MAE):
         self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "GLMAE":
+    def train(self, mode: bool = True) -> GLMAE:
         super().train(mode)
         self.teacher_encoder.eval()  # no dropout/drop-path in the teacher, whatever the student does
         self.teacher_projector.eval()

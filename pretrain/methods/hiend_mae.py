@@ -9,7 +9,7 @@ checkpoints import by a plain key mapping.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -23,8 +23,14 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from nnunetv2_hiendmae.presets import Grid
-from nnunetv2_hiendmae.vit import (build_encoder, init_linear_and_norm, patchify, sincos_pos_embed_3d,
-                                   take_tokens, unpatchify)
+from nnunetv2_hiendmae.vit import (
+    build_encoder,
+    init_linear_and_norm,
+    patchify,
+    sincos_pos_embed_3d,
+    take_tokens,
+    unpatchify,
+)
 
 DECODER_PRESETS: dict[str, dict] = {
     "vit_tiny": dict(embed_dim=48, depth=2, num_heads=4),
