@@ -63,13 +63,9 @@ def plans_manager(patch_size: list[int], architecture: dict, batch_size: int):
 
 
 def build_network(trainer: type, plans_manager, classes: int) -> torch.nn.Module:
-    """The network as ``trainer`` trains it: its ``build_network_architecture``, plus what our trainers' ``initialize``
-    sets on it (the full-resolution recomputation of the ``_recompute`` variants)."""
-    net = trainer.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"), 1, classes,
-                                             False)
-    if getattr(trainer, "recompute_full_resolution", False):
-        net.recompute_full_resolution = True
-    return net
+    """The network as ``trainer`` trains it, by its ``build_network_architecture`` (one input channel)."""
+    return trainer.build_network_architecture(plans_manager, plans_manager.get_configuration("3d_fullres"), 1,
+                                              classes, False)
 
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter], torch.device], torch.optim.Optimizer]

@@ -74,13 +74,13 @@ def flops_per_crop(method: str, arch: str, settings, views: dict, device: torch.
     return flops / sum(n for n, _ in views.values())
 
 
-def reference_side_by_side(a: argparse.Namespace) -> dict:
+def reference_side_by_side(a: argparse.Namespace, crops_per_volume: int) -> dict:
     """``reference_throughput.py`` on the same crops per step, device and step counts, in its own environment."""
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(filter(None, [a.reference_pythonpath, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, str(Path(__file__).with_name("reference_throughput.py")), "--reference", a.reference,
            "--arch", a.arch, "--patch-size", str(a.patch_size[0]), "--batch-size", str(a.batch_size),
-           "--crops-per-volume", str(a.crops_per_volume or 8), "--device", a.device, "--steps", str(a.steps),
+           "--crops-per-volume", str(crops_per_volume), "--device", a.device, "--steps", str(a.steps),
            "--warmup", str(a.warmup)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -179,7 +179,7 @@ def main() -> None:
     if a.reference:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        result["reference"] = reference_side_by_side(a)
+        result["reference"] = reference_side_by_side(a, settings.crops_per_volume)
         result["model_only_to_reference"] = round(result["model_only"]["crops_per_s"]
                                                   / result["reference"]["model_only"]["crops_per_s"], 3)
     print(json.dumps(result))

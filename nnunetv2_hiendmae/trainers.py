@@ -107,17 +107,19 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self.grad_scaler = None  # bf16 needs no loss scaling
         self._weights_from_checkpoint = False  # set by load_checkpoint: --c / --val bring their own weights
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """Random-init network from the plans (also what ``nnUNetv2_predict`` calls: never loads weights)."""
+        """Random-init network from the plans (also what ``nnUNetv2_predict`` calls: never loads weights); a
+        classmethod, so that a variant's ``recompute_full_resolution`` reaches the network wherever it is built."""
         if configuration_manager.network_arch_class_name != NETWORK_CLASS:
             raise UserError(
                 f"plans '{plans_manager.plans_name}' describe {configuration_manager.network_arch_class_name}, not "
                 f"{NETWORK_CLASS}: create plans with nnUNetv2_hiendmae_plan and pass their name with -p")
         return HiEndUNETR(num_input_channels, num_output_channels, configuration_manager.patch_size,
-                          deep_supervision=False, **configuration_manager.network_arch_init_kwargs)
+                          deep_supervision=False, recompute_full_resolution=cls.recompute_full_resolution,
+                          **configuration_manager.network_arch_init_kwargs)
 
     def _pretrained_checkpoint(self) -> dict | None:
         """The verified pretraining checkpoint to start from, or None (scratch, or weights from --c/--val)."""
@@ -144,7 +146,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
 
         The base class builds, compiles and DDP-wraps in one method; an instance attribute shadows the static
         ``build_network_architecture`` for that one call so the weights go in before compile/DDP (and never at
-        inference, which uses the static method).
+        inference, which uses the class's method).
         """
         ckpt = None if self.was_initialized else self._pretrained_checkpoint()  # fails before anything is built
         build = type(self).build_network_architecture
@@ -154,7 +156,6 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
                                enable_deep_supervision: bool = True) -> nn.Module:
             network = build(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                             enable_deep_supervision)
-            network.recompute_full_resolution = self.recompute_full_resolution
             if ckpt is not None:
                 report = load_pretrained_encoder(network, ckpt)
                 self.print_to_log_file(f"{report.summary()} from "

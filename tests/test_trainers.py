@@ -92,6 +92,8 @@ def test_recompute_variants_train_the_same_network_with_less_kept(setup, cls):
     trainer = make_trainer(cls, setup["folder"], "T_tr")
     trainer.initialize()
     assert trainer.network.recompute_full_resolution and cls.__mro__[1].recompute_full_resolution is False
+    built = cls.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 2, False)
+    assert built.recompute_full_resolution  # as nnUNetv2_predict builds it (from the class)
     assert cls.load_pretrained is cls.__mro__[1].load_pretrained
     shape = (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
     batch = {"data": torch.randn(shape), "target": torch.randint(0, 2, (shape[0], 1, *shape[2:])).float()}
