@@ -32,7 +32,7 @@ from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import methods
-from pretrain.augment import augment
+from pretrain.augment import augment_views
 from pretrain.train import share_cpu_with_workers
 
 
@@ -47,7 +47,7 @@ def measure(method: str, arch: str, settings, batches, device: torch.device, pre
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
         def step(views: dict[str, torch.Tensor]) -> None:
-            views = {k: augment(v.flatten(0, 1)).view(v.shape) for k, v in views.items()}
+            views = augment_views(views)
             with autocast(device, precision):
                 loss = forward(views)["loss"]
             loss.backward()
@@ -165,13 +165,13 @@ def main() -> None:
                             "mfu": round(flops * crops / r["s_per_step"] / (peak * 1e12), 4) if peak else None}
 
     if a.datasets:
-        from pretrain.data import PretrainCrops, make_loader, resolve_sources
+        from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources
 
         dtype = "float16" if device.type == "cuda" and precision != "fp32" else "float32"
         data = PretrainCrops(resolve_sources(a.datasets), views, (a.warmup + a.steps) * a.batch_size, seed=0,
                              dtype=dtype)
         loader = make_loader(data, a.batch_size, a.num_workers, device.type)
-        batches = ({k: v.to(device, non_blocking=True).float() for k, v in b.items()} for b in loader)
+        batches = device_batches(loader, device)  # the CLI's data path
         r = measure(a.method, a.arch, settings, batches, device, precision, a.compile, a.warmup, a.steps)
         result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers,
                                 "cases": sorted({data.case_name(i) for i in range(len(data))})}

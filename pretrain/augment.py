@@ -36,6 +36,12 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return x * _per_sample(scale).to(x.dtype) + _per_sample(shift).to(x.dtype)
 
 
+def augment_views(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loader batch on the device ``{name: [B, n, C, *S]}``, in its transfer dtype -> float32, every view augmented
+    on its own."""
+    return {name: augment(v.float().flatten(0, 1)).view(v.shape) for name, v in batch.items()}
+
+
 def reference_augment(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
     """The reference's augmentation of one ``[C, X, Y, Z]`` crop in numpy, as loader workers applied it per crop
     before: the specification :func:`augment` is tested against, and the CPU work it removed from the workers."""

@@ -2,9 +2,12 @@
 
 Data order is a pure function of (seed, epoch, rank, item) and every rank's RNG state is saved with each checkpoint,
 so a killed run resumed from ``checkpoint_latest.pth`` retraces exactly the epochs it had not saved. The data path:
-loader workers read the views of a case (blosc2, only the crop regions) in a compact dtype into pinned memory; the
-batch goes to the device without blocking and is augmented there (:mod:`pretrain.augment`); the method's model
-returns named losses. The host synchronises with the device only every :data:`SYNC_EVERY` iterations.
+one loader streams the whole run; its workers read the views of a case (blosc2, only the crop regions) in a compact
+dtype into pinned memory; the next batch is copied to the device while the current one is computed
+(:func:`~pretrain.data.device_batches`) and is augmented there (:mod:`pretrain.augment`); the method's model returns
+named losses. The host synchronises with the device only every :data:`SYNC_EVERY` iterations and at an epoch's end,
+and redraws ``progress.png`` at most every :data:`PLOT_EVERY_S` seconds: on a GPU an epoch of a small dataset takes a
+second or two, and drawing the curves after each would stall it for a tenth of a second every time.
 """
 from __future__ import annotations
 
@@ -31,13 +34,14 @@ from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
-from pretrain.augment import augment
+from pretrain.augment import augment_views
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
-from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
+from pretrain.data import PretrainCrops, device_batches, make_loader, pretrain_metadata, resolve_sources
 from pretrain.figures import plot_progress, plot_reconstruction
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
+PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
 
 class NonFiniteLoss(UserError):
@@ -227,6 +231,7 @@ class PretrainRun:
         self.log = Logger(self.out, self.is_main)
         self.writer = CheckpointWriter()
         self.last_save = time.monotonic()
+        self.last_plot = -math.inf
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _rng_states(self) -> list[dict]:
@@ -288,6 +293,7 @@ class PretrainRun:
         if self.is_main:
             self.writer.write(self._checkpoint(epochs_done, rng), self.out / LATEST)
         self.last_save = time.monotonic()
+        self.last_plot = -math.inf
 
     # ---- training --------------------------------------------------------------------------------------------------
     def _set_lr(self) -> None:
@@ -323,26 +329,18 @@ class PretrainRun:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}). "
                                 "Try a lower --lr, --grad-clip 1 or --precision fp32")
 
-    def _device_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loader batch ``{name: [B, n, C, *S]}`` -> float32 on the device, augmented per view."""
-        out = {}
-        for name, v in batch.items():
-            x = v.to(self.device, non_blocking=True).float()
-            out[name] = augment(x.flatten(0, 1)).view(x.shape)
-        return out
-
-    def train_epoch(self, epoch: int, loader) -> tuple[dict[str, float], float]:
+    def train_epoch(self, epoch: int, batches) -> tuple[dict[str, float], float]:
+        """One epoch of ``self.iters`` batches from the run's stream of device batches."""
         cfg = self.cfg
         self.model.train()
-        loader.sampler.set_epoch(epoch)
         bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (self.is_main and cfg.progress_bar), dynamic_ncols=True, leave=False)
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         self._set_lr()
-        for it, batch in enumerate(loader):
-            views = self._device_views(batch)
+        for it in range(self.iters):
+            views = augment_views(next(batches))
             sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.iters
             ctx = self.ddp.no_sync() if (self.world_size > 1 and not sync) else nullcontext()
             with ctx, autocast(self.device, self.precision):
@@ -420,10 +418,11 @@ class PretrainRun:
                      f"{', '.join(d['name'] for d in self.meta['datasets'])}, patch {cfg.patch_size}, views per case "
                      f"{ {k: [n, list(s)] for k, (n, s) in self.views.items()} }, batch {cfg.batch_size}/rank, "
                      f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
-        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type)
+        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch)
+        batches = device_batches(loader, self.device)
         for epoch in range(self.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            losses, throughput = self.train_epoch(epoch, loader)
+            losses, throughput = self.train_epoch(epoch, batches)
             lr = self.schedule(self.global_step)
             record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": time.perf_counter() - t0}
             for k, v in record.items():
@@ -432,7 +431,9 @@ class PretrainRun:
                 parts = "  ".join(f"{k} {v:.5f}" for k, v in losses.items())
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}  {parts}  lr {lr:.3e}  {throughput:.1f} crops/s  "
                          f"epoch time {record['epoch_time']:.1f} s")
-                plot_progress(self.history, self.out / "progress.png")
+                if epoch + 1 == cfg.epochs or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
+                    plot_progress(self.history, self.out / "progress.png")
+                    self.last_plot = time.monotonic()
             self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs)
         if self.is_main:
             self.writer.wait()

@@ -41,10 +41,12 @@ def test_loss_clearly_decreases(trained):
     out, _ = trained
     history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
     assert len(history["loss"]) == 12
-    # 1.0 = predicting each patch's mean; voxel noise keeps the floor high on such small crops, and the per-epoch
-    # loss of 40 small batches fluctuates by ~2%, so the last epochs must beat the first clearly, not marginally
+    # 1.0 = predicting each patch's mean; voxel noise keeps the floor high on such small crops (the runs end 6-7 %
+    # below the first epoch), and the per-epoch loss of 40 small batches fluctuates by ~2%, so every one of the last
+    # epochs must beat the first and their mean must beat it clearly (a bound on one epoch alone would be a coin flip
+    # on the random stream)
     first, last = history["loss"][0], history["loss"][-3:]
-    assert min(last) < 0.93 * first and sum(last) / 3 < 0.96 * first, history["loss"]
+    assert max(last) < first and sum(last) / 3 < 0.96 * first, history["loss"]
     assert all(v > 0 for v in history["crops_per_s"])
     assert history["lr"][0] > history["lr"][-1] >= 0  # cosine decay after the warm-up epoch
 
@@ -255,6 +257,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(preprocessed_datas
     assert ckpt["train_state"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["weights"].values())
     assert not (tmp_path / "nan" / "checkpoint_final.pth").exists()
+
+
+@pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3, 4]), (1e9, [1, 4])])
+def test_progress_figure_is_redrawn_at_most_every_plot_interval_and_at_the_end(preprocessed_dataset, tmp_path,
+                                                                               monkeypatch, every_s, drawn_after):
+    """Short epochs (a small dataset on a GPU) must not wait for matplotlib after each one."""
+    from pretrain import train
+
+    drawn = []
+    monkeypatch.setattr(train, "PLOT_EVERY_S", every_s)
+    monkeypatch.setattr(train, "plot_progress", lambda history, path: drawn.append(len(history["loss"])))
+    cfg = train.PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(tmp_path / "run"),
+                               arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, epochs=4,
+                               method_settings={"crops_per_volume": 1}, iters_per_epoch=1, warmup_epochs=1,
+                               num_workers=0, device="cpu", progress_bar=False, recon_every=100)
+    train.PretrainRun(cfg).run()
+    assert drawn == drawn_after
 
 
 def test_kill_during_checkpoint_write_keeps_previous_file(tmp_path):

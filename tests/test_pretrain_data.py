@@ -16,7 +16,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, inf
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunetv2_hiendmae.errors import UserError
-from pretrain.data import PretrainCrops, make_loader, pretrain_metadata, resolve_sources
+from pretrain.data import PretrainCrops, device_batches, make_loader, pretrain_metadata, resolve_sources
 
 CONFIG = "3d_fullres"
 
@@ -93,19 +93,29 @@ def test_items_are_a_function_of_seed_epoch_rank_and_index(sources):
     assert clone._datasets is None and torch.equal(item(clone, 13), item(a, 13))
 
 
-def test_persistent_workers_follow_the_epoch_and_yield_what_the_main_process_would(sources):
-    ds = crops(sources, (16, 32, 32), 2, 6, seed=1)
-    with_workers, in_process = make_loader(ds, 2, 2, "cpu"), make_loader(ds, 2, 0, "cpu")
-    for epoch in (0, 2):
-        with_workers.sampler.set_epoch(epoch)
-        in_process.sampler.set_epoch(epoch)
-        a, b = list(with_workers), list(in_process)
-        assert len(a) == 3
-        for x, y in zip(a, b):
-            assert x["crops"].shape == (2, 2, 1, 16, 32, 32)
-            assert torch.equal(x["crops"], y["crops"])
-        expected = torch.stack([ds[epoch * 6 + i]["crops"] for i in range(2)])
-        assert torch.equal(a[0]["crops"], expected)
+def test_one_loader_streams_the_epochs_from_the_start_epoch_as_the_main_process_would(sources):
+    """The run keeps one loader iterator: its batches cross epochs without a restart, start at a resumed run's epoch,
+    and with workers equal what the main process reads itself."""
+    ds = crops(sources, (16, 32, 32), 2, 6, seed=1)  # 3 batches of 2 per epoch
+    with_workers, in_process = (iter(make_loader(ds, 2, n, "cpu", start_epoch=1)) for n in (2, 0))
+    a, b = [next(with_workers) for _ in range(6)], [next(in_process) for _ in range(6)]  # epochs 1 and 2
+    for k, (x, y) in enumerate(zip(a, b)):
+        assert x["crops"].shape == (2, 2, 1, 16, 32, 32)
+        assert torch.equal(x["crops"], y["crops"])
+        assert torch.equal(x["crops"], torch.stack([ds[6 + 2 * k + i]["crops"] for i in range(2)]))
+    with pytest.raises(ValueError, match="does not divide"):
+        make_loader(ds, 4, 0, "cpu")  # a batch would span two epochs
+
+
+def test_device_batches_yields_the_loader_batches_in_order(sources):
+    ds = crops(sources, (16, 32, 32), 2, 4, seed=2, dtype="float16")
+    plain = iter(make_loader(ds, 2, 0, "cpu"))
+    moved = device_batches(make_loader(ds, 2, 0, "cpu"), torch.device("cpu"))
+    for _ in range(3):
+        x, y = next(moved), next(plain)
+        assert x["crops"].device.type == "cpu" and x["crops"].dtype == torch.float16
+        assert torch.equal(x["crops"], y["crops"])
+    assert list(device_batches(iter([]), torch.device("cpu"))) == []
 
 
 # ---------------------------------------------------------------------------------------------------- reading
