@@ -25,6 +25,8 @@ from _measure import PeakMemory, Stopwatch, device_name
 from nnunetv2_hiendmae.precision import autocast, resolve_precision
 from nnunetv2_hiendmae.presets import NETWORK_CLASS, encoder_config
 
+NETWORKS = ("default", "primus", "ours", "recompute")  # nnU-Net's default U-Net, Primus, HiEndUNETR, its variant
+
 
 def default_unet_architecture(patch_size: list[int], spacing: list[float]) -> dict:
     """nnU-Net's 3d_fullres PlainConvUNet for this patch size, by its own topology rule."""
@@ -142,6 +144,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed iterations (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile every network (nnU-Net's default on CUDA)")
+    p.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
+                   help="which networks (default: all; the default U-Net is always measured, the ratios need it)")
     a = p.parse_args()
 
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as base
@@ -154,12 +158,13 @@ def main() -> None:
             "arch_kwargs": {"encoder": encoder_config(a.arch), "feature_size": 16}, "_kw_requires_import": []}
     primus = getattr(primus_trainers, f"nnUNet_Primus_{a.primus}_Trainer")
     unet = default_unet_architecture(a.patch_size, [1.0] * 3)
-    entries = [("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, unet, nnunet_sgd),
-               (f"Primus-{a.primus}", primus, unet, adamw((0.9, 0.98))),
-               (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours,
-                adamw(nnUNetTrainerHiEndMAE_scratch.betas)),
-               (f"HiEndUNETR {a.arch}, recompute", nnUNetTrainerHiEndMAE_scratch_recompute, ours,
-                adamw(nnUNetTrainerHiEndMAE_scratch.betas))]
+    entries = {"default": ("nnUNetTrainer (default U-Net)", base.nnUNetTrainer, unet, nnunet_sgd),
+               "primus": (f"Primus-{a.primus}", primus, unet, adamw((0.9, 0.98))),
+               "ours": (f"HiEndUNETR {a.arch}", nnUNetTrainerHiEndMAE_scratch, ours,
+                        adamw(nnUNetTrainerHiEndMAE_scratch.betas)),
+               "recompute": (f"HiEndUNETR {a.arch}, recompute", nnUNetTrainerHiEndMAE_scratch_recompute, ours,
+                             adamw(nnUNetTrainerHiEndMAE_scratch.betas))}
+    entries = [entries[k] for k in NETWORKS if k == "default" or k in a.networks]
     result = {"device": a.device, "device_name": device_name(device),
               "torch": torch.__version__, "precision": resolve_precision(device), "patch_size": a.patch_size,
               "batch_size": a.batch_size, "case_size": a.case_size, "compile": a.compile, "networks": {}}

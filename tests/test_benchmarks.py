@@ -27,6 +27,12 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def gpu_figures_report(records: list[dict]) -> str:
+    from test_gpu_figures import gpu_figures
+
+    return gpu_figures().report(records)
+
+
 def _measure_module():
     spec = importlib.util.spec_from_file_location("_measure", BENCH / "_measure.py")
     module = importlib.util.module_from_spec(spec)
@@ -110,6 +116,9 @@ def test_finetune_speed_ratios_to_default_unet():
         ratio = r["ratios_to_default"][name]
         assert abs(ratio["s_per_iter"] - m["s_per_iter"] / default["s_per_iter"]) <= 0.01
     assert r["ratios_to_default"]["nnUNetTrainer (default U-Net)"]["s_per_iter"] == 1.0
+    report = gpu_figures_report([{"step": "finetune_eager", "rc": 0, "s": 1.0, "result": r}])
+    ratio = r["ratios_to_default"]["HiEndUNETR vit_tiny"]["s_per_iter"]
+    assert f"| HiEndUNETR vit_tiny | {ours['s_per_iter']} ({ratio}x) |" in report
 
 
 def test_counted_flops_equal_the_vit_formula_attention_included():
@@ -128,9 +137,9 @@ def test_counted_flops_equal_the_vit_formula_attention_included():
     assert flops == 3 * blocks + 2 * embed
 
 
-def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
-    """--reference builds the model with the reference's own builder, in the Python path given for it, on the same
-    crops per step; the ratio is ours over the reference's crops/s."""
+def fake_reference(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for the reference checkout (its builder, a dependency found only on the pinned path given for it,
+    a model that checks it gets the crops it was built for) and that pinned path."""
     ref, pinned = tmp_path / "Hi-End-MAE", tmp_path / "pinned"
     ref.mkdir()
     pinned.mkdir()
@@ -147,6 +156,13 @@ def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
         "def build_vit_base_hi_end_mae_p16_3d(args):\n"
         "    print(args)  # the reference prints its model\n"
         "    return Model(args)\n")
+    return ref, pinned
+
+
+def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
+    """--reference builds the model with the reference's own builder, in the Python path given for it, on the same
+    crops per step; the ratio is ours over the reference's crops/s."""
+    ref, pinned = fake_reference(tmp_path)
     r = _run("pretrain_throughput.py", "--arch", "vit_b16", "--patch-size", "32", "32", "32", "--batch-size", "2",
              "--crops-per-volume", "1", "--device", "cpu", "--steps", "1", "--warmup", "1",
              "--reference", str(ref), "--reference-pythonpath", str(pinned))
@@ -157,6 +173,10 @@ def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
     assert r["model_only_to_reference"] == pytest.approx(
         r["model_only"]["crops_per_s"] / theirs["model_only"]["crops_per_s"], abs=6e-4)
     assert r["model_only"]["gflops_per_crop"] > 0 and r["model_only"]["mfu"] is None  # no known peak on a CPU
+    report = gpu_figures_report([{"step": "model_only_eager", "rc": 0, "s": 1.0, "result": r}])
+    assert f"| the reference code | {theirs['model_only']['crops_per_s']} |" in report
+    ratio = r["model_only"]["crops_per_s"] / theirs["model_only"]["crops_per_s"]
+    assert f"| ours eager / reference (target 1: >= 2) | {ratio:.2f} |" in report
 
 
 def test_finetune_profile_accounts_for_work_and_memory_per_part():
