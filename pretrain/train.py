@@ -329,7 +329,7 @@ class PretrainRun:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}). "
                                 "Try a lower --lr, --grad-clip 1 or --precision fp32")
 
-    def train_epoch(self, epoch: int, batches) -> tuple[dict[str, float], float]:
+    def train_epoch(self, epoch: int, batches) -> dict[str, float]:
         """One epoch of ``self.iters`` batches from the run's stream of device batches."""
         cfg = self.cfg
         self.model.train()
@@ -366,8 +366,7 @@ class PretrainRun:
         if self.world_size > 1:
             dist.all_reduce(means)
             means /= self.world_size
-        crops = self.iters * self.crops_per_step * self.world_size
-        return dict(zip(sums, means.tolist())), crops / (time.perf_counter() - t0)
+        return dict(zip(sums, means.tolist()))
 
     def _want_recon(self, epoch: int) -> bool:
         return (epoch + 1) % max(1, self.cfg.recon_every) == 0 or epoch + 1 == self.cfg.epochs or epoch == 0
@@ -420,11 +419,14 @@ class PretrainRun:
                      f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
         loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch)
         batches = device_batches(loader, self.device)
+        crops = self.iters * self.crops_per_step * self.world_size
+        t0 = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            losses, throughput = self.train_epoch(epoch, batches)
-            lr = self.schedule(self.global_step)
-            record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": time.perf_counter() - t0}
+            losses = self.train_epoch(epoch, batches)
+            # an epoch's time runs from the end of the previous one, so its logging, figures and checkpoint count too
+            epoch_time, t0 = time.perf_counter() - t0, time.perf_counter()
+            throughput, lr = crops / epoch_time, self.schedule(self.global_step)
+            record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": epoch_time}
             for k, v in record.items():
                 self.history.setdefault(k, []).append(v)
             if self.is_main:
