@@ -55,3 +55,15 @@ def test_runs_per_sample_without_mixing_samples_or_channels():
             xs, ys = x[i, c].flatten().sort().values, y[i, c].flatten().sort().values
             a = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
             torch.testing.assert_close(ys, xs * a + (ys[0] - xs[0] * a), rtol=1e-4, atol=1e-4)
+
+
+def test_float32_out_and_the_transfer_dtype_changes_only_the_stored_rounding():
+    """Crops travel as float16 on a GPU: augmenting them must equal augmenting their float32 values."""
+    half = torch.randn(6, 1, 8, 8, 8).half()
+    torch.manual_seed(3)
+    a = augment(half)
+    torch.manual_seed(3)
+    b = augment(half.float())
+    assert a.dtype == b.dtype == torch.float32
+    assert torch.equal(a, b)
+

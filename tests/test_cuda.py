@@ -1,7 +1,8 @@
 """The CUDA paths, run on a GPU only (skipped elsewhere; ``benchmarks/gpu_figures.py`` runs them on the GPU machine
 first): the copy one batch ahead delivers every batch intact while the compute stream still reads the previous one,
-the GEMM patch embedding equals the convolution on the device, and a step's loss for the same weights and masks is
-the CPU's in fp32, close to it in bf16 and the same under ``torch.compile``."""
+the augmentation moves the same voxels as on the CPU, the GEMM patch embedding equals the convolution on the device,
+and a step's loss for the same weights and masks is the CPU's in fp32, close to it in bf16 and the same under
+``torch.compile``."""
 from __future__ import annotations
 
 import pytest
@@ -38,6 +39,19 @@ def test_copy_ahead_delivers_every_batch_intact_while_the_step_runs():
     torch.cuda.synchronize()
     expected = torch.stack([b["crops"].float().sum(dim=(1, 2, 3, 4, 5)) for b in source])
     torch.testing.assert_close(torch.stack(sums).cpu(), expected, rtol=1e-4, atol=1e-2)
+
+
+def test_augmentation_on_the_gpu_equals_the_cpus_for_the_same_seed():
+    """Its decisions come from the host's generator: the device only moves voxels, the same ones."""
+    from pretrain.augment import augment
+
+    x = torch.randn(24, 2, 16, 16, 24).half()
+    torch.manual_seed(5)
+    on_cpu = augment(x)
+    torch.manual_seed(5)
+    on_gpu = augment(x.to(CUDA))
+    assert on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("token", [(16, 16, 16), (8, 16, 12)])
