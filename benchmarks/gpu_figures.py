@@ -220,6 +220,12 @@ def report(records: list[dict]) -> str:
                 rows.append(f"| ours {label} / reference (target 1: >= 2) | {ratio:.2f} | | | |")
     if rows:
         lines += ["", "| target 1 | crops/s | peak GiB | GFLOPs/crop | MFU |", "|---|---|---|---|---|", *rows]
+    if "model_only_compiled" in res:
+        r = res["model_only_compiled"]
+        aug, step = r["augmentation"], r["model_only"]["s_per_step"]
+        lines += ["", f"The device augmentation by itself: {1000 * aug['s_per_step']:.2f} ms per step of "
+                      f"{aug['bytes_per_step'] / 1e6:.0f} MB in {aug['dtype']}, {aug['s_per_step'] / step:.1%} of the "
+                      f"compiled step ({1000 * step:.1f} ms)."]
     rows = []
     pool = res.get("preprocess_unlabeled")
     for method, model_key, cli_key in [("hiend_mae", "model_only_compiled", "cli_compiled")] + [

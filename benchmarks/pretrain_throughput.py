@@ -1,6 +1,7 @@
 """Pretraining throughput of one method on the current device, printed as one JSON line.
 
-``model_only``: augmentation + forward + backward + AdamW step on synthetic views (the model's ceiling).
+``model_only``: augmentation + forward + backward + AdamW step on synthetic views in the dtype crops travel in (the
+model's ceiling); ``augmentation``: that augmentation by itself.
 ``end_to_end``: the real data path (nnU-Net preprocessed data read by loader workers in the compact transfer dtype,
 pinned, moved without blocking, augmented on the device) feeding the same steps; needs ``-d`` and
 ``nnUNet_preprocessed``. Also the loader alone: crops/s per worker and bytes per crop moved.
@@ -33,6 +34,7 @@ from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import methods
 from pretrain.augment import augment_views
+from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources, transfer_dtype
 from pretrain.train import share_cpu_with_workers
 
 
@@ -88,17 +90,29 @@ def reference_side_by_side(a: argparse.Namespace, crops_per_volume: int) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def synthetic(views: dict, batch: int, channels: int, device: torch.device):
-    """The same random views forever, allocated on first use (inside the measured block)."""
-    x = {k: torch.randn(batch, n, channels, *size, device=device) for k, (n, size) in views.items()}
+def synthetic(views: dict, batch: int, channels: int, device: torch.device, dtype: str = "float32"):
+    """The same random views forever, in the dtype crops travel in, allocated on first use (inside the measured
+    block)."""
+    x = {k: torch.randn(batch, n, channels, *size, device=device).to(getattr(torch, dtype))
+         for k, (n, size) in views.items()}
     while True:
         yield x
 
 
+def augmentation_alone(views: dict, batch: int, device: torch.device, dtype: str, n_steps: int) -> dict:
+    """The device augmentation of one step's views by itself (it is part of every step measured here), and the
+    bytes of those views as they arrive."""
+    x = next(synthetic(views, batch, 1, device, dtype))
+    augment_views(x)
+    with Stopwatch(device) as clock:
+        for _ in range(n_steps):
+            augment_views(x)
+    return {"s_per_step": round(clock.s / n_steps, 5), "dtype": dtype,
+            "bytes_per_step": sum(v.numel() * v.element_size() for v in x.values())}
+
+
 def loader_alone(data, batch_size: int, num_workers: int, device_type: str, n_batches: int) -> dict:
     """The loader by itself: crops per second over ``n_batches`` after one, and bytes per crop moved."""
-    from pretrain.data import make_loader
-
     loader = iter(make_loader(data, batch_size, num_workers, device_type))
     first = next(loader)
     crops = sum(v.shape[0] * v.shape[1] for v in first.values())
@@ -154,8 +168,9 @@ def main() -> None:
     flops = flops_per_crop(a.method, a.arch, settings, views, device)
     if device.type == "cuda":  # the models measured are freed now: start the next one from an empty cache
         torch.cuda.empty_cache()
-    r = measure(a.method, a.arch, settings, synthetic(views, a.batch_size, 1, device), device, precision, a.compile,
-                a.warmup, a.steps)
+    dtype = transfer_dtype(device, precision)
+    r = measure(a.method, a.arch, settings, synthetic(views, a.batch_size, 1, device, dtype), device, precision,
+                a.compile, a.warmup, a.steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak = peak_tflops(device, precision)
@@ -163,11 +178,9 @@ def main() -> None:
                             "gflops_per_crop": round(flops / 1e9, 2),
                             "achieved_tflops": round(flops * crops / r["s_per_step"] / 1e12, 3), "peak_tflops": peak,
                             "mfu": round(flops * crops / r["s_per_step"] / (peak * 1e12), 4) if peak else None}
+    result["augmentation"] = augmentation_alone(views, a.batch_size, device, dtype, a.steps)
 
     if a.datasets:
-        from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources
-
-        dtype = "float16" if device.type == "cuda" and precision != "fp32" else "float32"
         data = PretrainCrops(resolve_sources(a.datasets), views, (a.warmup + a.steps) * a.batch_size, seed=0,
                              dtype=dtype)
         loader = make_loader(data, a.batch_size, a.num_workers, device.type)

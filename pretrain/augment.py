@@ -11,7 +11,7 @@ Memory traffic is what it costs on a GPU (a step's 192 crops of 96³ are 680 MB 
 once: the flips of all crops are one gather in the transfer dtype (per-crop index vectors, reversed or not, per axis),
 only the swapped fifth is transposed, and the intensity change is one fused multiply-add that also converts to
 float32. The decisions are drawn on the host, from torch's CPU generator (saved with every checkpoint), and reach the
-device in one non-blocking copy: nothing waits for the device.
+device in a few small non-blocking copies: nothing waits for the device.
 """
 from __future__ import annotations
 

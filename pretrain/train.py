@@ -36,7 +36,14 @@ from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.augment import augment_views
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
-from pretrain.data import PretrainCrops, device_batches, make_loader, pretrain_metadata, resolve_sources
+from pretrain.data import (
+    PretrainCrops,
+    device_batches,
+    make_loader,
+    pretrain_metadata,
+    resolve_sources,
+    transfer_dtype,
+)
 from pretrain.figures import plot_progress, plot_reconstruction
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
@@ -203,9 +210,8 @@ class PretrainRun:
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
         self.views = cfg.views()
-        compact = "float16" if self.device.type == "cuda" and self.precision != "fp32" else "float32"
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                  world_size=self.world_size, dtype=compact)
+                                  world_size=self.world_size, dtype=transfer_dtype(self.device, self.precision))
         self.crops_per_step = cfg.batch_size * sum(n for n, _ in self.views.values())
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])

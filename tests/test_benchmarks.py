@@ -62,6 +62,10 @@ def test_pretrain_throughput_model_and_end_to_end(preprocessed_dataset, method, 
     assert r["end_to_end"]["cases"] and set(r["end_to_end"]["cases"]) <= known
     loader = r["loader_alone"]
     assert _positive(loader["crops_per_s_per_worker"]) and loader["dtype"] == "float32"
+    aug = r["augmentation"]
+    assert _positive(aug["s_per_step"]) and aug["dtype"] == "float32" and aug["s_per_step"] < m["s_per_step"]
+    views = methods.make_settings(method, r["settings"]).views([16, 32, 32])
+    assert aug["bytes_per_step"] == 4 * 2 * sum(n * math.prod(size) for n, size in views.values())  # 2 volumes
     assert loader["bytes_per_crop"] == 16 * 32 * 32 * 4 if method == "hiend_mae" else loader["bytes_per_crop"] > 0
 
 

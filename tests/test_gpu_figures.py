@@ -48,6 +48,8 @@ def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp
     assert f"| hiend_mae | {res['model_only_compiled']['model_only']['crops_per_s']} | " in report
     assert f"| {ratio:.2f} |" in report
     assert "| Hi-End-MAE model only, eager |" in report and "| Hi-End-MAE model only, compiled |" in report
+    aug = res["model_only_compiled"]["augmentation"]
+    assert f"The device augmentation by itself: {1000 * aug['s_per_step']:.2f} ms per step" in report
 
 
 def test_methods_part_measures_every_other_method_model_only_and_in_the_cli(tmp_path):
