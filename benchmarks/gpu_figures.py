@@ -1,8 +1,8 @@
 """The GPU figures of docs/benchmarks.md, one part per device call, each sized to leave room for a rerun inside the
 device tool's 15 minutes (machine start included).
 
-Parts, in the order to run them (about 6, 4 and 5 minutes on an H100; timeouts per step keep a hung step from
-eating the call):
+Parts, in the order to run them (about 6-7, 5-6 and 5 minutes on an H100, estimated from the issue's compile and step
+times; timeouts per step keep a hung step from eating the call):
 
 * ``pretrain`` (targets 1 and 2 of the GPU issue, Hi-End-MAE ViT-B/16, 24 x 8 crops of 96^3, bf16): the CUDA tests
   (``tests/test_cuda.py``); the model-only step eager, with the reference code side by side when ``--reference`` is

@@ -299,7 +299,6 @@ class PretrainRun:
         if self.is_main:
             self.writer.write(self._checkpoint(epochs_done, rng), self.out / LATEST)
         self.last_save = time.monotonic()
-        self.last_plot = -math.inf
 
     # ---- training --------------------------------------------------------------------------------------------------
     def _set_lr(self) -> None:
