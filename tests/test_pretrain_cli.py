@@ -271,7 +271,8 @@ def test_progress_figure_is_redrawn_at_most_every_plot_interval_and_at_the_end(p
     cfg = train.PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(tmp_path / "run"),
                                arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, epochs=4,
                                method_settings={"crops_per_volume": 1}, iters_per_epoch=1, warmup_epochs=1,
-                               num_workers=0, device="cpu", progress_bar=False, recon_every=100)
+                               num_workers=0, device="cpu", progress_bar=False, recon_every=100,
+                               checkpoint_minutes=0)  # a checkpoint after every epoch must not force a redraw
     train.PretrainRun(cfg).run()
     assert drawn == drawn_after
 
