@@ -169,8 +169,10 @@ def part_pretrain(steps: Steps, size: Size, work: Path, a: argparse.Namespace) -
     if size.device == "cuda":
         steps.run("cuda_tests", [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_cuda.py"], size.timeout_s,
                   parse=lambda out: out.strip().splitlines()[-1])
-    reference = ["--reference", a.reference] + (["--reference-pythonpath", a.reference_pythonpath]
-                                                if a.reference_pythonpath else []) if a.reference else []
+    reference = []
+    if a.reference:
+        reference = ["--reference", a.reference, *(["--reference-pythonpath", a.reference_pythonpath]
+                                                   if a.reference_pythonpath else [])]
     steps.run("model_only_eager", throughput(size, "hiend_mae", *reference), size.timeout_s, parse=last_json)
     steps.run("model_only_compiled", throughput(size, "hiend_mae", "--compile"), size.timeout_s, parse=last_json)
     make_pool(steps, size, work)
@@ -198,8 +200,7 @@ PARTS = {"pretrain": part_pretrain, "finetune": part_finetune, "methods": part_m
 
 def report(records: list[dict]) -> str:
     """The tables of the GPU issue's targets, with ratios, from one part's records (missing steps are left out)."""
-    got = {r["step"]: r for r in records}
-    res = {k: r.get("result") for k, r in got.items() if r.get("result") is not None}
+    res = {r["step"]: r["result"] for r in records if r.get("result") is not None}
     lines = ["| step | rc | seconds |", "|---|---|---|"] + [f"| {r['step']} | {r['rc']} | {r['s']} |"
                                                           for r in records]
     first = next((r for r in res.values() if isinstance(r, dict) and "device_name" in r), None)

@@ -3,7 +3,7 @@
 ``model_only``: augmentation + forward + backward + AdamW step on synthetic views in the dtype crops travel in (the
 model's ceiling); ``augmentation``: that augmentation by itself.
 ``end_to_end``: the real data path (nnU-Net preprocessed data read by loader workers in the compact transfer dtype,
-pinned, moved without blocking, augmented on the device) feeding the same steps; needs ``-d`` and
+pinned, copied to the device one batch ahead, augmented there) feeding the same steps; needs ``-d`` and
 ``nnUNet_preprocessed``. Also the loader alone: crops/s per worker and bytes per crop moved.
 Peak memory: GPU allocator peak on CUDA; on CPU the main process's resident-memory growth from building the model to
 the last step (loader workers are separate processes and not counted). FLOPs per crop (forward + backward, counted

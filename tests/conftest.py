@@ -6,6 +6,7 @@ set here, at collection time, so that in-process nnU-Net calls and every subproc
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +35,18 @@ def console_script(name: str) -> str:
     """Path of a console script installed next to the running interpreter."""
     path = BIN / name
     return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """A script of ``benchmarks/`` (not a package) imported as a module, for its helpers."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, check: bool = False, env: dict | None = None,

@@ -66,4 +66,3 @@ def test_float32_out_and_the_transfer_dtype_changes_only_the_stored_rounding():
     b = augment(half.float())
     assert a.dtype == b.dtype == torch.float32
     assert torch.equal(a, b)
-

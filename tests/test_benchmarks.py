@@ -2,7 +2,6 @@
 JSON line with finite, positive measurements."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCH, benchmark_module
 
 from pretrain.data import resolve_sources
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run(script: str, *args: str) -> dict:
@@ -25,19 +23,6 @@ def _run(script: str, *args: str) -> dict:
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
-def gpu_figures_report(records: list[dict]) -> str:
-    from test_gpu_figures import gpu_figures
-
-    return gpu_figures().report(records)
-
-
-def _measure_module():
-    spec = importlib.util.spec_from_file_location("_measure", BENCH / "_measure.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("method,extra,crops", [("hiend_mae", ["--crops-per-volume", "2"], 4), ("gl_mae", [], 16)])
@@ -120,7 +105,7 @@ def test_finetune_speed_ratios_to_default_unet():
         ratio = r["ratios_to_default"][name]
         assert abs(ratio["s_per_iter"] - m["s_per_iter"] / default["s_per_iter"]) <= 0.01
     assert r["ratios_to_default"]["nnUNetTrainer (default U-Net)"]["s_per_iter"] == 1.0
-    report = gpu_figures_report([{"step": "finetune_eager", "rc": 0, "s": 1.0, "result": r}])
+    report = benchmark_module("gpu_figures").report([{"step": "finetune_eager", "rc": 0, "s": 1.0, "result": r}])
     ratio = r["ratios_to_default"]["HiEndUNETR vit_tiny"]["s_per_iter"]
     assert f"| HiEndUNETR vit_tiny | {ours['s_per_iter']} ({ratio}x) |" in report
 
@@ -136,7 +121,7 @@ def test_counted_flops_equal_the_vit_formula_attention_included():
     t = n + 1  # with CLS
     embed = 2 * b * n * (4 * 4 * 2 * c) * e  # one GEMM of the patches
     blocks = depth * (24 * b * t * e * e + 4 * b * t * t * e)  # qkv, proj, 2 MLP layers; q k^T and attn v
-    flops = _measure_module().counted_flops(lambda: enc(x)[0].sum().backward())
+    flops = benchmark_module("_measure").counted_flops(lambda: enc(x)[0].sum().backward())
     # backward: twice the forward, except the embedding, whose input needs no gradient
     assert flops == 3 * blocks + 2 * embed
 
@@ -177,7 +162,7 @@ def test_pretrain_throughput_runs_the_reference_code_side_by_side(tmp_path):
     assert r["model_only_to_reference"] == pytest.approx(
         r["model_only"]["crops_per_s"] / theirs["model_only"]["crops_per_s"], abs=6e-4)
     assert r["model_only"]["gflops_per_crop"] > 0 and r["model_only"]["mfu"] is None  # no known peak on a CPU
-    report = gpu_figures_report([{"step": "model_only_eager", "rc": 0, "s": 1.0, "result": r}])
+    report = benchmark_module("gpu_figures").report([{"step": "model_only_eager", "rc": 0, "s": 1.0, "result": r}])
     assert f"| the reference code | {theirs['model_only']['crops_per_s']} |" in report
     ratio = r["model_only"]["crops_per_s"] / theirs["model_only"]["crops_per_s"]
     assert f"| ours eager / reference (target 1: >= 2) | {ratio:.2f} |" in report

@@ -2,23 +2,13 @@
 they come, and the report sets them against each other, so that a GPU session spends its minutes measuring."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def gpu_figures():
-    spec = importlib.util.spec_from_file_location("gpu_figures", BENCH / "gpu_figures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import BENCH, benchmark_module
 
 
 def rehearse(part: str, out: Path) -> dict[str, dict]:
@@ -32,7 +22,7 @@ def rehearse(part: str, out: Path) -> dict[str, dict]:
 
 
 def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp_path):
-    quick = gpu_figures().QUICK
+    quick = benchmark_module("gpu_figures").QUICK
     res = rehearse("pretrain", tmp_path)
     assert set(res) == {"model_only_eager", "model_only_compiled", "preprocess_unlabeled", "cli_compiled"}
     assert res["model_only_eager"]["compile"] is False and res["model_only_compiled"]["compile"] is True
@@ -62,7 +52,7 @@ def test_methods_part_measures_every_other_method_model_only_and_in_the_cli(tmp_
 
 
 def test_a_failing_or_hung_step_is_recorded_and_the_next_ones_run(tmp_path):
-    steps = gpu_figures().Steps(tmp_path, env={})
+    steps = benchmark_module("gpu_figures").Steps(tmp_path, env={})
     steps.run("fails", [sys.executable, "-c", "import sys; print('partial'); sys.exit(3)"], 60, parse=len)
     steps.run("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 1)
     steps.run("garbled", [sys.executable, "-c", "print('not json')"], 60, parse=json.loads)
