@@ -30,11 +30,11 @@ import torch
 from _measure import PeakMemory, Stopwatch, counted_flops, device_name, peak_tflops
 
 from nnunetv2_hiendmae.optim import param_groups
-from nnunetv2_hiendmae.precision import autocast
+from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
 from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import methods
 from pretrain.augment import augment_views
-from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources, transfer_dtype
+from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources
 from pretrain.train import share_cpu_with_workers
 
 
@@ -155,7 +155,7 @@ def main() -> None:
     device = torch.device(a.device)
     if device.type == "cpu":
         share_cpu_with_workers(a.num_workers if a.datasets else 0)
-    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(device, a.precision or "auto")
     given = {"crops_per_volume": a.crops_per_volume} if a.crops_per_volume else {}
     settings = methods.make_settings(a.method, given)
     views = settings.views(a.patch_size)

@@ -89,6 +89,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is a torch file but not a nnunetv2_hiendmae pretraining checkpoint: expected the "
                         f"keys {', '.join(KEYS)}, found {found or 'none'}{hint}")
+    return upgraded(ckpt)
+
+
+def upgraded(ckpt: dict) -> dict:
+    """A checkpoint of an earlier release in this release's layout: 0.1 recorded the patch size as
+    ``pretrain.crop_size``; it is ``pretrain.patch_size`` now."""
+    pretrain = ckpt.get("pretrain") or {}
+    if "crop_size" in pretrain and "patch_size" not in pretrain:
+        pretrain["patch_size"] = pretrain.pop("crop_size")
     return ckpt
 
 

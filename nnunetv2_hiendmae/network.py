@@ -1,7 +1,7 @@
 """UNETR fine-tuning network around the shared Hi-End-MAE encoder, built the way nnU-Net builds its networks.
 
 Why this file exists: the reference fine-tunes a local copy of MONAI UNETR that hard-codes a 96^3 input and token 12
-(spec methods.md §1.11) and renames the encoder's parameters. Here the encoder *is* the pretraining
+(FengheTan9/Hi-End-MAE ``downstream/models/UNETR/unetr.py``) and renames the encoder's parameters. Here the encoder *is* the pretraining
 :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D` (state-dict keys ``encoder.*``, exactly as in our checkpoints), the
 decoder is MONAI's UNETR blocks (feature_size 16, instance norm, residual blocks), and any patch that is a multiple of
 the token size on every axis works, so nnU-Net's plans patch size can be used directly.
@@ -11,7 +11,7 @@ input size, i.e. by token/8 per axis. For token 16 that is the standard UNETR ×
 is a multiple of 8 it is a transposed conv with kernel = stride = token/8; otherwise (token 12: ×1.5, the released
 model) it resizes trilinearly to the stem's exact size and convolves, as the reference's ``Upsample(size=96^3)``.
 
-nnU-Net contract (spec nnunet.md §1.2-1.4): constructor ``(input_channels, num_classes, ..., deep_supervision)``,
+nnU-Net contract (its ``get_network_from_plans`` and trainer): constructor ``(input_channels, num_classes, ..., deep_supervision)``,
 one logits tensor out, a state dict independent of ``deep_supervision``, and no ``initialize`` method.
 
 Memory: the two full-resolution blocks (the stem ``encoder1`` and the last decoder stage) keep most of the activations
@@ -78,8 +78,9 @@ def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
 class HiEndUNETR(nn.Module):
     """UNETR with the shared ViT encoder: skips from the encoder taps, bottleneck from the final normed tokens.
 
-    ``encoder`` is an :func:`~nnunetv2_hiendmae.presets.encoder_config` dict; its ``in_channels`` is replaced by
-    ``input_channels`` and, for a learned positional embedding, its grid by the patch's token grid (the checkpoint's
+    ``encoder`` is an :func:`~nnunetv2_hiendmae.presets.encoder_config` dict without ``in_channels`` (as the plans
+    store it): the channel count is nnU-Net's ``input_channels`` (an ``in_channels`` in plans of 0.1 is replaced by
+    it). For a learned positional embedding, its grid is set to the patch's token grid (the checkpoint's
     embedding is interpolated onto it when the weights are loaded). ``deep_supervision`` is accepted because nnU-Net
     always passes it; the network has one output scale, so it is stored and ignored. ``recompute_full_resolution``:
     see the module docstring (a trainer variant sets it; it changes no parameter).

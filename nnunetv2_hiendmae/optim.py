@@ -16,8 +16,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     which nnU-Net logs, is the base learning rate). ``layer_decay < 1`` scales layer ``i`` of ``n`` by
     ``layer_decay ** (n - 1 - i)`` and needs ``model.group_matcher``."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    # by keyword: timm has inserted positional parameters here before, which would silently decay the skipped names
     if layer_decay == 1.0:
-        groups = [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(model, weight_decay, skip)]
+        groups = [{**g, "lr_scale": 1.0}
+                  for g in param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)]
     else:
-        groups = param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
     return sorted(groups, key=lambda g: -g["lr_scale"])

@@ -1,6 +1,6 @@
 """``nnUNetv2_hiendmae_plan``: nnU-Net plans for fine-tuning a pretrained Hi-End-MAE ViT, or a from-scratch ViT.
 
-nnU-Net has no hook for plugin planners (spec nnunet.md §1.5), so the plans are derived from the dataset's own
+nnU-Net 2.8 has no hook for plugin planners, so the plans are derived from the dataset's own
 plans (``-pl_base``, default ``nnUNetPlans``): their ``3d_fullres`` configuration gets the ViT network, a patch that
 is a multiple of the token size, batch size 2 and, by default, the spacing and intensity normalisation the encoder
 was pretrained with (read from the checkpoint), plus a top-level ``pretrain_info`` block that the trainers read.
@@ -79,8 +79,8 @@ class Source:
     info: dict  # the plans' pretrain_info block
     pretrain: dict = field(default_factory=dict)
     checkpoint: Path | None = None
-    transpose_forward: list[int] | None = None  # of the pretraining plans: axis order of spacing and crop
-    crop: list[int] = field(default_factory=lambda: list(SCRATCH_PATCH))
+    transpose_forward: list[int] | None = None  # of the pretraining plans: axis order of spacing and patch size
+    patch_size: list[int] = field(default_factory=lambda: list(SCRATCH_PATCH))  # the pretraining patch size
 
 
 def find_dataset(dataset: str, base_name: str) -> Dataset:
@@ -228,7 +228,7 @@ def existing_own_plans(ds: Dataset, name: str, base_name: str) -> dict | None:
 
 
 def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[str]) -> Source:
-    from nnunetv2_hiendmae.weights import adapt_encoder_config, verify_checkpoint
+    from nnunetv2_hiendmae.weights import verify_checkpoint
 
     path = Path(path_arg).expanduser().resolve()
     ckpt = verify_checkpoint(path, None)
@@ -243,17 +243,22 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
         notes.append(f"1-channel encoder stem repeated over the dataset's {ds.num_channels} channels")
     pretrain = ckpt["pretrain"]
     pre_tf = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
-    crop = to_dataset_axes(pretrain_value(path, pretrain, "crop_size"), pre_tf, ds.base["transpose_forward"])
+    patch = to_dataset_axes(pretrain_value(path, pretrain, "patch_size"), pre_tf, ds.base["transpose_forward"])
     from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
 
     info = {"checkpoint": str(path), "encoder_sha256": encoder_fingerprint(ckpt), "arch": ckpt_arch,
             "method": ckpt.get("method")}
-    return Source(adapt_encoder_config(ckpt["encoder"], ds.num_channels), info, pretrain, path, pre_tf,
-                  [int(c) for c in crop])
+    return Source(network_encoder_config(ckpt["encoder"]), info, pretrain, path, pre_tf, [int(c) for c in patch])
+
+
+def network_encoder_config(encoder: dict) -> dict:
+    """The encoder configuration the plans store: the checkpoint's or the preset's, without ``in_channels``, which the
+    network takes from nnU-Net (its ``input_channels``: the dataset's channel count)."""
+    return {k: v for k, v in encoder.items() if k != "in_channels"}
 
 
 def scratch_source(arch: str, ds: Dataset) -> Source:
-    encoder = encoder_config(arch, in_channels=ds.num_channels, pos_embed="sincos")
+    encoder = network_encoder_config(encoder_config(arch, pos_embed="sincos"))
     return Source(encoder, {"checkpoint": None, "encoder_sha256": None, "arch": arch, "method": "scratch"})
 
 
@@ -312,10 +317,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         props = ds.base["foreground_intensity_properties_per_channel"]
 
     token = list(token_size_3d(src.encoder["token_size"]))  # applied to this dataset's (transposed) axes as it is
-    patch = check_patch(args.patch_size, token) if args.patch_size else default_patch(median, token, src.crop)
-    if src.encoder.get("pos_embed") == "learned" and patch != src.crop:
-        notes.append(f"patch {patch} differs from the pretraining crop {src.crop}: the learned position embedding "
-                     f"is interpolated onto the patch's token grid")
+    patch = check_patch(args.patch_size, token) if args.patch_size else default_patch(median, token, src.patch_size)
+    if src.encoder.get("pos_embed") == "learned" and patch != src.patch_size:
+        notes.append(f"patch size {patch} differs from the pretraining patch size {src.patch_size}: the learned "
+                     f"position embedding is interpolated onto the patch's token grid")
 
     cfg = {k: v for k, v in ds.base_cfg.items() if k not in ("inherits_from", "previous_stage", "next_stage")}
     cfg.update(batch_size=BATCH_SIZE, patch_size=patch, median_image_size_in_voxels=median, spacing=spacing,

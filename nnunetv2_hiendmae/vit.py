@@ -111,8 +111,11 @@ class ViTEncoder3D(nn.Module):
     """Pre-norm 3D ViT with a CLS token (zero positional embedding) and a final LayerNorm.
 
     ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, 1+N, E]`` (CLS first) and the raw
-    residual stream after every block (list of ``depth`` tensors ``[B, 1+N, E]``). With ``keep`` (``[B, N]`` token
-    indices in raster order) only those tokens are embedded and enter the transformer: MAE's visible set.
+    residual stream after every block (list of ``depth`` tensors ``[B, 1+N, E]``). Masked image modelling either
+    drops tokens or replaces them: with ``keep`` (``[B, N]`` token indices in raster order) only those tokens are
+    embedded and enter the transformer (MAE's visible set); with ``replace`` (``[B, L]`` bool) and ``mask_token``
+    (``[1, 1, E]``, owned by the method) the embeddings of the replaced tokens are the mask token, which then gets
+    their position embedding, and all tokens enter the transformer (SimMIM's and BEiT's masking).
     """
 
     def __init__(
@@ -188,17 +191,24 @@ class ViTEncoder3D(nn.Module):
             return interpolate_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
         return sincos_pos_embed_3d(grid, self.embed_dim, device=device)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, replace: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``x [B, C, H, W, D]``; see the class docstring."""
-        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep)
+        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep, replace, mask_token)
 
-    def forward_patches(self, patches: torch.Tensor, grid: Grid,
-                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward_patches(self, patches: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None,
+                        replace: torch.Tensor | None = None,
+                        mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The same from :func:`patchify` output ``[B, L, p³C]`` of a volume whose token grid is ``grid``."""
+        if (replace is None) != (mask_token is None) or (replace is not None and keep is not None):
+            raise ValueError("give replace with mask_token (and without keep), or neither")
         pos = self.pos_embed_for(grid, patches.device)  # [1, L, E]
         if keep is not None:  # visible tokens only: [B, N, ...]
             patches, pos = take_tokens(patches, keep), take_tokens(pos, keep)
-        tokens = self.patch_embed(patches) + pos  # [B, N, E]
+        tokens = self.patch_embed(patches)  # [B, N, E]
+        if replace is not None:  # the replaced tokens' embeddings become the mask token
+            tokens = torch.where(replace[..., None], mask_token.to(tokens.dtype), tokens)
+        tokens = tokens + pos
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)  # CLS has zero pos-embed
         hidden = []
         for blk in self.blocks:

@@ -1,7 +1,7 @@
 """Loading a pretraining checkpoint's encoder into :class:`~nnunetv2_hiendmae.network.HiEndUNETR`.
 
 The load is strict: every encoder tensor must come from the checkpoint, because a silently half-loaded encoder (the
-reference's ``strict=False`` that is never checked, spec methods.md §1.11) trains fine and just performs worse. Only
+reference fine-tuning's ``strict=False``, never checked, in FengheTan9/Hi-End-MAE ``downstream/factory.py``) trains fine and just performs worse. Only
 two adaptations are allowed, and each is reported: a single-channel stem into a multi-channel network, and a learned
 positional embedding moved to the fine-tuning patch's token grid.
 """
@@ -31,12 +31,6 @@ class LoadReport:
     def summary(self) -> str:
         adapted = f" ({'; '.join(self.adapted)})" if self.adapted else ""
         return f"pretrained encoder: {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted{adapted}"
-
-
-def adapt_encoder_config(ckpt_encoder_config: dict, in_channels: int) -> dict:
-    """The encoder config the fine-tuning network is built from (stored in the plans): the checkpoint's own,
-    with the dataset's channel count."""
-    return {**ckpt_encoder_config, "in_channels": in_channels}
 
 
 def verify_checkpoint(path: str | os.PathLike, expected_encoder: str | None) -> dict:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import textwrap
 from collections.abc import Sequence
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS
 from pretrain import methods
-from pretrain.config import PretrainConfig
+from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 
 EPILOG = """\
 examples:
@@ -22,9 +23,9 @@ Reads $nnUNet_preprocessed/DatasetXXX_*/<plans>_<configuration>/ (nnUNetv2_plan_
 nnUNetv2_hiendmae_preprocess_unlabeled for image folders without labels). Writes into OUT_DIR: checkpoint_latest.pth
 (atomically, every --checkpoint-minutes and at the end), checkpoint_final.pth, training_log_*.txt, progress.png and
 reconstruction_epoch_*.png. Every method's checkpoint fine-tunes the same way (nnUNetv2_hiendmae_plan -pt ...).
-On --resume, only these may differ from the stored settings: --num-workers, --device, --no-progress-bar,
---recon-every, --compile/--no-compile, --checkpoint-minutes and --epochs (a larger --epochs extends the run: the
-learning-rate schedule is re-planned from the current step).
+Each method's reference recipe (the defaults of --lr, --warmup-epochs and --epochs):
+{recipes}
+{resume}
 """
 
 
@@ -112,14 +113,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                        help="encoder position embedding: fixed 3D sin-cos (reference) or learned "
                             f"(default: {d('pos_embed')})")
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, help=f"training epochs (default: {d('epochs')})")
+    optim.add_argument("--epochs", type=int, help="training epochs (default: the method's recipe, below)")
     optim.add_argument("--iters-per-epoch", type=int,
                        help="iterations per epoch (default: cases / (batch-size x GPUs), "
                             "i.e. each volume once per epoch)")
     optim.add_argument("--lr", type=float,
-                       help=f"peak learning rate of AdamW(0.9, 0.95), not scaled with batch (default: {d('lr')})")
+                       help="peak learning rate of AdamW(0.9, 0.95), used as given (default: the method's recipe, "
+                            "below; for MAE scaled with the views per optimiser step over all GPUs)")
     optim.add_argument("--warmup-epochs", type=int,
-                       help=f"linear warm-up epochs before the cosine decay (default: {d('warmup_epochs')})")
+                       help="linear warm-up epochs before the cosine decay (default: the method's recipe, below)")
     optim.add_argument("--weight-decay", type=float,
                        help=f"AdamW weight decay; biases, norms, tokens and position embeddings get none "
                             f"(default: {d('weight_decay')})")
@@ -143,7 +145,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                     help=f"write a reconstruction figure every N epochs (default: {d('recon_every')})")
     hw.add_argument("--no-progress-bar", dest="progress_bar", action="store_false",
                     help="disable the per-epoch tqdm bar (e.g. on clusters)")
+    resume = (f"On --resume, only these may differ from the stored settings: {_changeable_flags(p)} (a larger "
+              "--epochs extends the run, and a new --lr continues a run that diverged: the learning-rate schedule is "
+              "re-planned from the point reached).")
+    p.epilog = EPILOG.format(recipes=_recipes(), resume=textwrap.fill(resume, 116, break_on_hyphens=False))
     return p, _add_method_flags(p)
+
+
+def _recipes() -> str:
+    lines = []
+    for name, m in methods.METHODS.items():
+        r = m.recipe
+        lr = f"{r.lr:g} x views per step / {r.lr_reference_batch}" if r.lr_reference_batch else f"{r.lr:g}"
+        lines.append(f"  {name}: lr {lr}, {r.warmup_epochs} warm-up epochs of {r.epochs}")
+    return "\n".join(lines)
+
+
+def _changeable_flags(p: argparse.ArgumentParser) -> str:
+    """The flags of :data:`CHANGEABLE_ON_RESUME`, as the parser spells them."""
+    flags = {}
+    for action in p._actions:
+        if action.dest in CHANGEABLE_ON_RESUME:
+            flags.setdefault(action.dest, []).append(max(action.option_strings, key=len))
+    return ", ".join("/".join(flags[name]) for name in CHANGEABLE_ON_RESUME)
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[dict, str]:

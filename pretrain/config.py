@@ -1,20 +1,24 @@
 """What defines a pretraining run, as plain data (no torch: the command checks it before anything heavy starts).
 
-Defaults are the reference's (methods.md §1.8-1.9). The method's own hyper-parameters are in ``method_settings``
-(see :mod:`pretrain.methods`). A checkpoint stores the whole config; ``--resume`` continues with it, and only the
-settings in :data:`CHANGEABLE_ON_RESUME` may differ from the stored ones.
+Defaults are the Hi-End-MAE reference's (``main.py``, ``trainer.py``: AdamW, batch 24 volumes of 8 crops, seed 41);
+``--lr``, ``--warmup-epochs`` and ``--epochs`` default to the method's own reference recipe
+(:class:`pretrain.methods.Recipe`). The method's hyper-parameters are its settings object (``method_settings``; see
+:mod:`pretrain.methods`). A checkpoint stores the whole config; ``--resume`` continues with it, and only the settings
+in :data:`CHANGEABLE_ON_RESUME` may differ from the stored ones.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass, field, is_dataclass
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS, token_size_3d
 from pretrain import methods
 
-# How the run is executed, not what it computes; --epochs may grow to extend a run (the schedule is re-planned).
+# How the run is executed, not what it computes; and what a run that diverged needs to continue: --epochs may grow to
+# extend a run and --lr change (the schedule is re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
-                        "checkpoint_minutes", "epochs")
+                        "checkpoint_minutes", "epochs", "lr", "grad_clip", "precision")
 
 
 @dataclass
@@ -22,16 +26,16 @@ class PretrainConfig:
     datasets: list[str]
     output_dir: str
     method: str = "hiend_mae"
-    method_settings: dict = field(default_factory=dict)  # the method's settings, every field (asdict)
+    method_settings: object = field(default_factory=dict)  # the method's settings object; a dict of fields is read
     plans: str = "nnUNetPlans"
     configuration: str = "3d_fullres"
     arch: str = "vit_b16"
     patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
     batch_size: int = 24
-    epochs: int = 1000
+    epochs: int | None = None  # None: the method's recipe
     iters_per_epoch: int | None = None
-    lr: float = 1e-4
-    warmup_epochs: int = 10
+    lr: float | None = None  # None: the method's recipe (scaled with the views per step where it says so)
+    warmup_epochs: int | None = None  # None: the method's recipe
     weight_decay: float = 0.05
     num_workers: int = 8
     fold: int | None = None
@@ -47,12 +51,24 @@ class PretrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        settings = self.method_settings
+        if not is_dataclass(settings):
+            settings = methods.make_settings(self.method, dict(settings))
+        elif not isinstance(settings, methods.method(self.method).settings):
+            raise TypeError(f"method_settings is a {type(settings).__name__}, not the settings of {self.method}")
+        self.method_settings = settings
+        recipe = methods.method(self.method).recipe
+        if self.epochs is None:
+            self.epochs = recipe.epochs
+        if self.warmup_epochs is None:
+            self.warmup_epochs = recipe.warmup_epochs
         for name in ("batch_size", "epochs", "accum_steps", "recon_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise UserError(f"--iters-per-epoch must be at least 1, got {self.iters_per_epoch}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.num_workers < 0 or self.weight_decay < 0:
+        if (self.lr is not None and self.lr <= 0) or self.warmup_epochs < 0 or self.num_workers < 0 \
+                or self.weight_decay < 0:
             raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
         if self.checkpoint_minutes < 0:
             raise UserError(f"--checkpoint-minutes must not be negative, got {self.checkpoint_minutes}")
@@ -66,12 +82,14 @@ class PretrainConfig:
         if len(self.patch_size) != 3 or any(s <= 0 or s % t for s, t in zip(self.patch_size, token)):
             raise UserError(f"--patch-size {' '.join(map(str, self.patch_size))} is not a multiple of the token size "
                             f"{token[0]} of {self.arch} on every axis")
-        self.method_settings = asdict(self.settings())  # complete, checked
-        self.settings().check(self.patch_size, token)
-
-    def settings(self):
-        """The method's settings object."""
-        return methods.make_settings(self.method, self.method_settings)
+        settings.check(self.patch_size, token)
+        if self.lr is None:
+            world_size = int(os.environ.get("WORLD_SIZE", 1))
+            self.lr = recipe.peak_lr(self.views_per_case() * self.batch_size * self.accum_steps * world_size)
 
     def views(self) -> dict:
-        return self.settings().views(self.patch_size)
+        """``{name: (count, size)}``: the views of a case the method reads."""
+        return self.method_settings.views(self.patch_size)
+
+    def views_per_case(self) -> int:
+        return sum(n for n, _ in self.views().values())

@@ -314,12 +314,6 @@ class PretrainCrops(Dataset):
         return out
 
 
-def transfer_dtype(device: torch.device, precision: str) -> str:
-    """The dtype crops travel in from the loader workers to the device: float16 for a GPU in mixed precision (half
-    the bytes to read, pin and copy; nnU-Net's normalised intensities keep three significant digits), else float32."""
-    return "float16" if device.type == "cuda" and precision != "fp32" else "float32"
-
-
 class RunSampler(Sampler):
     """Item indices from epoch ``start_epoch`` on, ``e * n + i``, without end: the run takes ``n / batch`` batches
     per epoch from one loader iterator."""

@@ -31,19 +31,13 @@ from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.optim import param_groups
-from nnunetv2_hiendmae.precision import autocast, resolve_precision
+from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.augment import augment_views
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
-from pretrain.data import (
-    PretrainCrops,
-    device_batches,
-    make_loader,
-    pretrain_metadata,
-    resolve_sources,
-    transfer_dtype,
-)
+from pretrain.methods.contract import PretrainingModel
+from pretrain.data import PretrainCrops, device_batches, make_loader, pretrain_metadata, resolve_sources
 from pretrain.figures import plot_progress, plot_reconstruction
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
@@ -85,19 +79,22 @@ def share_cpu_with_workers(num_workers: int) -> None:
 
 @dataclass
 class LRSchedule:
-    """Per-step learning rate: linear warm-up from 0, then a half cosine to 0 at ``total_steps`` (the reference's
-    per-iteration schedule). A run whose ``--epochs`` change on resume follows the schedule planned for the new
-    length from the step it has reached."""
+    """The learning rate at a point ``t`` of the run counted in epochs (``t = epoch + fraction of its iterations
+    done``): linear warm-up from 0 over ``warmup_epochs``, then a half cosine to 0 at ``epochs`` (the Hi-End-MAE
+    reference's per-iteration schedule, ``trainer.py``). Counted in epochs, not optimiser steps, so that it does not
+    depend on the number of ranks, the batch size or the iterations per epoch: a run resumed on other GPUs follows the
+    schedule it planned. A run whose ``--epochs`` or ``--lr`` change on resume follows the schedule planned for them
+    from the point it has reached."""
 
     base_lr: float
-    warmup_steps: int
-    total_steps: int
+    warmup_epochs: float
+    epochs: float
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.base_lr * step / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(step - self.warmup_steps, span) / span))
+    def __call__(self, t: float) -> float:
+        if t < self.warmup_epochs:
+            return self.base_lr * t / self.warmup_epochs
+        span = max(1e-12, self.epochs - self.warmup_epochs)
+        return self.base_lr * 0.5 * (1 + math.cos(math.pi * min(t - self.warmup_epochs, span) / span))
 
 
 class Logger:
@@ -212,14 +209,15 @@ class PretrainRun:
         self.views = cfg.views()
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                   world_size=self.world_size, dtype=transfer_dtype(self.device, self.precision))
-        self.crops_per_step = cfg.batch_size * sum(n for n, _ in self.views.values())
+        self.crops_per_step = cfg.batch_size * cfg.views_per_case()
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
                                           [s // t for s, t in zip(cfg.patch_size, token)]
                                           if cfg.pos_embed == "learned" else None)
         torch.manual_seed(cfg.seed)
-        self.model = methods.model_class(cfg.method)(self.encoder_cfg, cfg.settings()).to(self.device)
+        model = methods.model_class(cfg.method)(self.encoder_cfg, cfg.method_settings)
+        self.model: PretrainingModel = model.to(self.device)
         self.ddp = (DistributedDataParallel(self.model,
                                             device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world_size > 1 else self.model)
@@ -228,9 +226,8 @@ class PretrainRun:
         torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                            fused=self.device.type == "cuda")
-        self.steps_per_epoch = math.ceil(self.iters / cfg.accum_steps)
-        self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs * self.steps_per_epoch,
-                                   cfg.epochs * self.steps_per_epoch)
+        self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
+        self.t = 0.0  # where the run is, in epochs (the schedule's clock)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.start_epoch, self.global_step = 0, 0
         self.history: dict[str, list[float]] = {}
@@ -251,7 +248,7 @@ class PretrainRun:
 
     def _checkpoint(self, epochs_done: int, rng: list[dict] | None = None) -> dict:
         cfg = self.cfg
-        pretrain = dict(self.meta, crop_size=list(cfg.patch_size), token_size=list(self.model.token_size),
+        pretrain = dict(self.meta, patch_size=list(cfg.patch_size), token_size=list(self.model.token_size),
                         views={k: [n, list(size)] for k, (n, size) in self.views.items()},
                         epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.iters,
                         batch_size=cfg.batch_size, world_size=self.world_size, lr=cfg.lr, seed=cfg.seed,
@@ -262,29 +259,41 @@ class PretrainRun:
                            "scaler": self.scaler.state_dict() if self.scaler else None,
                            "epoch": epochs_done, "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
         return _on_cpu(make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
-                                       model={"settings": dict(cfg.method_settings),
+                                       model={"settings": asdict(cfg.method_settings),
                                               "decoder": dict(self.model.decoder_config)},
                                        pretrain=pretrain, method=cfg.method, train_state=train_state))
 
     def _restore(self, ckpt: dict) -> None:
-        state = ckpt["train_state"]
+        state, cfg = ckpt["train_state"], self.cfg
         self.model.load_state_dict(ckpt["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.t = float(self.start_epoch)
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
         if self.rank < len(state["rng"]):
             _set_rng_state(state["rng"][self.rank], self.device)
         else:  # more ranks than the run that wrote the checkpoint: a fresh stream for this rank
-            torch.manual_seed(self.cfg.seed + self.rank + 10_000 * self.start_epoch)
+            torch.manual_seed(cfg.seed + self.rank + 10_000 * self.start_epoch)
         self.log(f"resumed from {self.out / LATEST} after epoch {self.start_epoch} (step {self.global_step})")
-        if self.cfg.epochs != state["config"]["epochs"]:
-            if self.cfg.epochs < self.start_epoch:
-                raise UserError(f"--epochs {self.cfg.epochs}: the run has already done {self.start_epoch} epochs")
-            self.log(f"--epochs {state['config']['epochs']} -> {self.cfg.epochs}: the learning-rate schedule is "
-                     f"re-planned for {self.cfg.epochs} epochs and followed from step {self.global_step} "
-                     f"(lr {self.schedule(self.global_step):.3e}, 0 at step {self.schedule.total_steps})")
+        stored, before = state["config"], ckpt["pretrain"]
+        if cfg.epochs < self.start_epoch:
+            raise UserError(f"--epochs {cfg.epochs}: the run has already done {self.start_epoch} epochs")
+        replanned = [f"--{k} {stored[k]} -> {getattr(cfg, k)}" for k in ("epochs", "lr") if stored[k] != getattr(cfg, k)]
+        if replanned:
+            self.log(f"{', '.join(replanned)}: the learning-rate schedule is re-planned (peak {cfg.lr:.3e} after "
+                     f"{cfg.warmup_epochs} warm-up epochs, 0 at epoch {cfg.epochs}) and followed from epoch "
+                     f"{self.start_epoch} on (lr {self.schedule(self.t):.3e})")
+        for key in ("grad_clip", "precision"):
+            if stored[key] != getattr(cfg, key):
+                self.log(f"--{key.replace('_', '-')} {stored[key]} -> {getattr(cfg, key)} from epoch "
+                         f"{self.start_epoch + 1} on")
+        if before["world_size"] != self.world_size or before["iters_per_epoch"] != self.iters:
+            self.log(f"{before['world_size']} -> {self.world_size} rank(s): {before['batch_size'] * before['world_size']}"
+                     f" -> {cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
+                     f"{before['iters_per_epoch']} -> {self.iters} iterations per epoch; the learning-rate schedule "
+                     f"counts epochs, so it continues as planned")
 
     def _save_latest(self, epochs_done: int, last: bool) -> None:
         """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
@@ -302,11 +311,12 @@ class PretrainRun:
 
     # ---- training --------------------------------------------------------------------------------------------------
     def _set_lr(self) -> None:
-        lr = self.schedule(self.global_step)
+        lr = self.schedule(self.t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def _step(self) -> None:
+    def _step(self, t: float) -> None:
+        """One optimiser step, after which the run stands at ``t`` epochs."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip:
@@ -318,7 +328,8 @@ class PretrainRun:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.model.step_done(self.global_step / self.schedule.total_steps)
+        self.t = t
+        self.model.step_done(min(1.0, t / self.cfg.epochs))
         self._set_lr()
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
@@ -331,8 +342,11 @@ class PretrainRun:
             self.writer.wait()
             kept = self.out / LATEST
             where = f"last good checkpoint kept: {kept}" if kept.exists() else "no checkpoint was written yet"
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}). "
-                                "Try a lower --lr, --grad-clip 1 or --precision fp32")
+            advice = (f"continue it with a lower --lr, --grad-clip 1 or --precision fp32: nnUNetv2_hiendmae_pretrain "
+                      f"--resume -o {self.out} --lr {self.cfg.lr / 2:g}" if kept.exists() else
+                      "start it again with a lower --lr, --grad-clip 1 or --precision fp32")
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}); "
+                                f"{advice}")
 
     def train_epoch(self, epoch: int, batches) -> dict[str, float]:
         """One epoch of ``self.iters`` batches from the run's stream of device batches."""
@@ -343,6 +357,7 @@ class PretrainRun:
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
+        self.t = float(epoch)
         self._set_lr()
         for it in range(self.iters):
             views = augment_views(next(batches))
@@ -355,7 +370,7 @@ class PretrainRun:
             scaled = loss / cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if sync:
-                self._step()
+                self._step(epoch + (it + 1) / self.iters)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.iters:
@@ -430,7 +445,7 @@ class PretrainRun:
             losses = self.train_epoch(epoch, batches)
             # an epoch's time runs from the end of the previous one, so its logging, figures and checkpoint count too
             epoch_time, t0 = time.perf_counter() - t0, time.perf_counter()
-            throughput, lr = crops / epoch_time, self.schedule(self.global_step)
+            throughput, lr = crops / epoch_time, self.schedule(self.t)
             record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": epoch_time}
             for k, v in record.items():
                 self.history.setdefault(k, []).append(v)

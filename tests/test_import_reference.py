@@ -2,7 +2,7 @@
 built from the result computes what the reference encoder computes with those weights.
 
 The reference encoder is re-implemented here with plain functional ops from the reference semantics
-(methods.md 1.2, 1.4), independently of ``nnunetv2_hiendmae.vit``.
+(FengheTan9/Hi-End-MAE ``networks/vit.py``, ``hi_end_mae.py``), independently of ``nnunetv2_hiendmae.vit``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint
-from nnunetv2_hiendmae.import_reference import main
+from pretrain.import_reference import main
 from nnunetv2_hiendmae.vit import build_encoder
 
 E, DEPTH, HEADS, P, C = 96, 4, 4, 16, 1  # vit_tiny
@@ -191,7 +191,7 @@ def test_weights_and_metadata(sincos_import):
     assert pre["foreground_intensity_properties_per_channel"]["0"] == {
         "percentile_00_5": -175.0, "percentile_99_5": 250.0, "mean": -175.0, "std": 425.0,
         "median": 37.5, "min": -175.0, "max": 250.0}
-    assert pre["crop_size"] == [96, 96, 96] and pre["token_size"] == [16, 16, 16]
+    assert pre["patch_size"] == [96, 96, 96] and pre["token_size"] == [16, 16, 16]
     assert pre["datasets"] == [] and pre["epochs_done"] is None and pre["fold"] is None
     assert pre["plans"] is None and pre["configuration"] is None and pre["epochs_planned"] is None
     import hashlib
@@ -237,9 +237,8 @@ def test_bad_inputs_in_process(tmp_path, capsys, sincos_import):
     expect_user_error(capsys, ["-i", three, "-o", out], "matches no preset")
     two = write_reference(tmp_path / "c2.pth", reference_state_dict(in_channels=2))
     expect_user_error(capsys, ["-i", two, "-o", out], "input channels")
-    expect_user_error(capsys, ["-i", src, "-o", out, "--patch-size", "128"], "8x8x8 = 512; give the crop")
+    expect_user_error(capsys, ["-i", src, "-o", out, "--patch-size", "128"], "8x8x8 = 512; give the patch size")
     expect_user_error(capsys, ["-i", src, "-o", out, "--patch-size", "100"], "--patch-size [100, 100, 100] must be")
-    expect_user_error(capsys, ["-i", src, "-o", out, "--crop-size", "128"], "8x8x8 = 512; give the crop")
     broken = reference_state_dict()
     broken["encoder.blocks.1.attn.qkv.weight"] = torch.zeros(3 * E, E + 1)
     expect_user_error(capsys, ["-i", write_reference(tmp_path / "bad.pth", broken), "-o", out], "does not fit")

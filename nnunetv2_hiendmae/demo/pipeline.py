@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
+from pretrain import methods
 
 # nnU-Net output that looks like failure but is expected here (the demo explains it once and hides it)
 NOISE = [re.compile(rb) for rb in (
@@ -36,6 +37,7 @@ NOISE_NOTE = ("Note: nnU-Net's own lines that look like failures but are expecte
               "found through nnUNet_extTrainer), the optional network plot ('No module named hiddenlayer'), "
               "'GPU prediction completed' when predicting on a CPU, and torchvision's torch.jit FutureWarning.")
 DATASET_ID = 501
+DEMO_PATCH = (16, 64, 64)  # pretraining and fine-tuning patch size, unless the method needs its own (registry)
 PLANS = "nnUNetPlans_HiEndMAE"
 EPILOG = """\
 The defaults fit a 2-core CPU in about 15 minutes (vit_tiny, short schedules, fold 0). To scale up, e.g. on a GPU:
@@ -69,14 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
     p.add_argument("--test", type=int, default=4,
                    help="held-out test cases for prediction and Dice (default: %(default)s)")
-    p.add_argument("--method", choices=["hiend_mae", "mae", "gl_mae", "mim"], default="hiend_mae",
-                   help="pretraining method (default: %(default)s)")
+    p.add_argument("--method", choices=list(methods.METHODS), default="hiend_mae",
+                   help="pretraining method, with its small settings for a CPU (default: %(default)s)")
+    own = ", ".join(f"{' '.join(map(str, m.small_patch))} for {n}" for n, m in methods.METHODS.items() if m.small_patch)
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="pretraining patch (crop) size, a multiple of the token size; also the ViT's fine-tuning "
-                        "patch (default: 16 64 64; 32 32 32 for mim, whose patch needs an even number of tokens per "
-                        "axis)")
-    p.add_argument("--crop", type=int, nargs=3, dest="patch_size", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # the flag's name before 0.2; still accepted
+                   help="pretraining patch size, a multiple of the token size; also the ViT's fine-tuning patch size "
+                        f"(default: {' '.join(map(str, DEMO_PATCH))}{'; ' + own if own else ''})")
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pretraining epochs (default: %(default)s)")
     p.add_argument("--pretrain-iters", type=int, default=25,
                    help="pretraining iterations per epoch (default: %(default)s)")
@@ -177,9 +177,8 @@ class Demo:
         self.step(f"pretraining ({a.method}) on the labelled and unlabelled images")
         ckpt = self.root / "pretrain" / "checkpoint_final.pth"
         if not ckpt.exists():
-            patch = a.patch_size or ([32, 32, 32] if a.method == "mim" else [16, 64, 64])
-            views = {"hiend_mae": ["--crops-per-volume", "4"], "mae": ["--crops-per-volume", "4"],
-                     "gl_mae": ["--global-views", "1", "--local-views", "3"], "mim": ["--mid-samples", "2"]}[a.method]
+            patch = a.patch_size or methods.METHODS[a.method].small_patch or DEMO_PATCH
+            views = methods.small_flags(a.method)
             cmd = ["nnUNetv2_hiendmae_pretrain", "-d", *pretrain_sets, "-o", str(ckpt.parent), "--method", a.method,
                    "--arch", a.arch, "--patch-size", *map(str, patch), "--batch-size", str(a.pretrain_batch), *views,
                    "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),

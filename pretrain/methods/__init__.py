@@ -1,11 +1,16 @@
-"""Pretraining methods behind one registry: ``--method NAME`` -> settings (here) + model (one module each).
+"""Pretraining methods behind one registry: ``--method NAME`` -> an entry of :data:`METHODS`.
 
-A method's **settings** are a dataclass of its hyper-parameters with defaults and help texts (they become the
-command's flags, grouped under the method's name in ``--help``), the views of a case it needs from the data, and
-the checks on both. They are plain data, kept here without torch so that ``--help`` is instant and flags are
-checked before anything heavy starts. A method's **model** lives in its own module of this package and is imported
-only when a run starts (:func:`build_model`). Adding a method = a model file, its settings class and one line in
-:data:`METHODS`.
+A method is its **model** (one module of this package, a class that fulfils
+:class:`~pretrain.methods.contract.PretrainingModel`) and one registry entry here: its **settings** (a dataclass of
+its hyper-parameters with defaults and help texts; they become the command's flags, grouped under the method's name in
+``--help``; it also says which views of a case the method needs from the data and checks both), its reference
+optimisation **recipe** (the defaults of ``--lr``, ``--warmup-epochs`` and ``--epochs``) and its **small** settings
+(the views and patch size the CPU demo and the tests use). Settings and entries are plain data, kept here without
+torch so that ``--help`` is instant and flags are checked before anything heavy starts; the model is imported only
+when a run starts (:func:`model_class`).
+
+Everything that lists methods (the command, the demo, the benchmarks, the tests) reads :data:`METHODS`: adding a
+method is a model file and one entry.
 """
 from __future__ import annotations
 
@@ -39,11 +44,11 @@ def _at_least_one(settings: object, *names: str) -> None:
 
 @dataclass
 class MaskedCropsSettings:
-    """Hi-End-MAE and MAE: K random crops per loaded volume, each masked at random."""
+    """Hi-End-MAE and MAE: K random crops of the patch size per loaded volume, each masked at random."""
 
     mask_ratio: float = setting(0.75, "fraction of tokens masked per crop")
-    crops_per_volume: int = setting(8, "random crops taken from each loaded volume; a step sees batch-size x "
-                                       "crops-per-volume crops")
+    crops_per_volume: int = setting(8, "random crops of the patch size taken from each loaded volume; a step sees "
+                                       "batch-size x crops-per-volume crops")
 
     def views(self, patch_size: Sequence[int]) -> dict[str, View]:
         return {"crops": (self.crops_per_volume, tuple(patch_size))}
@@ -92,31 +97,36 @@ class GLMAESettings:
 
 @dataclass
 class MiMSettings:
-    """MiM: one crop of twice the patch size, reconstructed at three nested levels."""
+    """MiM: one region of twice the patch size per case, reconstructed at three nested levels."""
 
     mask_ratio_up: float = setting(0.5, "coarse level: fraction of the 8 octants masked")
     mask_ratio_mid: float = setting(0.6, "middle level: fraction of tokens masked in each octant volume")
-    mask_ratio_down: float = setting(0.5, "fine level: fraction of tokens masked in each upsampled token patch")
+    mask_ratio_down: float = setting(0.5, "fine level: fraction of tokens masked in each upsampled token volume")
     mid_samples: int = setting(4, "middle-level volumes per case, taken among the masked octants")
     down_samples: int = setting(4, "fine-level volumes per middle volume, taken among its masked tokens")
     align_weight: float = setting(0.1, "weight of each cross-level alignment loss")
     alignment: str = setting("byol", "cross-level alignment: byol (2 - 2 cos, the published script) or ce "
                                      "(cross-entropy over which octant / token a volume came from)",
                              choices=("byol", "ce"))
-    ce_temperature: float = setting(0.1, "temperature of the cosine logits of the ce alignment")
+    ce_temperature: float = setting(1.0, "temperature of the cosine logits of the ce alignment (1: the raw cosines, "
+                                         "as the reference)")
 
     def views(self, patch_size: Sequence[int]) -> dict[str, View]:
-        return {"crop": (1, tuple(2 * p for p in patch_size))}
+        return {"region": (1, tuple(2 * p for p in patch_size))}
 
     def check(self, patch_size: Sequence[int], token_size: Sequence[int]) -> None:
         for name in ("mask_ratio_up", "mask_ratio_mid", "mask_ratio_down"):
             _ratio(name, getattr(self, name))
         _at_least_one(self, "mid_samples", "down_samples")
         grid = [p // t for p, t in zip(patch_size, token_size)]
+        shown = f"got {' '.join(map(str, patch_size))} with token size {' '.join(map(str, token_size))}"
         if any(g % 2 for g in grid):
             raise UserError(f"mim needs a patch size of an even number of tokens on every axis (octants of the "
-                            f"coarse level), got {' '.join(map(str, patch_size))} with token size "
-                            f"{' '.join(map(str, token_size))}")
+                            f"coarse level), {shown}")
+        if len(set(grid)) != 1:
+            stretch = " x ".join(str(g) for g in grid)
+            raise UserError(f"mim needs a patch size of the same number of tokens on every axis: its fine level "
+                            f"upsamples one token to the patch size, which would stretch it {stretch}; {shown}")
         masked_octants = round(8 * self.mask_ratio_up)
         if not 1 <= masked_octants <= 7 or self.mid_samples > masked_octants:
             raise UserError(f"--mid-samples {self.mid_samples} needs as many masked octants, but --mask-ratio-up "
@@ -131,21 +141,57 @@ class MiMSettings:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A method's reference optimisation: the defaults of ``--lr``, ``--warmup-epochs`` and ``--epochs``.
+
+    ``lr`` is the peak learning rate; with ``lr_reference_batch`` it is a *base* rate scaled linearly with the
+    views an optimiser step sees over all ranks (MAE's ``blr * batch / 256``)."""
+
+    lr: float
+    warmup_epochs: int
+    epochs: int
+    lr_reference_batch: int | None = None
+    source: str = ""
+
+    def peak_lr(self, views_per_step: int) -> float:
+        """The peak learning rate for an optimiser step over ``views_per_step`` views (all ranks together)."""
+        return self.lr * views_per_step / self.lr_reference_batch if self.lr_reference_batch else self.lr
+
+
+@dataclass(frozen=True)
 class Method:
-    """One registry entry: settings class, model class (``module:Class`` in this package) and a one-line title."""
+    """One registry entry.
+
+    ``model``: ``module:Class`` (importable module path) of the model; ``small``: settings for the CPU demo and tests
+    (few, small views) and ``small_patch`` their patch size (None: the demo's default)."""
 
     settings: type
     model: str
     title: str
+    recipe: Recipe
+    small: dict = field(default_factory=dict)
+    small_patch: tuple[int, int, int] | None = None
 
+
+HI_END_MAE_RECIPE = Recipe(1e-4, 10, 1000, source="Hi-End-MAE's main.py: AdamW lr 1e-4 not scaled with the batch, "
+                                                  "10 warm-up epochs of 1000")
 
 METHODS: dict[str, Method] = {
-    "hiend_mae": Method(MaskedCropsSettings, "hiend_mae:HiEndMAE",
-                        "Hi-End-MAE (Tang et al. 2025): hierarchical encoder-driven decoder"),
-    "mae": Method(MaskedCropsSettings, "mae:MAE", "MAE (He et al. 2022): plain Transformer decoder"),
-    "gl_mae": Method(GLMAESettings, "gl_mae:GLMAE",
-                     "GL-MAE (Zhuang et al.): global/local views, EMA teacher, global-guided consistency"),
-    "mim": Method(MiMSettings, "mim:MiM", "MiM (Zhuang et al.): mask in mask, three levels, cross-level alignment"),
+    "hiend_mae": Method(MaskedCropsSettings, "pretrain.methods.hiend_mae:HiEndMAE",
+                        "Hi-End-MAE (Tang et al. 2025): hierarchical encoder-driven decoder", HI_END_MAE_RECIPE,
+                        small={"crops_per_volume": 4}),
+    "mae": Method(MaskedCropsSettings, "pretrain.methods.mae:MAE", "MAE (He et al. 2022): plain Transformer decoder",
+                  Recipe(1.5e-4, 40, 800, lr_reference_batch=256,
+                         source="MAE's pretraining recipe: base lr 1.5e-4 x batch / 256, 40 warm-up epochs of 800"),
+                  small={"crops_per_volume": 4}),
+    "gl_mae": Method(GLMAESettings, "pretrain.methods.gl_mae:GLMAE",
+                     "GL-MAE (Zhuang et al. 2025): global/local views, EMA teacher, global-guided consistency",
+                     HI_END_MAE_RECIPE, small={"global_views": 1, "local_views": 3}),
+    "mim": Method(MiMSettings, "pretrain.methods.mim:MiM",
+                  "MiM (Zhuang et al. 2025): mask in mask, three levels, cross-level alignment",
+                  Recipe(2e-4, 40, 800, source="MiM's published pretraining script: lr 2e-4 (blr 1e-4 x 512 / 256), "
+                                               "40 warm-up epochs of 800"),
+                  small={"mid_samples": 2, "down_samples": 2}, small_patch=(32, 32, 32)),
 }
 
 
@@ -168,7 +214,15 @@ def make_settings(name: str, values: dict) -> object:
     return method(name).settings(**values)
 
 
+def small_flags(name: str) -> list[str]:
+    """The command-line flags of the method's small settings, for the CPU demo and the tests."""
+    flags = []
+    for key, value in method(name).small.items():
+        flags += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
 def model_class(name: str) -> type:
     """The method's model class (imports torch and the model's module)."""
     module, cls = method(name).model.split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return getattr(importlib.import_module(module), cls)

@@ -24,6 +24,7 @@ from torch import nn
 
 from nnunetv2_hiendmae.vit import init_linear_and_norm
 from pretrain.methods.mae import MAE
+from pretrain.methods.masked import pairwise_cosine
 
 
 def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -34,9 +35,9 @@ def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 def consistency(student: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """``2 - 2 cos`` between every student embedding ``[B, n, d]`` and every anchor ``[B, p, d]`` of the same case."""
-    s, a = F.normalize(student.float(), dim=-1), F.normalize(anchors.float(), dim=-1)
-    return (2 - 2 * torch.einsum("bnd,bpd->bnp", s, a)).mean()
+    """``2 - 2 cos`` between every student embedding ``[B, n, d]`` and every anchor ``[B, p, d]`` of the same case,
+    in float32 whatever the autocast (:func:`~pretrain.methods.masked.pairwise_cosine`)."""
+    return (2 - 2 * pairwise_cosine(student, anchors)).mean()
 
 
 class GLMAE(MAE):

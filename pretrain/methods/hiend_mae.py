@@ -1,6 +1,6 @@
 """Hi-End-MAE: hierarchical encoder-driven masked autoencoder (Tang et al., MedIA 2025), as the reference code does it.
 
-It is :class:`~pretrain.methods.mae.MAE` with another decoder. The query stream is the encoder's final normed output
+It is :class:`~pretrain.methods.mae.MAE` with another decoder (same masking, views and loss). The query stream is the encoder's final normed output
 (through ``encoder_to_decoder[3]``) plus one shared mask token per masked position, with a sin-cos decoder position
 embedding; it runs 2 self-attention blocks, then 3 cross-attention blocks whose keys/values are the raw outputs of
 encoder blocks d//4, 2d//4, 3d//4 (3, 6, 9 of 12, 0-based) taken deep to shallow, each through its own
@@ -18,7 +18,8 @@ from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from nnunetv2_hiendmae.vit import init_linear_and_norm
-from pretrain.methods.mae import MAE, norm_layer
+from pretrain.methods.mae import MAE
+from pretrain.methods.masked import norm_layer
 
 # Decoder width/heads per encoder preset (reference: 384/12 for ViT-B, 528/16 for the 1536-wide models).
 DECODER_PRESETS: dict[str, dict] = {

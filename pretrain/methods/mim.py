@@ -1,11 +1,11 @@
 """MiM: mask in mask (Zhuang et al., IEEE TMI 2025), on the shared plain ViT encoder and the MAE decoder.
 
-One crop of twice the patch size per case (192^3 for 96^3), reconstructed at three nested levels, all through the
+One region of twice the patch size per case (192^3 for 96^3), reconstructed at three nested levels, all through the
 same encoder and decoder (:class:`~pretrain.methods.mae.MAE`):
 
-* **coarse ("up")**: the whole crop downsampled to the patch size; whole **octants** of its token grid are masked
+* **coarse ("up")**: the whole region downsampled to the patch size; whole **octants** of its token grid are masked
   (``mask_ratio_up`` of the 8);
-* **middle**: ``mid_samples`` of the masked octants, cut from the crop at native resolution (each the patch size),
+* **middle**: ``mid_samples`` of the masked octants, cut from the region at native resolution (each the patch size),
   each masked at random (``mask_ratio_mid``);
 * **fine ("down")**: in each middle volume, ``down_samples`` of its masked tokens, each token's voxels upsampled
   to the patch size and masked at random (``mask_ratio_down``).
@@ -17,10 +17,14 @@ logits over all octants / all tokens of the middle volume.
 
     loss = rec_up + rec_mid + rec_down + align_weight * (align_up_mid + align_mid_down)
 
-Fixed against the reference code (methods.md §4.3): coarse groups are true octants (the reference's 27 consecutive
-raster tokens are slabs); the up<->mid alignment really uses the coarse-level features (the reference compares mid
-features with themselves); the ce alignment has as many classes as candidates (the reference's crashes); the model
-can be built. Deviation: the reference's hybrid conv+ViT backbone is replaced by the shared plain ViT encoder.
+Fixed against the reference code (JiaxinZhuang/MiM, ``Pretrain/models_convmae3d_v4.py``; docs/method.md lists
+each): coarse groups are true octants (the reference's 27 consecutive raster tokens are slabs); the up<->mid alignment
+really uses the coarse-level features (the reference compares mid features with themselves); the ce alignment has as
+many classes as candidates (the reference's crashes); the model can be built. Choices: the byol mid<->down target is
+the middle feature at the fine volume's own token (the reference's running code takes the mean of the whole middle
+volume, which is the same target for every fine volume of it; its commented-out line takes the token, as here); the
+patch is the same number of tokens on every axis, so a token upsampled to the patch is not stretched. Deviation: the
+reference's hybrid conv+ViT backbone is replaced by the shared plain ViT encoder.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from torch import nn
 
 from nnunetv2_hiendmae.presets import Grid
 from nnunetv2_hiendmae.vit import init_linear_and_norm, patchify, take_tokens, unpatchify
-from pretrain.methods.mae import MAE, in_raster_order
+from pretrain.methods.mae import MAE
+from pretrain.methods.masked import in_raster_order, pairwise_cosine
 
 
 def token_octants(grid: Grid) -> torch.Tensor:
@@ -84,9 +89,9 @@ class MiM(MAE):
         return shuffle, n_visible, order[:, 8 - n_masked:]
 
     def forward(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``views['crop'] [B, 1, C, *2patch]``."""
+        """``views['region'] [B, 1, C, *2patch]``."""
         s = self.settings
-        x = views["crop"][:, 0]
+        x = views["region"][:, 0]
         b, patch = x.shape[0], [n // 2 for n in x.shape[2:]]
         coarse = F.interpolate(x.float(), size=patch, mode="trilinear", align_corners=False).to(x.dtype)
         grid = self.encoder.grid(patch)
@@ -124,14 +129,13 @@ class MiM(MAE):
     def align(self, query: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Embeddings ``query [N, k, D]`` vs ``candidates [N, n, D]``; ``target [N, k]`` indexes each query's own
         candidate. byol: 2 - 2 cos with it; ce: cross-entropy over all candidates of the cosine logits."""
-        q, c = F.normalize(query.float(), dim=-1), F.normalize(candidates.float(), dim=-1)
+        cos = pairwise_cosine(query, candidates)  # [N, k, n] float32
         if self.settings.alignment == "byol":
-            return (2 - 2 * (q * take_tokens(c, target)).sum(-1)).mean()
-        logits = torch.einsum("nkd,ncd->nkc", q, c) / self.settings.ce_temperature
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            return (2 - 2 * cos.gather(2, target[..., None])).mean()
+        return F.cross_entropy((cos / self.settings.ce_temperature).flatten(0, 1), target.flatten())
 
     def figure_input(self, views: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = views["crop"][:1, 0]
+        x = views["region"][:1, 0]
         return F.interpolate(x.float(), size=[n // 2 for n in x.shape[2:]], mode="trilinear", align_corners=False)
 
     def figure_mask_ratio(self) -> float:

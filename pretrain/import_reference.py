@@ -1,6 +1,6 @@
 """``nnUNetv2_hiendmae_import``: convert a checkpoint of the reference Hi-End-MAE code (e.g. the released
 ``hi_end_mae_10k.pth``) into a nnunetv2_hiendmae pretraining checkpoint (see
-:mod:`nnunetv2_hiendmae.reference_checkpoint`).
+:mod:`pretrain.reference_checkpoint`).
 """
 from __future__ import annotations
 
@@ -27,10 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder preset; default: the preset whose embed_dim, depth and token size match the weights "
                         "(an --arch that does not match them is an error)")
     p.add_argument("--patch-size", type=int, nargs="+", default=[REFERENCE_PATCH], metavar="N",
-                   help="patch (crop) size the model was pretrained on, 1 or 3 values (default: 96, as in the "
-                        "reference)")
-    p.add_argument("--crop-size", type=int, nargs="+", dest="patch_size", default=argparse.SUPPRESS,
-                   help=argparse.SUPPRESS)  # the flag's name before 0.2; still accepted
+                   help="patch size the model was pretrained on, 1 or 3 values (default: 96, as in the reference)")
     p.add_argument("--weights-only", action="store_true",
                    help="never unpickle Python objects: fail if the file holds anything besides tensors")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -40,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from nnunetv2_hiendmae.reference_checkpoint import import_reference  # torch: after parsing, so --help is instant
+    from pretrain.reference_checkpoint import import_reference  # torch: after parsing, so --help is instant
 
     ckpt = import_reference(args.input, args.output, arch=args.arch, force=args.force, patch_size=args.patch_size,
                             allow_unpickle=not args.weights_only)

@@ -182,12 +182,12 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
             "importer's CT preprocessing metadata) has exactly one CT channel"
         )
 
-    crop = [int(c) for c in patch_size]
-    if len(crop) == 1:
-        crop *= 3
-    if len(crop) != 3 or any(c <= 0 or c % token for c in crop):
-        raise UserError(f"--patch-size {crop} must be 1 or 3 positive multiples of the token size {token}")
-    grid = [c // token for c in crop]
+    patch = [int(c) for c in patch_size]
+    if len(patch) == 1:
+        patch *= 3
+    if len(patch) != 3 or any(c <= 0 or c % token for c in patch):
+        raise UserError(f"--patch-size {patch} must be 1 or 3 positive multiples of the token size {token}")
+    grid = [c // token for c in patch]
     n_tokens = grid[0] * grid[1] * grid[2]
     if "encoder_pos_embed" not in sd:
         raise UserError("the input lacks 'encoder_pos_embed': not a reference Hi-End-MAE checkpoint")
@@ -196,9 +196,9 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
         raise UserError(f"'encoder_pos_embed' has shape {list(pe.shape)}; expected [1, L, {embed_dim}]")
     if pe.shape[1] != n_tokens:
         raise UserError(
-            f"'encoder_pos_embed' has {pe.shape[1]} tokens but a {'x'.join(map(str, crop))} crop with token size "
-            f"{token} gives {'x'.join(map(str, grid))} = {n_tokens}; give the crop the model was pretrained on with "
-            "--patch-size"
+            f"'encoder_pos_embed' has {pe.shape[1]} tokens but a {'x'.join(map(str, patch))} patch with token size "
+            f"{token} gives {'x'.join(map(str, grid))} = {n_tokens}; give the patch size the model was pretrained on "
+            "with --patch-size"
         )
     if torch.allclose(pe, sincos_pos_embed_3d(grid, embed_dim), atol=SINCOS_ATOL, rtol=0.0):
         enc_cfg = encoder_config(arch, in_channels=in_channels, pos_embed="sincos")
@@ -241,7 +241,7 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
         "foreground_intensity_properties_per_channel": {"0": ct_window_statistics(*RELEASE_CT_WINDOW)},
         "channel_names": {"0": "CT"},
         "in_channels": in_channels,
-        "crop_size": crop,
+        "patch_size": patch,
         "token_size": [token] * 3,
         "epochs_done": None,
         "epochs_planned": None,
