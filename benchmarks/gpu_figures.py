@@ -1,8 +1,7 @@
-"""The GPU figures of docs/benchmarks.md, one part per device call, each sized to leave room for a rerun inside the
-device tool's 15 minutes (machine start included).
+"""The GPU figures of docs/benchmarks.md, in three parts of a few minutes each on one GPU.
 
-Parts, in the order to run them (about 6-7, 5-6 and 5 minutes on an H100, estimated from the issue's compile and step
-times; timeouts per step keep a hung step from eating the call):
+Parts, in the order to run them (about 6-7, 5-6 and 5 minutes on an H100, estimated from earlier compile and step
+times; a timeout per step keeps a hung step from holding up the others):
 
 * ``pretrain`` (targets 1 and 2 of the GPU issue, Hi-End-MAE ViT-B/16, 24 x 8 crops of 96^3, bf16): the CUDA tests
   (``tests/test_cuda.py``); the model-only step eager, with the reference code side by side when ``--reference`` is
@@ -12,16 +11,16 @@ times; timeouts per step keep a hung step from eating the call):
 * ``finetune`` (target 3): ``finetune_speed.py``, 96^3, batch 2: eager, HiEndUNETR ViT-B/16 and its ``_recompute``
   variant against nnU-Net's default U-Net and Primus-M; under ``torch.compile`` (minutes per network), HiEndUNETR
   against the default U-Net only.
-* ``methods`` (target 2 for the other methods): MAE, GL-MAE and MiM, model-only and the CLI, both eager.
+* ``methods`` (target 2 for the other methods): every other method of the registry (MAE, GL-MAE, MiM), model-only
+  and the CLI, both eager.
 
 Every part writes into ``--out``: ``figures.jsonl`` (one record per step: the command, its seconds and exit status,
 and what it measured), ``figures.md`` (the tables with the ratios the issue asks for) and ``steps.log`` (the tail of
 each step's output). ``--quick`` runs every step at CPU size (``vit_tiny``, small crops and scans, few steps), so
-that a test proves the commands before a GPU session spends its minutes on them.
+that a test proves the commands before any GPU time is spent on them.
 
-    . .gpu/setup.sh && python3 benchmarks/gpu_figures.py pretrain --out $OUT \\
-        --reference .gpu/Hi-End-MAE --reference-pythonpath .gpu/timm054
-    python benchmarks/gpu_figures.py pretrain --out /tmp/figures --quick        # CPU rehearsal
+    python benchmarks/gpu_figures.py pretrain --out figures --reference ../Hi-End-MAE --reference-pythonpath ../timm054
+    python benchmarks/gpu_figures.py pretrain --out figures --quick        # CPU rehearsal
 """
 from __future__ import annotations
 
@@ -35,8 +34,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain import methods
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
+
+
+def other_methods() -> list[str]:
+    """The ``methods`` part's: every method of the registry but Hi-End-MAE (the ``pretrain`` part's)."""
+    return [m for m in methods.METHODS if m != "hiend_mae"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ def part_finetune(steps: Steps, size: Size, work: Path, a: argparse.Namespace) -
 
 def part_methods(steps: Steps, size: Size, work: Path, a: argparse.Namespace) -> None:
     make_pool(steps, size, work)
-    for method in ("mae", "gl_mae", "mim"):
+    for method in other_methods():
         steps.run(f"model_only_eager_{method}", throughput(size, method), size.timeout_s, parse=last_json)
         run_dir = work / f"run_{method}"
         steps.run(f"cli_eager_{method}", pretrain_cli(size, method, run_dir, "--no-compile"), size.timeout_s,
@@ -230,7 +236,7 @@ def report(records: list[dict]) -> str:
     rows = []
     pool = res.get("preprocess_unlabeled")
     for method, model_key, cli_key in [("hiend_mae", "model_only_compiled", "cli_compiled")] + [
-            (m, f"model_only_eager_{m}", f"cli_eager_{m}") for m in ("mae", "gl_mae", "mim")]:
+            (m, f"model_only_eager_{m}", f"cli_eager_{m}") for m in other_methods()]:
         if model_key in res and cli_key in res:
             model, cli = res[model_key]["model_only"]["crops_per_s"], res[cli_key]["steady_crops_per_s"]
             rows.append(f"| {method} | {model} | {cli} ({res[cli_key]['crops_per_s_per_epoch']}) | "

@@ -17,8 +17,9 @@ import torch
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write
+from nnunetv2_hiendmae.presets import CHECKPOINT_FORMAT
 
-FORMAT = "nnunetv2_hiendmae.pretrain/1"
+FORMAT = CHECKPOINT_FORMAT
 KEYS = ("format", "method", "package_version", "encoder", "model", "pretrain", "weights")
 ENCODER_PREFIX = "encoder."
 

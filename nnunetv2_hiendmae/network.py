@@ -1,18 +1,20 @@
 """UNETR fine-tuning network around the shared Hi-End-MAE encoder, built the way nnU-Net builds its networks.
 
 Why this file exists: the reference fine-tunes a local copy of MONAI UNETR that hard-codes a 96^3 input and token 12
-(FengheTan9/Hi-End-MAE ``downstream/models/UNETR/unetr.py``) and renames the encoder's parameters. Here the encoder *is* the pretraining
-:class:`~nnunetv2_hiendmae.vit.ViTEncoder3D` (state-dict keys ``encoder.*``, exactly as in our checkpoints), the
-decoder is MONAI's UNETR blocks (feature_size 16, instance norm, residual blocks), and any patch that is a multiple of
-the token size on every axis works, so nnU-Net's plans patch size can be used directly.
+(FengheTan9/Hi-End-MAE ``downstream/models/UNETR/unetr.py``) and renames the encoder's parameters. Here the encoder
+*is* the pretraining :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D` (state-dict keys ``encoder.*``, exactly as in our
+checkpoints), the decoder is MONAI's UNETR blocks (feature_size 16, instance norm, residual blocks), and any patch
+that is a multiple of the token size on every axis works, so nnU-Net's plans patch size can be used directly.
 
 Decoder scales: the token grid G is upsampled three times by 2 (G*2, G*4, G*8); the last stage goes from G*8 to the
 input size, i.e. by token/8 per axis. For token 16 that is the standard UNETR ×2 transposed conv; for any token that
 is a multiple of 8 it is a transposed conv with kernel = stride = token/8; otherwise (token 12: ×1.5, the released
 model) it resizes trilinearly to the stem's exact size and convolves, as the reference's ``Upsample(size=96^3)``.
 
-nnU-Net contract (its ``get_network_from_plans`` and trainer): constructor ``(input_channels, num_classes, ..., deep_supervision)``,
-one logits tensor out, a state dict independent of ``deep_supervision``, and no ``initialize`` method.
+nnU-Net contract (its ``get_network_from_plans`` and trainer): constructor ``(input_channels, num_classes, ...,
+deep_supervision)``, one logits tensor out, a state dict independent of ``deep_supervision``, no ``initialize``
+method, and the segmentation head under nnU-Net's name (``.seg_layers.``), which ``-pretrained_weights`` leaves out,
+so a fine-tuned network seeds a dataset with another class count.
 
 Memory: the two full-resolution blocks (the stem ``encoder1`` and the last decoder stage) keep most of the activations
 for the backward (63% at 96^3, ViT-B/16) for a third of the FLOPs. ``recompute_full_resolution`` recomputes them in
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
-from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, get_conv_layer
+from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -70,6 +72,28 @@ def up_block(in_channels: int, out_channels: int) -> UnetrUpBlock:
                         res_block=True)
 
 
+class SegmentationHead(nn.Module):
+    """1x1x1 convolution to the class logits, named as nnU-Net's networks name theirs (``seg_layers``)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.seg_layers = nn.ModuleList([nn.Conv3d(in_channels, num_classes, kernel_size=1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seg_layers[0](x)
+
+
+HEAD_OF_0_1 = {"out.conv.conv.weight": "out.seg_layers.0.weight", "out.conv.conv.bias": "out.seg_layers.0.bias"}
+
+
+def _head_of_0_1(state_dict: dict, prefix: str, *args) -> None:
+    """Read weights saved by 0.1, whose head was MONAI's ``UnetOutBlock`` (``out.conv.conv.*``), for ``--c``, ``--val``
+    and ``nnUNetv2_predict`` (which load state dicts directly)."""
+    for old, new in HEAD_OF_0_1.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """``[B, 1+N, E]`` (CLS first) -> ``[B, E, *grid]``: the CLS token has no position, so it is dropped."""
     return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
@@ -107,7 +131,8 @@ class HiEndUNETR(nn.Module):
         self.decoder4 = up_block(8 * f, 4 * f)
         self.decoder3 = up_block(4 * f, 2 * f)
         self.decoder2 = last_up_block(2 * f, f, self.encoder.token_size)
-        self.out = UnetOutBlock(3, f, num_classes)
+        self.out = SegmentationHead(f, num_classes)
+        self._register_load_state_dict_pre_hook(_head_of_0_1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -15,6 +15,8 @@ REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
 
+CHECKPOINT_FORMAT = "nnunetv2_hiendmae.pretrain/1"  # the "format" entry of every pretraining checkpoint
+
 # The fine-tuning network, as nnU-Net's plans name it (pydoc.locate resolves it; a test checks that it does).
 NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
 

@@ -1,9 +1,9 @@
 """Loading a pretraining checkpoint's encoder into :class:`~nnunetv2_hiendmae.network.HiEndUNETR`.
 
 The load is strict: every encoder tensor must come from the checkpoint, because a silently half-loaded encoder (the
-reference fine-tuning's ``strict=False``, never checked, in FengheTan9/Hi-End-MAE ``downstream/factory.py``) trains fine and just performs worse. Only
-two adaptations are allowed, and each is reported: a single-channel stem into a multi-channel network, and a learned
-positional embedding moved to the fine-tuning patch's token grid.
+reference fine-tuning's ``strict=False``, never checked, in FengheTan9/Hi-End-MAE ``downstream/factory.py``) trains
+fine and just performs worse. Only two adaptations are allowed, and each is reported: a single-channel stem into a
+multi-channel network, and a learned positional embedding moved to the fine-tuning patch's token grid.
 """
 from __future__ import annotations
 

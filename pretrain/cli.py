@@ -101,9 +101,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     data.add_argument("--fold", type=int,
                       help="pretrain only on the training cases of this nnU-Net fold (splits_final.json), so a later "
                            "cross-validation on the same dataset is not leaked (default: all cases)")
+    data.add_argument("--skip-bad-cases", action="store_true",
+                      help="leave out preprocessed cases that cannot be read (truncated or corrupt files), with a note "
+                           "in the log, instead of refusing to start (default: every case is checked at the start and "
+                           "a bad one stops the run before it starts)")
     data.add_argument("--num-workers", type=int, default=argparse.SUPPRESS,
                       help="data-loading worker processes per GPU, 0 = load in the main process (default: "
                            f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
+    evaluation = p.add_argument_group("is the pretraining working? (held-out loss)")
+    evaluation.add_argument("--val-cases", metavar="N",
+                            help="cases held out of training, on whose fixed views and masks every loss of the method "
+                                 "is scored (val_* in the log, the history and progress.png): a count, or a fraction "
+                                 "such as 0.05 (default: 5 %% of the cases, at least 1 and at most 50; none for fewer "
+                                 "than 10 cases; 0: none). Drawn once from --seed; listed in the log and the "
+                                 "checkpoint")
+    evaluation.add_argument("--val-every", type=int,
+                            help=f"score the held-out cases every N epochs and after the last (default: "
+                                 f"{d('val_every')})")
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=list(PRESETS),
                        help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), "

@@ -15,10 +15,11 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS, token_size_3d
 from pretrain import methods
 
-# How the run is executed, not what it computes; and what a run that diverged needs to continue: --epochs may grow to
-# extend a run and --lr change (the schedule is re-planned from the point reached), --grad-clip and --precision change.
+# How the run is executed, not what it computes (--skip-bad-cases: cases that became unreadable are left out); and
+# what a run that diverged needs to continue: --epochs may grow to extend a run and --lr change (the schedule is
+# re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
-                        "checkpoint_minutes", "epochs", "lr", "grad_clip", "precision")
+                        "checkpoint_minutes", "skip_bad_cases", "val_every", "epochs", "lr", "grad_clip", "precision")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class PretrainConfig:
     recon_every: int = 10
     checkpoint_minutes: float = 10.0
     progress_bar: bool = True
+    skip_bad_cases: bool = False  # leave out preprocessed cases that cannot be read, instead of refusing to start
+    val_cases: str | None = None  # held-out cases: a count or a fraction (None: 5 %, 1..50, none below 10 cases)
+    val_every: int = 1
 
     def __post_init__(self) -> None:
         settings = self.method_settings
@@ -62,7 +66,7 @@ class PretrainConfig:
             self.epochs = recipe.epochs
         if self.warmup_epochs is None:
             self.warmup_epochs = recipe.warmup_epochs
-        for name in ("batch_size", "epochs", "accum_steps", "recon_every"):
+        for name in ("batch_size", "epochs", "accum_steps", "recon_every", "val_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
@@ -83,6 +87,13 @@ class PretrainConfig:
             raise UserError(f"--patch-size {' '.join(map(str, self.patch_size))} is not a multiple of the token size "
                             f"{token[0]} of {self.arch} on every axis")
         settings.check(self.patch_size, token)
+        if self.val_cases is not None:
+            try:
+                if float(self.val_cases) < 0:
+                    raise ValueError
+            except ValueError:
+                raise UserError(f"--val-cases must be a count or a fraction such as 0.05, got {self.val_cases!r}") \
+                    from None
         if self.lr is None:
             world_size = int(os.environ.get("WORLD_SIZE", 1))
             self.lr = recipe.peak_lr(self.views_per_case() * self.batch_size * self.accum_steps * world_size)

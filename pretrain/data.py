@@ -50,6 +50,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
@@ -140,6 +141,96 @@ def resolve_sources(datasets: list[str], plans: str = "nnUNetPlans", configurati
         raise UserError("datasets have different channel counts: "
                         + ", ".join(f"{n} has {c}" for n, c in counts.items()))
     return sources
+
+
+class CaseReadError(UserError):
+    """A preprocessed case that cannot be read (truncated or corrupt file)."""
+
+
+def expected_shape(properties: dict, source: PretrainSource) -> list[int]:
+    """The voxel shape nnU-Net's preprocessing gives a case: its cropped shape resampled from its own spacing to the
+    configuration's (both in the transposed axis order), as ``DefaultPreprocessor`` computes it."""
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+    spacing = [properties["spacing"][axis] for axis in source.plans["transpose_forward"]]
+    shape = compute_new_shape(properties["shape_after_cropping_and_before_resampling"], spacing,
+                              source.configuration["spacing"])
+    return [int(s) for s in shape]
+
+
+def case_problem(source: PretrainSource, dataset, identifier: str) -> str | None:
+    """Why a preprocessed case cannot be trained on, or None: it opens, its shape and dtype are what its properties
+    and the plans say, and its first and last chunks decompress (a truncated file loses its end). Cheap: two voxels
+    are read."""
+    try:
+        data, seg, _, properties = dataset.load_case(identifier)
+        channels = len(source.configuration["normalization_schemes"])
+        shape = [channels, *expected_shape(properties, source)]
+        if list(data.shape) != shape or (seg is not None and list(seg.shape[1:]) != shape[1:]):
+            return f"shape {list(data.shape)}, but its properties and the plans say {shape}"
+        if np.dtype(data.dtype) != np.float32:
+            return f"dtype {data.dtype}, not float32"
+        for array in (data, seg) if seg is not None else (data,):
+            np.asarray(array[(slice(0, 1), *(slice(0, 1),) * 3)])
+            np.asarray(array[(slice(-1, None), *(slice(n - 1, n) for n in array.shape[1:]))])
+    except Exception as e:  # noqa: BLE001 - any failure means the case cannot be read
+        return f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+    return None
+
+
+def check_cases(sources: list[PretrainSource], skip: bool = False, progress: bool = True) -> list[str]:
+    """Every case of every source checked (:func:`case_problem`) before training starts. Bad cases refuse the run in
+    one line naming them, or, with ``skip``, are dropped from their source; returns the notes on dropped cases."""
+    problems = []
+    for src in sources:
+        dataset = infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
+        for identifier in tqdm(src.identifiers, desc=f"checking {src.dataset_name}", disable=not progress,
+                               leave=False):
+            problem = case_problem(src, dataset, identifier)
+            if problem is not None:
+                problems.append((src, identifier, problem))
+    if not problems:
+        return []
+    named = [f"{src.dataset_name}/{case}: {problem}" for src, case, problem in problems]
+    if not skip:
+        shown = "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else "")
+        raise UserError(f"{len(named)} preprocessed case(s) cannot be read ({shown}): preprocess them again (the "
+                        f"command that made the dataset skips finished cases), or pass --skip-bad-cases to leave them "
+                        f"out")
+    for src, case, _ in problems:
+        src.identifiers.remove(case)
+    if not any(src.identifiers for src in sources):
+        raise UserError("no readable case is left: preprocess the datasets again")
+    return [f"left out (--skip-bad-cases): {n}" for n in named]
+
+
+NORMALISATION_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+
+
+def normalisation_differences(sources: list[PretrainSource]) -> list[str]:
+    """One note per dataset whose spacing or intensity normalisation differs from the first dataset's, which is what
+    the checkpoint records and fine-tuning plans take."""
+    first, notes = sources[0], []
+    for src in sources[1:]:
+        diffs = []
+        for key in ("spacing", "normalization_schemes", "use_mask_for_norm"):
+            a, b = first.configuration[key], src.configuration[key]
+            if key == "spacing" and np.allclose(a, b, rtol=1e-3) or key != "spacing" and list(a) == list(b):
+                continue
+            diffs.append(f"{key} {list(b)} vs {list(a)}")
+        for c, scheme in enumerate(src.configuration["normalization_schemes"]):
+            a = first.plans["foreground_intensity_properties_per_channel"].get(str(c), {})
+            b = src.plans["foreground_intensity_properties_per_channel"].get(str(c), {})
+            if scheme != "CTNormalization" or not a:
+                continue
+            for key in NORMALISATION_KEYS:
+                if not np.isclose(a[key], b[key], rtol=1e-3):
+                    diffs.append(f"channel {c} CT {key} {b[key]:.4g} vs {a[key]:.4g}")
+        if diffs:
+            notes.append(f"{src.dataset_name} is preprocessed differently from {first.dataset_name} ("
+                         f"{'; '.join(diffs)}): its voxels mean other intensities or sizes; the checkpoint records "
+                         f"the first dataset's, and fine-tuning plans take those")
+    return notes
 
 
 def _dataset_metadata(s: PretrainSource, plans: str, configuration: str) -> dict:
@@ -253,13 +344,18 @@ class PretrainCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng, s, j = self._pick(index)
-        data, seg, _, props = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
-        thresholds = self._thresholds(s, j, data)
-        body = props.get("body_locations")
-        out = {}
-        for name, (count, size) in self.views.items():
-            crops = [self._crop(s, data, self._centre(rng, s, data, seg, thresholds, body), size) for _ in range(count)]
-            out[name] = torch.from_numpy(np.stack(crops)).to(self.dtype)  # torch converts 2x faster than numpy
+        try:
+            data, seg, _, props = self._nnunet_dataset(s).load_case(self.sources[s].identifiers[j])
+            thresholds = self._thresholds(s, j, data)
+            body = props.get("body_locations")
+            out = {}
+            for name, (count, size) in self.views.items():
+                crops = [self._crop(s, data, self._centre(rng, s, data, seg, thresholds, body), size)
+                         for _ in range(count)]
+                out[name] = torch.from_numpy(np.stack(crops)).to(self.dtype)  # torch converts 2x faster than numpy
+        except Exception as e:  # noqa: BLE001 - the case is named; the run stops on it (pretrain.train)
+            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            raise CaseReadError(f"cannot read {self.case_name(index)} ({type(e).__name__}: {detail})") from None
         return out
 
     def _thresholds(self, s: int, j: int, data) -> np.ndarray:
@@ -315,14 +411,15 @@ class PretrainCrops(Dataset):
 
 
 class RunSampler(Sampler):
-    """Item indices from epoch ``start_epoch`` on, ``e * n + i``, without end: the run takes ``n / batch`` batches
-    per epoch from one loader iterator."""
+    """Item indices ``start, start + 1, ...`` without end (item ``e * n + i`` is item ``i`` of epoch ``e``): the run
+    takes ``n / batch`` batches per epoch from one loader iterator, and a run resumed in the middle of an epoch
+    starts at the item it had reached."""
 
-    def __init__(self, items_per_epoch: int, start_epoch: int = 0):
-        self.items_per_epoch, self.start_epoch = items_per_epoch, start_epoch
+    def __init__(self, start: int = 0):
+        self.start = start
 
     def __iter__(self):
-        return itertools.count(self.start_epoch * self.items_per_epoch)
+        return itertools.count(self.start)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -333,15 +430,17 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, device_type: str,
-                start_epoch: int = 0) -> DataLoader:
-    """Batches ``{name: [B, count, C, *size]}`` in item order (items are already random), from epoch ``start_epoch``
-    on, without end; ``batch_size`` must divide the items per epoch, so that no batch spans two epochs. Batches are
+                start_epoch: int = 0, start_iteration: int = 0) -> DataLoader:
+    """Batches ``{name: [B, count, C, *size]}`` in item order (items are already random), from iteration
+    ``start_iteration`` of epoch ``start_epoch`` on, without end; ``batch_size`` must divide the items per epoch, so
+    that no batch spans two epochs. Batches are
     pinned for the copy to a GPU (:func:`device_batches`). The loader seeds its workers from a generator of its own,
     not from torch's global one, which drives the masks: a resumed run's masks continue the stream of the run it
     resumes."""
     if len(dataset) % batch_size:
         raise ValueError(f"batch size {batch_size} does not divide the {len(dataset)} items of an epoch")
-    return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(len(dataset), start_epoch),
+    start = start_epoch * len(dataset) + start_iteration * batch_size
+    return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(start),
                       num_workers=num_workers, pin_memory=device_type == "cuda", drop_last=False,
                       prefetch_factor=4 if num_workers > 0 else None,
                       worker_init_fn=seed_worker if num_workers > 0 else None,

@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from nnunetv2_hiendmae.fileio import atomic_write  # noqa: E402
 
 NOT_LOSSES = ("lr", "crops_per_s", "epoch_time")
+PROBE = "probe_dice"  # the downstream linear probe's mean foreground Dice (pretrain.train)
 
 
 def _save(fig, path: Path) -> None:
@@ -23,20 +24,41 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
+def _measured(epochs: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    """The epochs at which a figure was measured (NaN: not measured that epoch)."""
+    kept = [(e, v) for e, v in zip(epochs, values) if v == v]
+    return [e for e, _ in kept], [v for _, v in kept]
+
+
 def plot_progress(history: dict[str, list[float]], path: Path) -> None:
-    """Per epoch: the total loss and each of its components, the learning rate, the throughput."""
+    """Per epoch: the total loss and each of its components (training solid, held-out cases dashed in the same
+    colour), the downstream probe's Dice if the run has one, the learning rate and the throughput."""
     epochs = list(range(1, len(history["loss"]) + 1))
     marker = "o" if len(epochs) < 30 else None
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
-    losses = [k for k in history if k not in NOT_LOSSES]
-    for k in losses:
-        axes[0].plot(epochs, history[k], marker=marker, lw=2.5 if k == "loss" else 1.2,
+    panels = ["loss"] + (["probe"] if PROBE in history else []) + ["lr", "crops_per_s"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3 * len(panels)), sharex=True)
+    losses = [k for k in history if k not in (*NOT_LOSSES, PROBE) and not k.startswith("val_")]
+    for i, k in enumerate(losses):
+        colour = f"C{i}"
+        axes[0].plot(epochs, history[k], color=colour, marker=marker, lw=2.5 if k == "loss" else 1.2,
                      label="total loss" if k == "loss" else k)
-    axes[0].set_ylabel("train loss")
-    if len(losses) > 1:
+        if f"val_{k}" in history:
+            x, y = _measured(epochs, history[f"val_{k}"])
+            axes[0].plot(x, y, color=colour, ls="--", marker="s", ms=3, lw=2.5 if k == "loss" else 1.2,
+                         label=f"held-out {'total loss' if k == 'loss' else k}")
+    axes[0].set_ylabel("loss (solid: training, dashed: held-out cases)" if "val_loss" in history else "train loss")
+    if len(axes[0].get_lines()) > 1:
         axes[0].legend(fontsize=8, ncol=3)
-    for ax, key, label in zip(axes[1:], ("lr", "crops_per_s"), ("learning rate (end of epoch)", "crops / s")):
-        ax.plot(epochs, history[key], color="tab:blue", marker=marker)
+    rest = {"probe": (PROBE, "probe: mean foreground Dice"), "lr": ("lr", "learning rate (end of epoch)"),
+            "crops_per_s": ("crops_per_s", "crops / s")}
+    for ax, panel in zip(axes[1:], panels[1:]):
+        key, label = rest[panel]
+        x, y = _measured(epochs, history[key])
+        ax.plot(x, y, color="tab:blue", marker="o" if panel == "probe" else marker)
+        if panel == "probe" and y:
+            best = max(range(len(y)), key=y.__getitem__)
+            ax.plot([x[best]], [y[best]], "*", color="tab:red", ms=14, label=f"best: {y[best]:.3f} (epoch {x[best]})")
+            ax.legend(fontsize=8)
         ax.set_ylabel(label)
     for ax in axes:
         ax.grid(alpha=0.3)

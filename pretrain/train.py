@@ -36,9 +36,20 @@ from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.augment import augment_views
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
-from pretrain.methods.contract import PretrainingModel
-from pretrain.data import PretrainCrops, device_batches, make_loader, pretrain_metadata, resolve_sources
+from pretrain.data import (
+    CaseReadError,
+    PretrainCrops,
+    check_cases,
+    device_batches,
+    make_loader,
+    normalisation_differences,
+    pretrain_metadata,
+    resolve_sources,
+)
 from pretrain.figures import plot_progress, plot_reconstruction
+from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
+from pretrain.lock import RunLock
+from pretrain.methods.contract import PretrainingModel
 
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
@@ -203,6 +214,13 @@ class PretrainRun:
         self.out = Path(cfg.output_dir)
         self.is_main = self.rank == 0
         sources = resolve_sources(cfg.datasets, cfg.plans, cfg.configuration, cfg.fold)
+        stored = (resume_from or {}).get("pretrain", {})
+        self.val_cases = stored["val_cases"] if "val_cases" in stored else held_out_cases(
+            sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
+        val_sources = split_off(sources, self.val_cases)  # never in a training batch
+        progress = self.is_main and cfg.progress_bar
+        self.notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
+        self.notes += normalisation_differences(sources)
         self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
@@ -210,6 +228,8 @@ class PretrainRun:
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                   world_size=self.world_size, dtype=transfer_dtype(self.device, self.precision))
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
+        self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, transfer_dtype(self.device, self.precision))
+                         if self.is_main and self.val_cases else None)
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
@@ -229,7 +249,9 @@ class PretrainRun:
         self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
         self.t = 0.0  # where the run is, in epochs (the schedule's clock)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.start_epoch, self.global_step = 0, 0
+        self.start_epoch, self.start_iteration, self.global_step = 0, 0, 0
+        self.partial: dict[str, float] = {}  # loss sums of the iterations of ``start_epoch`` done before a resume
+        self.lock: RunLock | None = None
         self.history: dict[str, list[float]] = {}
         self.log = Logger(self.out, self.is_main)
         self.writer = CheckpointWriter()
@@ -246,18 +268,22 @@ class PretrainRun:
         dist.all_gather_object(states, state)
         return states
 
-    def _checkpoint(self, epochs_done: int, rng: list[dict] | None = None) -> dict:
+    def _checkpoint(self, epochs_done: int, rng: list[dict] | None = None, iteration: int = 0,
+                    partial: dict[str, float] | None = None) -> dict:
+        """The checkpoint after ``epochs_done`` epochs and ``iteration`` iterations of the next (whose loss sums so
+        far are ``partial``); resumable when ``rng`` holds every rank's random state."""
         cfg = self.cfg
         pretrain = dict(self.meta, patch_size=list(cfg.patch_size), token_size=list(self.model.token_size),
                         views={k: [n, list(size)] for k, (n, size) in self.views.items()},
                         epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.iters,
                         batch_size=cfg.batch_size, world_size=self.world_size, lr=cfg.lr, seed=cfg.seed,
-                        history=self.history)
+                        val_cases=list(self.val_cases), history=self.history)
         train_state = None
         if rng is not None:  # a resumable checkpoint
             train_state = {"optimizer": self.optimizer.state_dict(),
                            "scaler": self.scaler.state_dict() if self.scaler else None,
-                           "epoch": epochs_done, "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
+                           "epoch": epochs_done, "iteration": iteration, "partial_losses": dict(partial or {}),
+                           "global_step": self.global_step, "rng": rng, "config": asdict(cfg)}
         return _on_cpu(make_checkpoint(weights=self.model.state_dict(), encoder=self.encoder_cfg,
                                        model={"settings": asdict(cfg.method_settings),
                                               "decoder": dict(self.model.decoder_config)},
@@ -270,17 +296,22 @@ class PretrainRun:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
-        self.t = float(self.start_epoch)
+        self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
+        if self.start_iteration >= self.iters:  # fewer iterations per epoch now (more ranks): the epoch starts again
+            self.start_iteration, self.partial = 0, {}
+        self.t = self.start_epoch + self.start_iteration / self.iters
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
         if self.rank < len(state["rng"]):
             _set_rng_state(state["rng"][self.rank], self.device)
         else:  # more ranks than the run that wrote the checkpoint: a fresh stream for this rank
             torch.manual_seed(cfg.seed + self.rank + 10_000 * self.start_epoch)
-        self.log(f"resumed from {self.out / LATEST} after epoch {self.start_epoch} (step {self.global_step})")
+        within = f", iteration {self.start_iteration}" if self.start_iteration else ""
+        self.log(f"resumed from {self.out / LATEST} after epoch {self.start_epoch}{within} (step {self.global_step})")
         stored, before = state["config"], ckpt["pretrain"]
         if cfg.epochs < self.start_epoch:
             raise UserError(f"--epochs {cfg.epochs}: the run has already done {self.start_epoch} epochs")
-        replanned = [f"--{k} {stored[k]} -> {getattr(cfg, k)}" for k in ("epochs", "lr") if stored[k] != getattr(cfg, k)]
+        replanned = [f"--{k} {stored[k]} -> {getattr(cfg, k)}" for k in ("epochs", "lr")
+                     if stored[k] != getattr(cfg, k)]
         if replanned:
             self.log(f"{', '.join(replanned)}: the learning-rate schedule is re-planned (peak {cfg.lr:.3e} after "
                      f"{cfg.warmup_epochs} warm-up epochs, 0 at epoch {cfg.epochs}) and followed from epoch "
@@ -290,8 +321,9 @@ class PretrainRun:
                 self.log(f"--{key.replace('_', '-')} {stored[key]} -> {getattr(cfg, key)} from epoch "
                          f"{self.start_epoch + 1} on")
         if before["world_size"] != self.world_size or before["iters_per_epoch"] != self.iters:
-            self.log(f"{before['world_size']} -> {self.world_size} rank(s): {before['batch_size'] * before['world_size']}"
-                     f" -> {cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
+            volumes = before["batch_size"] * before["world_size"]
+            self.log(f"{before['world_size']} -> {self.world_size} rank(s): {volumes} -> "
+                     f"{cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
                      f"{before['iters_per_epoch']} -> {self.iters} iterations per epoch; the learning-rate schedule "
                      f"counts epochs, so it continues as planned")
 
@@ -348,19 +380,25 @@ class PretrainRun:
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}); "
                                 f"{advice}")
 
-    def train_epoch(self, epoch: int, batches) -> dict[str, float]:
-        """One epoch of ``self.iters`` batches from the run's stream of device batches."""
+    def train_epoch(self, epoch: int, batches, start: int = 0, partial: dict[str, float] | None = None
+                    ) -> dict[str, float]:
+        """Iterations ``start..iters`` of epoch ``epoch`` from the run's stream of device batches; ``partial``: the
+        loss sums of the iterations before ``start`` (a run resumed in the middle of the epoch)."""
         cfg = self.cfg
         self.model.train()
-        bar = tqdm(total=self.iters, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (self.is_main and cfg.progress_bar), dynamic_ncols=True, leave=False)
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in (partial or {}).items()}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
-        self.t = float(epoch)
+        self.t = epoch + start / self.iters
         self._set_lr()
-        for it in range(self.iters):
-            views = augment_views(next(batches))
+        for it in range(start, self.iters):
+            try:
+                batch = next(batches)
+            except CaseReadError as e:
+                self._stop_unreadable(e, epoch, it, sums)
+            views = augment_views(batch)
             sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.iters
             ctx = self.ddp.no_sync() if (self.world_size > 1 and not sync) else nullcontext()
             with ctx, autocast(self.device, self.precision):
@@ -376,10 +414,10 @@ class PretrainRun:
             if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.iters:
                 self._check_finite(first_bad, epoch)
                 if self.is_main and cfg.progress_bar:
-                    bar.set_postfix(loss=f"{loss.item():.4f}",
-                                    crops_s=f"{(it + 1) * self.crops_per_step / (time.perf_counter() - t0):.1f}")
+                    rate = (it + 1 - start) * self.crops_per_step / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", crops_s=f"{rate:.1f}")
             bar.update(1)
-            if it == 0 and self.is_main and self._want_recon(epoch):
+            if it == start and self.is_main and self._want_recon(epoch):
                 self._reconstruction(self.model.figure_input(views), epoch)
         bar.close()
         means = torch.stack(list(sums.values())) / self.iters
@@ -387,6 +425,37 @@ class PretrainRun:
             dist.all_reduce(means)
             means /= self.world_size
         return dict(zip(sums, means.tolist()))
+
+    def _stop_unreadable(self, error: CaseReadError, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
+        """A case that cannot be read stops the run in one line naming it, after ``checkpoint_latest.pth`` of the last
+        finished step (one process, at an optimiser step: the state is then whole), so no work is lost."""
+        # a loader worker's error comes back with its traceback in the message: keep what the case's reader said
+        said = str(error).strip().splitlines()[-1].split(f"{CaseReadError.__name__}: ", 1)[-1]
+        kept = "the last checkpoint kept"
+        if self.world_size == 1 and it % self.cfg.accum_steps == 0:
+            self.writer.wait()
+            partial = {k: float(v) for k, v in sums.items()}
+            save_atomic(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
+            kept = f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}"
+        raise CaseReadError(f"{said}; stopped ({kept}): preprocess that case again, or continue without it: "
+                            f"nnUNetv2_hiendmae_pretrain --resume -o {self.out} --skip-bad-cases") from None
+
+    def _due(self, epoch: int, every: int) -> bool:
+        return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        """The held-out losses (every ``--val-every`` epochs and after the last), on rank 0."""
+        if self.held_out is None or not self._due(epoch, self.cfg.val_every):
+            return {}
+        return self.held_out(self.model, self.device, self.precision, self.cfg.batch_size)
+
+    def _record(self, record: dict[str, float]) -> None:
+        """Append one epoch to the history; a figure not measured this epoch (or before it appeared) is NaN."""
+        epochs = len(self.history.get("loss", []))
+        for key in self.history.keys() - record.keys():
+            self.history[key].append(math.nan)
+        for key, value in record.items():
+            self.history.setdefault(key, [math.nan] * epochs).append(value)
 
     def _want_recon(self, epoch: int) -> bool:
         return (epoch + 1) % max(1, self.cfg.recon_every) == 0 or epoch + 1 == self.cfg.epochs or epoch == 0
@@ -405,7 +474,8 @@ class PretrainRun:
                             f"{self.cfg.method} {self.cfg.arch}, epoch {epoch + 1}", spacing=self.meta["spacing"])
 
     def _prepare_output(self) -> bool:
-        """Check the output folder against the mode; restore a resumed run. False: the run is already finished."""
+        """Check the output folder against the mode, take its lock and restore a resumed run. False: the run is
+        already finished (nothing is touched)."""
         latest = self.out / LATEST
         if latest.exists() and self.resume_from is None:
             raise UserError(f"{self.out} already holds a run ({LATEST}); "
@@ -415,44 +485,61 @@ class PretrainRun:
             if done >= self.cfg.epochs and (self.out / FINAL).exists():
                 self.start_epoch = done
                 return False  # finished: touch nothing (plans pin the final checkpoint)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out).__enter__()  # before anything is written: a second run is refused here
+            if self.lock.note:
+                self.log(self.lock.note)
+        if self.resume_from is not None:
             self._restore(self.resume_from)
             self.resume_from = None  # the weights are in the model now
-        elif self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         if self.world_size > 1:
             dist.barrier()
         return True
 
     def run(self) -> Path:
-        cfg = self.cfg
         final = self.out / FINAL
-        if not self._prepare_output():
-            if self.is_main:
-                print(f"already finished: {final} ({self.start_epoch} of {cfg.epochs} epochs); nothing to do")
-            return final
-        if self.is_main and self.start_epoch == 0:
+        try:
+            if not self._prepare_output():
+                if self.is_main:
+                    print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); nothing to do")
+                return final
+            return self._train(final)
+        finally:
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
+
+    def _train(self, final: Path) -> Path:
+        cfg = self.cfg
+        for note in self.notes:
+            self.log(f"note: {note}")
+        if self.val_cases:
+            self.log(f"held out of training, scored every {cfg.val_every} epoch(s): {len(self.val_cases)} cases "
+                     f"({', '.join(self.val_cases)})")
+        if self.is_main and self.start_epoch == 0 and self.start_iteration == 0:
             n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self.log(f"nnunetv2_hiendmae {__version__} pretraining, method {cfg.method}: {cfg.arch} "
                      f"({n_params / 1e6:.1f}M trainable params), {self.num_cases} cases from "
                      f"{', '.join(d['name'] for d in self.meta['datasets'])}, patch {cfg.patch_size}, views per case "
                      f"{ {k: [n, list(s)] for k, (n, s) in self.views.items()} }, batch {cfg.batch_size}/rank, "
                      f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
-        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch)
+        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch,
+                             self.start_iteration)
         batches = device_batches(loader, self.device)
-        crops = self.iters * self.crops_per_step * self.world_size
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
-            losses = self.train_epoch(epoch, batches)
+            start = self.start_iteration if epoch == self.start_epoch else 0
+            losses = self.train_epoch(epoch, batches, start, self.partial if start else None)
+            crops = (self.iters - start) * self.crops_per_step * self.world_size
             # an epoch's time runs from the end of the previous one, so its logging, figures and checkpoint count too
             epoch_time, t0 = time.perf_counter() - t0, time.perf_counter()
             throughput, lr = crops / epoch_time, self.schedule(self.t)
-            record = {**losses, "lr": lr, "crops_per_s": throughput, "epoch_time": epoch_time}
-            for k, v in record.items():
-                self.history.setdefault(k, []).append(v)
+            evaluated = self._evaluate(epoch)
+            self._record({**losses, **evaluated, "lr": lr, "crops_per_s": throughput, "epoch_time": epoch_time})
             if self.is_main:
-                parts = "  ".join(f"{k} {v:.5f}" for k, v in losses.items())
+                parts = "  ".join(f"{k} {v:.5f}" for k, v in {**losses, **evaluated}.items())
                 self.log(f"epoch {epoch + 1}/{cfg.epochs}  {parts}  lr {lr:.3e}  {throughput:.1f} crops/s  "
-                         f"epoch time {record['epoch_time']:.1f} s")
+                         f"epoch time {epoch_time:.1f} s")
                 if epoch + 1 == cfg.epochs or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
                     plot_progress(self.history, self.out / "progress.png")
                     self.last_plot = time.monotonic()

@@ -130,7 +130,7 @@ def write_checkpoint(path: Path, dataset_folder: Path, *, spacing=None, props=No
                 "foreground_intensity_properties_per_channel":
                     props or plans["foreground_intensity_properties_per_channel"],
                 "channel_names": {str(c): "CT" for c in range(in_channels)}, "in_channels": in_channels,
-                "crop_size": list(crop), "token_size": [TOKEN] * 3, "mask_ratio": 0.75}
+                "patch_size": list(crop), "token_size": [TOKEN] * 3, "mask_ratio": 0.75}
     save_atomic(make_checkpoint(weights, enc, {}, pretrain), path)
     return path
 
@@ -148,7 +148,7 @@ def make_trainer(cls: type, folder: Path, plans_name: str):
     import torch
 
     plans = json.loads((folder / f"{plans_name}.json").read_text())
-    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (spec nnunet.md §1.4)
+    plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it
     return cls(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,9 @@ print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.mo
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_help_imports_nothing_heavy_and_returns_within_a_second(script):
+def test_help_imports_nothing_heavy(script):
+    """What makes ``--help`` instant, measured where it cannot flake: no heavy package is imported before parsing
+    (a wall-clock bound would fail on a loaded machine with nothing broken)."""
     proc = subprocess.run([sys.executable, "-c", PROBE, SCRIPTS[script], *HEAVY], capture_output=True, text=True,
                           timeout=120)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -33,13 +34,8 @@ def test_help_imports_nothing_heavy_and_returns_within_a_second(script):
     assert "usage:" in proc.stdout and "--help" in proc.stdout
     description = proc.stdout.split("\n\n")[1]  # after the usage block
     assert description[0].isupper() and "``" not in proc.stdout, description  # plain text, a sentence
-    best = float("inf")
-    for _ in range(3):  # best of three: the bound is about this program, not about the machine's load
-        t0 = time.perf_counter()
-        run = subprocess.run([console_script(script), "--help"], capture_output=True, text=True, timeout=120)
-        best = min(best, time.perf_counter() - t0)
-        assert run.returncode == 0 and "usage:" in run.stdout
-    assert best < 1.0, f"{script} --help took {best:.2f} s"
+    run = subprocess.run([console_script(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == proc.stdout.rsplit("\n", 2)[0] + "\n"  # the installed command
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -45,7 +45,7 @@ def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp
 def test_methods_part_measures_every_other_method_model_only_and_in_the_cli(tmp_path):
     res = rehearse("methods", tmp_path)
     report = (tmp_path / "figures.md").read_text()
-    for method in ("mae", "gl_mae", "mim"):
+    for method in benchmark_module("gpu_figures").other_methods():
         assert res[f"model_only_eager_{method}"]["method"] == method
         assert res[f"cli_eager_{method}"]["steady_crops_per_s"] > 0
         assert f"| {method} | " in report

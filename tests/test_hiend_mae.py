@@ -160,7 +160,7 @@ def test_reference_parameter_names_and_sizes():
                  "decoder.cross_attention_blocks.0.norm0.weight",
                  "decoder.cross_attention_blocks.0.self_attn.qkv.weight", "decoder.head.bias", "decoder.norm.weight"):
         assert name in keys, name
-    # ViT-B/16 Hi-End-MAE has 101.6M trainable parameters, 12.2M in the decoder (reference, methods.md §1.2)
+    # ViT-B/16 Hi-End-MAE has 101.6M trainable parameters, 12.2M in the decoder (reference hi_end_mae_vit_base_16p)
     big = HiEndMAE(encoder_config("vit_b16"), MaskedCropsSettings())
     assert round(sum(p.numel() for p in big.parameters()) / 1e6, 1) == 101.6
     assert round(sum(p.numel() for p in big.decoder.parameters()) / 1e6, 1) == 12.2

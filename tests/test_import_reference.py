@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint
-from pretrain.import_reference import main
 from nnunetv2_hiendmae.vit import build_encoder
+from pretrain.import_reference import main
 
 E, DEPTH, HEADS, P, C = 96, 4, 4, 16, 1  # vit_tiny
 DEC, DEC_SELF, DEC_CROSS = 48, 2, 3

@@ -26,7 +26,6 @@ from nnunetv2_hiendmae.plans import (
     parser,
     pretrained_source,
 )
-from nnunetv2_hiendmae.weights import adapt_encoder_config
 
 # The released model's CT statistics (HU [-175, 250] -> [0, 1] through CTNormalization), unlike the dataset's own.
 PRETRAIN_CT = {"max": 250.0, "mean": -175.0, "median": 0.0, "min": -175.0, "percentile_00_5": -175.0,
@@ -66,8 +65,8 @@ def test_pretrained_plans_content(preprocessed_dataset, ckpts):
     assert plans["plans_name"] == "T_content" and list(plans["configurations"]) == [CONFIGURATION]
     assert cfg["architecture"]["network_class_name"] == "nnunetv2_hiendmae.network.HiEndUNETR"
     assert pydoc.locate(cfg["architecture"]["network_class_name"]) is HiEndUNETR
-    assert cfg["architecture"]["arch_kwargs"] == {"encoder": adapt_encoder_config(ckpt["encoder"], 1),
-                                                  "feature_size": 16}
+    encoder = {k: v for k, v in ckpt["encoder"].items() if k != "in_channels"}  # nnU-Net gives the channel count
+    assert cfg["architecture"]["arch_kwargs"] == {"encoder": encoder, "feature_size": 16}
     assert cfg["batch_size"] == 2
     # patch: whole tokens, never above the crop, shrunk to the small dataset's median shape at 4 mm
     assert all(s % TOKEN == 0 and TOKEN <= s <= c for s, c in zip(cfg["patch_size"], CROP))
@@ -130,7 +129,7 @@ def test_one_channel_checkpoint_on_two_channels(preprocessed_dataset, ckpts):
     ds = fake_dataset(preprocessed_dataset, ["CTNormalization", "ZScoreNormalization"])
     notes: list[str] = []
     src = pretrained_source(str(ckpts["pretrain"]), None, ds, notes)
-    assert src.encoder["in_channels"] == 2 and any("repeated" in n for n in notes)
+    assert "in_channels" not in src.encoder and any("repeated" in n for n in notes)
     schemes, masks, props = normalisation(ds, src.pretrain, src.checkpoint, notes)
     assert schemes == ["CTNormalization", "ZScoreNormalization"]
     assert props["0"] == PRETRAIN_CT and props["1"] != PRETRAIN_CT  # CT statistics only where the scheme matches
@@ -192,7 +191,7 @@ def test_cli_scratch_plans(preprocessed_dataset):
     cfg = plans["configurations"][CONFIGURATION]
     assert plans["pretrain_info"]["checkpoint"] is None and plans["pretrain_info"]["method"] == "scratch"
     encoder = cfg["architecture"]["arch_kwargs"]["encoder"]
-    assert (encoder["arch"], encoder["pos_embed"], encoder["in_channels"]) == ("vit_b16", "sincos", 1)
+    assert (encoder["arch"], encoder["pos_embed"], "in_channels" in encoder) == ("vit_b16", "sincos", False)
     assert all(s % 16 == 0 and 16 <= s <= 96 for s in cfg["patch_size"]) and cfg["patch_size"] != [96, 96, 96]
     assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"  # dataset spacing and normalisation: shared data
 

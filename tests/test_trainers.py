@@ -24,7 +24,7 @@ from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_scratch_smoke, nnUN
 from nnunetv2_hiendmae.vit import interpolate_pos_embed
 
 CFG = "3d_fullres"
-# For nnU-Net's training/predict subprocesses only: 0 DA workers crashes planning (spec nnunet.md §4).
+# For nnU-Net's training/predict subprocesses only: 0 DA workers crashes nnU-Net's planning.
 TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
 
 
@@ -97,9 +97,9 @@ def test_recompute_variants_train_the_same_network_with_less_kept(setup, cls):
     assert cls.load_pretrained is cls.__mro__[1].load_pretrained
     shape = (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
     batch = {"data": torch.randn(shape), "target": torch.randint(0, 2, (shape[0], 1, *shape[2:])).float()}
-    before = trainer.network.out.conv.conv.weight.detach().clone()
+    before = trainer.network.out.seg_layers[0].weight.detach().clone()
     loss = trainer.train_step(batch)["loss"]
-    assert np.isfinite(loss) and not torch.equal(before, trainer.network.out.conv.conv.weight)
+    assert np.isfinite(loss) and not torch.equal(before, trainer.network.out.seg_layers[0].weight)
 
 
 def test_recipe_layerwise_lr_and_no_decay_groups(setup):
@@ -112,7 +112,7 @@ def test_recipe_layerwise_lr_and_no_decay_groups(setup):
     named = dict(trainer.network.named_parameters())
     assert group_of[id(named["encoder.patch_embed.proj.weight"])]["lr"] == pytest.approx(lr * decay ** (depth + 1))
     assert group_of[id(named["encoder.blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(lr * decay ** depth)
-    assert group_of[id(named["out.conv.conv.weight"])]["lr"] == pytest.approx(lr)
+    assert group_of[id(named["out.seg_layers.0.weight"])]["lr"] == pytest.approx(lr)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr)  # what nnU-Net logs
     for name in ("encoder.cls_token", "encoder.pos_embed", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"):
         assert group_of[id(named[name])]["weight_decay"] == 0.0, name
@@ -121,6 +121,21 @@ def test_recipe_layerwise_lr_and_no_decay_groups(setup):
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()  # warm-up over: poly decay on the same optimiser
     assert trainer.optimizer is optimizer and trainer.training_stage == "train"
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.05])
+def test_a_training_step_clips_the_gradient_norm(setup, clip):
+    """The recipe's clipping (norm 1 by default) is applied to the gradients the optimiser steps with."""
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    trainer.grad_clip = clip
+    shape = (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
+    torch.manual_seed(0)
+    batch = {"data": 5 * torch.randn(shape), "target": torch.randint(0, 4, (shape[0], 1, *shape[2:])).float()}
+    trainer.train_step(batch)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.network.parameters()
+                                                 if p.grad is not None]))
+    assert norm.item() == pytest.approx(clip, rel=1e-3)
 
 
 def test_scratch_trainer_starts_from_random_weights(setup):
@@ -235,3 +250,37 @@ def test_end_to_end_plan_train_resume_validate_predict(preprocessed_dataset, nnu
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     failed = run_cli(*predict[:4], str(tmp_path / "pred_no_ext"), *predict[5:], env=TRAIN_ENV)
     assert failed.returncode != 0 and "Could not find requested nnunet trainer" in failed.stdout + failed.stderr
+
+
+def test_nnunets_pretrained_weights_transfer_all_but_the_head_to_another_class_count(tmp_path):
+    """nnU-Net's own ``-pretrained_weights`` loader (``load_pretrained_weights``) seeds a network for a dataset with
+    fewer classes from a fine-tuned one: every weight but the segmentation head (``.seg_layers.``) is transferred."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnunetv2_hiendmae.network import HiEndUNETR
+    from nnunetv2_hiendmae.presets import encoder_config
+
+    torch.manual_seed(0)
+    fine_tuned = HiEndUNETR(1, 4, (32, 32, 32), encoder_config("vit_tiny"), feature_size=4)
+    torch.save({"network_weights": fine_tuned.state_dict()}, tmp_path / "checkpoint_final.pth")
+    torch.manual_seed(1)
+    seeded = HiEndUNETR(1, 2, (32, 32, 32), encoder_config("vit_tiny"), feature_size=4)
+    head = {k: v.clone() for k, v in seeded.state_dict().items() if ".seg_layers." in k}
+    load_pretrained_weights(seeded, str(tmp_path / "checkpoint_final.pth"))
+    source = fine_tuned.state_dict()
+    for key, value in seeded.state_dict().items():
+        expected = head[key] if key in head else source[key]
+        assert torch.equal(value, expected), key
+    assert set(head) == {"out.seg_layers.0.weight", "out.seg_layers.0.bias"}
+
+
+def test_a_pretraining_checkpoint_given_to_pretrained_weights_is_one_line(setup):
+    """nnU-Net users reach for -pretrained_weights first; with a pretraining checkpoint the command says what to run
+    instead of ending in nnU-Net's KeyError."""
+    env = {"nnUNet_extTrainer": str(ext_path()), **TRAIN_ENV}
+    proc = run_cli("nnUNetv2_train", "990", CFG, "0", "-tr", "nnUNetTrainerHiEndMAE_smoke", "-p", "T_tr", "-device",
+                   "cpu", "-pretrained_weights", str(setup["ckpt"]), env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: -pretrained_weights {setup['ckpt']} is a nnunetv2_hiendmae pretraining checkpoint")
+    assert "nnUNetv2_hiendmae_plan -d DATASET -pt" in last

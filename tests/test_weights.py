@@ -11,7 +11,7 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.presets import encoder_config
 from nnunetv2_hiendmae.vit import build_encoder, interpolate_pos_embed, patchify
-from nnunetv2_hiendmae.weights import adapt_encoder_config, load_pretrained_encoder, verify_checkpoint
+from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
 PATCH = (32, 64, 48)
 
@@ -23,13 +23,14 @@ def fake_checkpoint(in_channels: int = 1, **config) -> dict:
     weights = {f"encoder.{k}": v for k, v in build_encoder(cfg).state_dict().items()}
     weights.update({"mask_token": torch.randn(1, 1, 32), "decoder.norm.weight": torch.ones(32),
                     "decoder.head.weight": torch.randn(16**3 * in_channels, 32)})
-    pretrain = {"in_channels": in_channels, "crop_size": [96, 96, 96], "token_size": 16}
+    pretrain = {"in_channels": in_channels, "patch_size": [96, 96, 96], "token_size": 16}
     return make_checkpoint(weights, cfg, {"decoder_dim": 32}, pretrain)
 
 
 def network_for(ckpt: dict, in_channels: int, patch=PATCH) -> HiEndUNETR:
     torch.manual_seed(2)
-    return HiEndUNETR(in_channels, 3, patch, adapt_encoder_config(ckpt["encoder"], in_channels), feature_size=4)
+    encoder = {k: v for k, v in ckpt["encoder"].items() if k != "in_channels"}  # as the plans store it
+    return HiEndUNETR(in_channels, 3, patch, encoder, feature_size=4)
 
 
 @pytest.fixture
@@ -40,10 +41,12 @@ def saved(tmp_path: Path) -> tuple[Path, dict]:
     return path, ckpt
 
 
-def test_adapt_encoder_config_only_sets_the_channels():
-    cfg = encoder_config("vit_tiny")
-    assert adapt_encoder_config(cfg, 4) == {**cfg, "in_channels": 4}
-    assert cfg["in_channels"] == 1
+def test_the_network_takes_its_channel_count_from_nnunet_whatever_the_plans_say():
+    """Plans store the encoder without ``in_channels`` (plans of 0.1 had one): nnU-Net's ``input_channels`` rules."""
+    enc = encoder_config("vit_tiny")
+    for plans_encoder in ({k: v for k, v in enc.items() if k != "in_channels"}, {**enc, "in_channels": 1}):
+        net = HiEndUNETR(3, 2, PATCH, plans_encoder, feature_size=4)
+        assert net.encoder.patch_embed.proj.weight.shape[1] == 3 and net.encoder_config["in_channels"] == 3
 
 
 def test_loading_copies_every_encoder_tensor(saved):
