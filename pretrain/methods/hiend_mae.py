@@ -4,8 +4,8 @@ It is :class:`~pretrain.methods.mae.MAE` with another decoder (same masking, vie
 the encoder's final normed output (through ``encoder_to_decoder[3]``) plus one shared mask token per masked position,
 with a sin-cos decoder position embedding; it runs 2 self-attention blocks, then 3 cross-attention blocks whose
 keys/values are the raw outputs of encoder blocks d//4, 2d//4, 3d//4 (3, 6, 9 of 12, 0-based) taken deep to shallow,
-each through its own ``encoder_to_decoder`` projection and not layer-normed. Parameter names are the reference's, so released
-checkpoints import by a plain key mapping.
+each through its own ``encoder_to_decoder`` projection and not layer-normed. Parameter names are the reference's, so
+released checkpoints import by a plain key mapping.
 """
 from __future__ import annotations
 
