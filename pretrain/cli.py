@@ -89,6 +89,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                           "optimiser, schedule, epoch, RNG); an error if OUT_DIR holds no run")
     run.add_argument("--auto-resume", action="store_true",
                      help="resume if OUT_DIR holds a run, else start one (for cluster jobs that are re-queued)")
+    run.add_argument("--estimate", action="store_true",
+                     help="build the run as the other flags ask, time a few steps of the model and of the loader on "
+                          "the real data and device, print what the whole run will cost (crops/s and which one "
+                          "limits, time per epoch, wall time and device-hours for --epochs, for WORLD_SIZE ranks if "
+                          "set, peak memory, checkpoint and data size, compilation) and stop; writes nothing")
+    run.add_argument("--json", action="store_true", help="with --estimate: print the figures as one JSON object")
     data = p.add_argument_group("data")
     data.add_argument("-p", "--plans", help=f"plans identifier whose preprocessed data is read (default: {d('plans')})")
     data.add_argument("-c", "--configuration",
@@ -187,8 +193,17 @@ def _changeable_flags(p: argparse.ArgumentParser) -> str:
 def parse(argv: Sequence[str] | None = None) -> tuple[dict, str]:
     """``(given, mode)``: the settings given on the command line as :class:`PretrainConfig` fields (method settings
     under ``method_settings``), and ``new``, ``resume`` or ``auto``."""
+    given, mode, _ = _parse(argv)
+    return given, mode
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[dict, str, dict]:
+    """:func:`parse`, and the command's own options (``estimate``, ``json``)."""
     parser, method_dests = build_parser()
     given = vars(parser.parse_args(argv))
+    options = {"estimate": given.pop("estimate", False), "json": given.pop("json", False)}
+    if options["json"] and not options["estimate"]:
+        raise UserError("--json goes with --estimate")
     resume, auto = given.pop("resume", False), given.pop("auto_resume", False)
     if resume and auto:
         raise UserError("--resume and --auto-resume exclude each other")
@@ -202,20 +217,36 @@ def parse(argv: Sequence[str] | None = None) -> tuple[dict, str]:
         given["datasets"] = [str(x) for x in given["datasets"]]
     if "num_workers" not in given and mode != "resume":
         given["num_workers"] = min(8, os.cpu_count() or 1)
-    return given, mode
+    return given, mode, options
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    given, mode = parse(argv)
+    given, mode, options = _parse(argv)
     if mode != "resume":
         PretrainConfig(**{"datasets": [], **given})  # bad flags fail here, before torch is imported
+    if options["estimate"]:
+        return print_estimate(given, mode, as_json=options["json"])
     from pretrain.train import pretrain_from_flags  # heavy imports after argument parsing keep --help fast
 
     final = pretrain_from_flags(given, mode)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"pretrained checkpoint: {final}")
         print(f"next: nnUNetv2_hiendmae_plan -d DATASET -pt {final}")
+
+
+def print_estimate(given: dict, mode: str, as_json: bool) -> None:
+    """``--estimate``: the run built as it would be (rank 0 of WORLD_SIZE, not started), timed, nothing written."""
+    import json
+
+    from pretrain.estimate import estimate, format_estimate
+    from pretrain.train import PretrainRun, config_from_flags
+
+    cfg, resume_from = config_from_flags(given, mode)
+    remaining = cfg.epochs - resume_from["train_state"]["epoch"] if resume_from else cfg.epochs
+    run = PretrainRun(cfg, planned_ranks=int(os.environ.get("WORLD_SIZE", 1)))
+    figures = estimate(run, remaining_epochs=remaining)
+    print(json.dumps(figures) if as_json else format_estimate(figures))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -193,16 +193,17 @@ def resumed_config(stored: dict, given: dict) -> tuple[PretrainConfig, list[str]
 
 
 class PretrainRun:
-    """One run; ``resume_from``: the loaded ``checkpoint_latest.pth`` of the run it continues."""
+    """One run; ``resume_from``: the loaded ``checkpoint_latest.pth`` of the run it continues; ``planned_ranks``: build
+    the run as rank 0 of that many without starting them (``--estimate``), instead of from torchrun's environment."""
 
-    def __init__(self, cfg: PretrainConfig, resume_from: dict | None = None):
+    def __init__(self, cfg: PretrainConfig, resume_from: dict | None = None, planned_ranks: int | None = None):
         self.cfg, self.resume_from = cfg, resume_from
-        self.rank, local_rank, self.world_size = _dist_info()
+        self.rank, local_rank, self.world_size = _dist_info() if planned_ranks is None else (0, 0, planned_ranks)
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
         self.device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
-        if self.world_size > 1 and not dist.is_initialized():
+        if self.world_size > 1 and planned_ranks is None and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -240,7 +241,7 @@ class PretrainRun:
         self.model: PretrainingModel = model.to(self.device)
         self.ddp = (DistributedDataParallel(self.model,
                                             device_ids=[self.device] if self.device.type == "cuda" else None)
-                    if self.world_size > 1 else self.model)
+                    if dist.is_initialized() else self.model)
         compile_ = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.compiled = torch.compile(self.ddp) if compile_ else self.ddp
         torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
@@ -261,7 +262,7 @@ class PretrainRun:
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _rng_states(self) -> list[dict]:
         """Every rank's RNG state, in rank order (a collective: all ranks call it)."""
-        state = _rng_state(self.device)
+        state = rng_state(self.device)
         if self.world_size == 1:
             return [state]
         states: list = [None] * self.world_size
@@ -560,10 +561,11 @@ def pretrain(cfg: PretrainConfig, resume_from: dict | None = None) -> Path:
             dist.destroy_process_group()
 
 
-def pretrain_from_flags(given: dict, mode: str = "new") -> Path:
-    """The command's run: ``given`` holds only the settings given on the command line. ``mode``: ``new`` (refuses a
-    folder that holds a run), ``resume`` (continues the run in the folder with its stored settings; refuses a folder
-    without one) or ``auto`` (resume if the folder holds a run, else start one)."""
+def config_from_flags(given: dict, mode: str = "new") -> tuple[PretrainConfig, dict | None]:
+    """The run the command's flags ask for: its config, and the checkpoint it resumes (None for a new run).
+    ``given`` holds only the settings given on the command line; ``mode``: ``new`` (refuses a folder that holds a
+    run), ``resume`` (the run in the folder, with its stored settings; refuses a folder without one) or ``auto``
+    (resume if the folder holds a run, else a new one)."""
     out = Path(given["output_dir"])
     latest = out / LATEST
     if mode == "auto":
@@ -571,7 +573,7 @@ def pretrain_from_flags(given: dict, mode: str = "new") -> Path:
     if mode == "new":
         if "datasets" not in given:
             raise UserError("-d/--datasets is required to start a run (only --resume continues without it)")
-        return pretrain(PretrainConfig(**given))
+        return PretrainConfig(**given), None
     if not latest.is_file():
         raise UserError(f"--resume: {out} holds no run to resume (no {LATEST}); check -o, or leave out --resume "
                         "to start a new run")
@@ -581,4 +583,9 @@ def pretrain_from_flags(given: dict, mode: str = "new") -> Path:
     cfg, changed = resumed_config(ckpt["train_state"]["config"], given)
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"resuming with changed settings: {', '.join(changed)}")
-    return pretrain(cfg, resume_from=ckpt)
+    return cfg, ckpt
+
+
+def pretrain_from_flags(given: dict, mode: str = "new") -> Path:
+    """The command's run (see :func:`config_from_flags`); returns the path of ``checkpoint_final.pth``."""
+    return pretrain(*config_from_flags(given, mode))

@@ -414,3 +414,29 @@ def test_resume_of_a_run_from_before_the_method_registry_is_one_line(tmp_path):
               "mask_ratio": 0.75, "crops_per_volume": 8, "resume": False, "method_settings": {}}
     with pytest.raises(UserError, match="written by an older nnunetv2_hiendmae .* cannot be resumed"):
         resumed_config(stored, {"output_dir": str(tmp_path)})
+
+
+def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_dataset, tmp_path):
+    import json
+
+    out = tmp_path / "never"
+    full = pretrain_args(preprocessed_dataset, out, 40, 1)
+    args = full[:full.index("--iters-per-epoch")] + ["--estimate"]  # default iterations: cases / (batch x ranks)
+    text = run_cli(*args, check=True).stdout
+    for line in ("model: ", "loader: ", "limited by: the ", "time per epoch: ", "whole run: ", "peak process memory: ",
+                 "one checkpoint_latest.pth: ", "preprocessed data read: ", "torch.compile: off"):
+        assert line in text, line
+    one = json.loads(run_cli(*args, "--json", check=True).stdout.strip().splitlines()[-1])
+    two = json.loads(run_cli(*args, "--json", env={"WORLD_SIZE": "2"}, check=True).stdout.strip().splitlines()[-1])
+    assert not out.exists()
+    assert (one["ranks"], one["iterations_per_epoch"], two["ranks"], two["iterations_per_epoch"]) == (1, 5, 2, 3)
+    for e in (one, two):
+        step = max(e["model_s_per_step"], e["loader_s_per_batch"])
+        assert e["epoch_s"] == pytest.approx(e["iterations_per_epoch"] * step)
+        assert e["run_s"] == pytest.approx(40 * e["epoch_s"])
+        assert e["device_hours"] == pytest.approx(e["run_s"] * e["ranks"] / 3600)
+        assert e["model_crops_per_s"] == pytest.approx(e["crops_per_step"] / e["model_s_per_step"])
+        assert e["limited_by"] == ("model" if e["model_s_per_step"] >= e["loader_s_per_batch"] else "loader")
+        assert e["checkpoint_bytes"] > 4 * 2**20 and e["data_bytes"] > 0 and e["peak_memory_bytes"] > 0
+    proc = run_cli(*args[:-1], "--json")
+    assert proc.returncode == 2 and "--json goes with --estimate" in proc.stderr
