@@ -18,7 +18,8 @@ from scipy.ndimage import gaussian_filter
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
 
 
-def _ellipsoid(zz, yy, xx, centre, radii) -> np.ndarray:
+def ellipsoid(zz, yy, xx, centre, radii) -> np.ndarray:
+    """Voxels (grids ``zz, yy, xx`` in mm) inside the axis-aligned ellipsoid of ``centre``, ``radii`` (z, y, x; mm)."""
     return (((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
             + ((xx - centre[2]) / radii[2]) ** 2 <= 1)
 
@@ -53,7 +54,7 @@ def make_case(rng: np.random.Generator,
     ]
     for label, hu, (cz, cy, cx), radii in organs:
         jitter = rng.uniform(-6, 6, size=2) * scale
-        m = _ellipsoid(zz, yy, xx, (cz, body_c[0] + cy + jitter[0], body_c[1] + cx + jitter[1]), radii) & body
+        m = ellipsoid(zz, yy, xx, (cz, body_c[0] + cy + jitter[0], body_c[1] + cx + jitter[1]), radii) & body
         img[m] = hu + rng.normal(0, 5)
         seg[m] = label
     spine = (((yy - body_c[0] - 0.75 * body_r[0]) ** 2 + (xx - body_c[1]) ** 2) <= (12 * scale) ** 2) & body
@@ -65,7 +66,8 @@ def make_case(rng: np.random.Generator,
     return img.astype(np.float32), seg, spacing
 
 
-def _write(arr: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+def write_image(arr: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    """``arr [z, y, x]`` as a compressed image with ``spacing (x, y, z)`` in mm (SimpleITK: NIfTI by the ending)."""
     im = sitk.GetImageFromArray(arr)
     im.SetSpacing(spacing)
     sitk.WriteImage(im, str(path), useCompression=True)
@@ -91,13 +93,13 @@ def make_datasets(raw_root: Path, dataset_id: int, name: str = "HiEndDemo", n_la
         img, seg, sp = make_case(rng, scale)
         split = "Tr" if i < n_labelled else "Ts"
         case = f"case_{i:03d}"
-        _write(img, sp, lab / f"images{split}" / f"{case}_0000.nii.gz")
-        _write(seg, sp, lab / f"labels{split}" / f"{case}.nii.gz")
+        write_image(img, sp, lab / f"images{split}" / f"{case}_0000.nii.gz")
+        write_image(seg, sp, lab / f"labels{split}" / f"{case}.nii.gz")
     _dataset_json(lab, LABELS, n_labelled)
     if n_unlabelled:
         out["unlabelled"] = unl = pool or raw_root.parent / "unlabelled_scans"
         unl.mkdir(parents=True, exist_ok=True)
         for i in range(n_unlabelled):
             img, _, sp = make_case(rng, scale)
-            _write(img, sp, unl / f"pool_{i:03d}.nii.gz")
+            write_image(img, sp, unl / f"pool_{i:03d}.nii.gz")
     return out
