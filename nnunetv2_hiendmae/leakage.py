@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,23 +118,25 @@ def pretraining_fingerprints(dataset: str | int, identifiers: Sequence[str] | No
 @dataclass
 class Leaks:
     """Target cases the pretraining saw, each with the pretraining cases of the same content (or of the same name,
-    where the pretraining read the target dataset itself)."""
+    where the pretraining read the target dataset itself), per fold of nnU-Net's ``splits``."""
 
     dataset: str
+    splits: list[dict]  # nnU-Net's folds: [{"train": [...], "val": [...]}, ...]
     folds: list[int]  # the folds checked
-    validation: dict[int, dict[str, list[str]]]  # fold -> validation case -> pretraining cases
-    test: dict[str, list[str]]  # imagesTs case -> pretraining cases
-    compared: int  # target cases compared by content (0: by name only)
+    validation: dict[int, dict[str, list[str]]] = field(default_factory=dict)  # fold -> case -> pretraining cases
+    test: dict[str, list[str]] = field(default_factory=dict)  # imagesTs case -> pretraining cases
+    compared: int = 0  # target cases compared by content (0: by name only)
+
+    def add(self, seen: dict[str, list[str]]) -> None:
+        """Record training cases the pretraining saw (case -> pretraining cases) under the folds validating on them."""
+        for f in self.folds:
+            found = self.validation.setdefault(f, {})
+            for case in sorted(set(self.splits[f]["val"]) & set(seen)):
+                found[case] = sorted({*found.get(case, []), *seen[case]})
 
     @property
     def found(self) -> bool:
         return bool(self.test) or any(self.validation.values())
-
-
-def _target_fingerprints(dataset: str, processes: int) -> tuple[dict[str, str], dict[str, str]] | None:
-    """``(imagesTr, imagesTs)`` fingerprints of a labelled dataset; None when nnUNet_raw does not hold it."""
-    train = dataset_fingerprints(dataset, "imagesTr", processes)
-    return None if train is None else (train, dataset_fingerprints(dataset, "imagesTs", processes) or {})
 
 
 def _matches(pretrain_fingerprints: dict[str, str], target: dict[str, str]) -> dict[str, list[str]]:
@@ -142,16 +144,18 @@ def _matches(pretrain_fingerprints: dict[str, str], target: dict[str, str]) -> d
     by_content: dict[str, list[str]] = {}
     for case, fingerprint in pretrain_fingerprints.items():
         by_content.setdefault(fingerprint, []).append(case)
-    return {case: by_content[fp] for case, fp in target.items() if fp in by_content}
+    return {case: sorted(by_content[fp]) for case, fp in sorted(target.items()) if fp in by_content}
 
 
-def _splits(dataset: str, identifiers: Sequence[str]) -> list[dict] | None:
-    """nnU-Net's folds of the dataset: its splits_final.json, else nnU-Net's default split of ``identifiers``
-    (None without either)."""
+def _no_leaks(dataset: str, identifiers: Sequence[str], folds: Sequence[int] | None) -> Leaks | None:
+    """Nothing found yet, for nnU-Net's folds of the dataset (its splits_final.json, else nnU-Net's default split of
+    ``identifiers``); ``folds``: those checked (default: all). None without a split file or identifiers."""
     preprocessed = nnunet_folder("nnUNet_preprocessed", must_exist=False) / dataset
     if not identifiers and not (preprocessed / "splits_final.json").is_file():
         return None
-    return crossval_splits(preprocessed, identifiers)[0]
+    splits = crossval_splits(preprocessed, identifiers)[0]
+    folds = list(range(len(splits))) if folds is None else [f for f in folds if 0 <= f < len(splits)]
+    return Leaks(dataset, splits, folds)
 
 
 def _preprocessed_identifiers(dataset: str) -> list[str]:
@@ -161,14 +165,6 @@ def _preprocessed_identifiers(dataset: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.pkl"))
 
 
-def _split_leaks(dataset: str, splits: list[dict], folds: Sequence[int] | None, seen: dict[str, list[str]],
-                 test: dict[str, list[str]], compared: int) -> Leaks:
-    folds = list(range(len(splits))) if folds is None else [f for f in folds if 0 <= f < len(splits)]
-    validation = {f: {case: sorted(set(seen[case])) for case in sorted(splits[f]["val"]) if case in seen}
-                  for f in folds}
-    return Leaks(dataset, folds, validation, {k: sorted(set(v)) for k, v in sorted(test.items())}, compared)
-
-
 def leaked_cases(pretrain_fingerprints: dict[str, str], dataset: str | int, folds: Sequence[int] | None = None,
                  processes: int = 4) -> Leaks | None:
     """The validation cases of nnU-Net's ``folds`` (default: every fold of its splits_final.json, else of nnU-Net's
@@ -176,17 +172,19 @@ def leaked_cases(pretrain_fingerprints: dict[str, str], dataset: str | int, fold
     (:func:`dataset_fingerprints`), is among ``pretrain_fingerprints`` (pretraining case -> fingerprint); ``None``
     when nnUNet_raw does not hold the dataset."""
     name = dataset_name(dataset)
-    target = _target_fingerprints(name, processes)
-    if target is None:
+    train = dataset_fingerprints(name, "imagesTr", processes)
+    if train is None:
         return None
-    train, test = target
-    return _split_leaks(name, _splits(name, sorted(train)), folds, _matches(pretrain_fingerprints, train),
-                        _matches(pretrain_fingerprints, test), len(train) + len(test))
+    test = dataset_fingerprints(name, "imagesTs", processes) or {}
+    leaks = _no_leaks(name, sorted(train), folds)
+    leaks.add(_matches(pretrain_fingerprints, train))
+    leaks.test, leaks.compared = _matches(pretrain_fingerprints, test), len(train) + len(test)
+    return leaks
 
 
 def _listing(cases: dict[str, list[str]], with_sources: bool) -> str:
     shown = [f"{case} (as {', '.join(sources[:2])}{' ...' if len(sources) > 2 else ''})" if with_sources else case
-             for case, sources in list(cases.items())[:SHOWN]]
+             for case, sources in sorted(cases.items())[:SHOWN]]
     return ", ".join(shown) + (f" and {len(cases) - SHOWN} more" if len(cases) > SHOWN else "")
 
 
@@ -219,37 +217,34 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False,
     cases of the target ``dataset`` (``DatasetXXX_Name``) that a checkpoint's pretraining (its ``pretrain`` block)
     saw; with ``strict``, UserError when it saw any.
 
-    By content when the checkpoint records ``case_fingerprints`` and nnUNet_raw holds the dataset; by name where the
-    pretraining read the dataset itself (``datasets``): all its cases, or, with a recorded ``fold`` F, the training
-    cases of fold F, whose plans then serve fold F only, so only fold F is checked (by content too: the guard
-    confirms the fold rather than trusting it). Without fingerprints (older or imported checkpoints) a note says
-    that the content cannot be checked.
+    By content (:func:`leaked_cases`) when the checkpoint records ``case_fingerprints`` and nnUNet_raw holds the
+    dataset; by name where the pretraining read the dataset itself (``datasets``): all its cases, or, with a recorded
+    ``fold`` F, the training cases of fold F, whose plans then serve fold F only, so only fold F is checked (by
+    content too: the guard confirms the fold rather than trusting it). Without fingerprints (older or imported
+    checkpoints) a note says that the content cannot be checked.
     """
     fingerprints = pretrain.get("case_fingerprints") or {}
     own = _pretrained_on(pretrain, dataset)
     fold = pretrain.get("fold") if own else None
-    target = _target_fingerprints(dataset, processes) if fingerprints else None
+    folds = None if fold is None else [fold]
+    leaks = leaked_cases(fingerprints, dataset, folds, processes) if fingerprints else None
     notes = []
     if not fingerprints:
         notes.append("the checkpoint records no content fingerprints of its pretraining cases: whether it saw this "
                      "dataset's validation or test images cannot be checked"
                      + (f" (checked by name: it pretrained on {dataset} itself)" if own else ""))
-    elif target is None:
+    elif leaks is None:
         notes.append(f"{dataset} is not in nnUNet_raw: its images cannot be compared with the pretraining's")
-    train, test = target or ({}, {})
-    seen, test_seen = _matches(fingerprints, train), _matches(fingerprints, test)
-    splits = _splits(dataset, sorted(train) or _preprocessed_identifiers(dataset))
-    if splits is None:
-        return leakage_warning(Leaks(dataset, [], {}, test_seen, len(test)), strict), notes
+    leaks = leaks or _no_leaks(dataset, _preprocessed_identifiers(dataset), folds)
+    if leaks is None:
+        return [], notes
     if own:
-        pretrained = (splits[fold]["train"] if fold is not None and 0 <= fold < len(splits)
-                      else {case for split in splits for case in split["train"] + split["val"]})
-        for case in pretrained:
-            seen.setdefault(case, []).append(f"{dataset}/{case}")
+        in_fold = fold is not None and 0 <= fold < len(leaks.splits)
+        cases = leaks.splits[fold]["train"] if in_fold else leaks.splits[0]["train"] + leaks.splits[0]["val"]
+        leaks.add({case: [f"{dataset}/{case}"] for case in cases})
         if fold is not None:
             notes.append(f"pretrained on the training cases of fold {fold} of {dataset}: use these plans for fold "
                          f"{fold} only (the other folds validate on cases the encoder saw)")
-    leaks = _split_leaks(dataset, splits, [fold] if fold is not None else None, seen, test_seen, len(train) + len(test))
     warnings = leakage_warning(leaks, strict)
     if not warnings and leaks.compared:
         notes.append(f"leakage guard: no validation case of fold(s) {', '.join(map(str, leaks.folds))} and no "
