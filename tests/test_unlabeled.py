@@ -182,6 +182,17 @@ def test_parts_run_concurrently_then_a_plain_run_equal_one_run(tmp_path):
         assert a_props["content_fingerprint"] == b_props["content_fingerprint"]
 
 
+def test_a_shared_file_is_written_once(tmp_path):
+    """What parts rely on for the settings and the per-case samples: the first writer wins, atomically; a later
+    writer is told and changes nothing (os.link fails on an existing file, even on NFS)."""
+    from nnunetv2_hiendmae.fileio import atomic_write_json
+
+    path = tmp_path / "settings.json"
+    assert atomic_write_json(path, {"part": 0}, exclusive=True) is True
+    assert atomic_write_json(path, {"part": 1}, exclusive=True) is False
+    assert json.loads(path.read_text()) == {"part": 0} and [p.name for p in tmp_path.iterdir()] == ["settings.json"]
+
+
 def test_same_arrays_as_nnunet_preprocessing(preprocessed_dataset, nnunet_dirs, tmp_path, monkeypatch):
     """--like a labelled dataset: its raw images, preprocessed without their labels, equal nnU-Net's arrays."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
