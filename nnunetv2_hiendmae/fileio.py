@@ -38,8 +38,13 @@ def publish(moves: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> Non
         _fsync_folder(folder)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place atomically."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], exclusive: bool = False) -> bool:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place atomically.
+
+    ``exclusive``: write once, never replace: the file is hard-linked into place, which fails if ``path`` exists,
+    atomically also on NFS (for jobs that may write the same file at the same time; the file system must allow hard
+    links). Returns whether this call wrote the file (always True unless ``exclusive``).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -50,19 +55,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        publish([(tmp, path)])
+        if not exclusive:
+            publish([(tmp, path)])
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+        _fsync_folder(path.parent)
+        return True
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> bool:
+    return atomic_write(path, lambda f: f.write(data), exclusive)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=4).encode("utf-8"))
+def atomic_write_json(path: str | os.PathLike, obj: object, exclusive: bool = False) -> bool:
+    return atomic_write_bytes(path, json.dumps(obj, indent=4).encode("utf-8"), exclusive)
 
 
 def sha256(path: str | os.PathLike) -> str:

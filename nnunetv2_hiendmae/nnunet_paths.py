@@ -1,20 +1,25 @@
 """nnU-Net's folders and dataset names, looked up the way nnU-Net does it, with its errors turned into one line."""
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from nnunetv2_hiendmae.errors import UserError
 
 
-def nnunet_folder(variable: str) -> Path:
+def nnunet_folder(variable: str, must_exist: bool = True) -> Path:
     """The folder an nnU-Net environment variable (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``)
-    points at; it must be set and exist."""
+    points at; it must be set and, unless ``must_exist`` is False (a command that creates it when it writes there,
+    as nnU-Net's do), exist."""
     value = os.environ.get(variable)
     if not value:
         raise UserError(f"{variable} is not set; export it to the folder nnU-Net uses for it "
                         f"(see nnU-Net's documentation/setting_up_paths.md)")
-    if not os.path.isdir(value):
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise UserError(f"{variable}={value} is not a folder")
+    if must_exist and not os.path.isdir(value):
         raise UserError(f"{variable}={value} does not exist or is not a folder")
     return Path(value)
 
@@ -37,3 +42,15 @@ def dataset_name(dataset: str | int) -> str:
 def dataset_id(name: str) -> int:
     """The number in ``DatasetXXX_Name``."""
     return int(name[len("Dataset"):len("Dataset") + 3])
+
+
+def crossval_splits(preprocessed: str | os.PathLike, identifiers: Sequence[str]) -> tuple[list[dict], str]:
+    """nnU-Net's cross-validation folds of a dataset, ``([{"train": [...], "val": [...]}, ...], where from)``: its
+    ``splits_final.json`` in the preprocessed folder if there is one, else the 5-fold split that nnU-Net's trainer
+    would create for these case identifiers (``nnUNetTrainer.do_split``: sorted, seed 12345), computed in memory."""
+    splits_file = Path(preprocessed) / "splits_final.json"
+    if splits_file.is_file():
+        return json.loads(splits_file.read_text()), str(splits_file)
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    return generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), "nnU-Net's default split"

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class Plan:
     plans: dict
     data: str
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the leakage guard's
 
 
 @dataclass
@@ -333,7 +335,14 @@ def build_plan(args: argparse.Namespace) -> Plan:
              "foreground_intensity_properties_per_channel": props, "configurations": {CONFIGURATION: cfg},
              "pretrain_info": info}
     plans = json.loads(json.dumps(plans))  # plain JSON values, compared as they will be read back
-    return Plan(ds, name, plans, data_source(ds, name, plans, previous), notes)
+    data = data_source(ds, name, plans, previous)
+    warnings = []
+    if args.pretrained:  # last: it may read the dataset's raw images (docs/finetuning.md, leakage guard)
+        from nnunetv2_hiendmae.leakage import check_checkpoint
+
+        warnings, leak_notes = check_checkpoint(src.pretrain, ds.folder.name, args.strict, args.num_processes)
+        notes += leak_notes
+    return Plan(ds, name, plans, data, notes, warnings)
 
 
 def preprocess(plan: Plan, num_processes: int) -> None:
@@ -393,7 +402,12 @@ def parser() -> argparse.ArgumentParser:
                         "(default with -pt; per channel, only where the dataset uses the same scheme) or the "
                         "base plans' (default without -pt)")
     p.add_argument("-np", dest="num_processes", type=int, default=NUM_PROCESSES,
-                   help="processes for preprocessing, if it is needed (default: %(default)s)")
+                   help="processes for preprocessing, if it is needed, and for reading the dataset's raw images for "
+                        "the leakage guard (default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="leakage guard: fail, writing nothing, if the pretraining saw validation cases of a fold (or "
+                        "imagesTs cases) of the dataset, compared by content with the checkpoint's case "
+                        "fingerprints (default: a warning that names them)")
     return p
 
 
@@ -404,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = plan.plans["configurations"][CONFIGURATION]
     for note in plan.notes:
         print(f"note: {note}")
+    for line in plan.warnings:
+        print(f"warning: {line}", file=sys.stderr)
     if plan.data == "preprocess":
         print(f"Preprocessing {plan.plans['dataset_name']} into {cfg['data_identifier']} (spacing {cfg['spacing']})")
         preprocess(plan, args.num_processes)

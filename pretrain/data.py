@@ -47,14 +47,13 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.nnunet_paths import crossval_splits, dataset_name, nnunet_folder
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
-from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 
 CT_BODY_MIN_HU = -500.0
 BODY_EPS = 1e-3
@@ -76,17 +75,13 @@ class PretrainSource:
 
 def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]:
     """Training cases of nnU-Net fold ``fold``: from splits_final.json, else nnU-Net's default split in memory."""
-    splits_file = join(base, "splits_final.json")
-    if isfile(splits_file):
-        splits, origin = load_json(splits_file), splits_file
-    else:
-        splits, origin = generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), "nnU-Net's default split"
+    splits, origin = crossval_splits(base, identifiers)
     if not 0 <= fold < len(splits):
         raise UserError(f"fold {fold} is out of range: {origin} has folds 0-{len(splits) - 1}")
     train = sorted(str(k) for k in splits[fold]["train"])
     missing = sorted(set(train) - set(identifiers))
     if missing:
-        raise UserError(f"{splits_file} fold {fold} lists cases that are not preprocessed: {', '.join(missing[:5])}")
+        raise UserError(f"{origin} fold {fold} lists cases that are not preprocessed: {', '.join(missing[:5])}")
     return train
 
 

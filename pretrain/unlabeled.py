@@ -9,20 +9,33 @@ as ``<case>_seg.b2nd`` (0 in the body, -1 outside) and up to :data:`BODY_SAMPLES
 reading a voxel. "Body" is what the sampler uses elsewhere (:func:`pretrain.data.ct_body_threshold`,
 :func:`pretrain.data.sampled_body_threshold`).
 
+Every case's **content fingerprint** (:func:`nnunetv2_hiendmae.leakage.content_fingerprint` of the image as read,
+before resampling) goes into its ``.pkl`` and, per dataset, into ``content_fingerprints.json``, for the leakage guard.
+
 Crash safety: a case is written into a staging folder beside the data folder and moved in file by file, the data
 file ``<case>.b2nd`` last; nnU-Net's loader lists a case by that file, and a re-run skips exactly the cases that
 have it. So a kill at any moment leaves either a complete case or one that the next run redoes.
+
+Parts (``part=(K, N)``, for N cluster jobs): part K preprocesses cases ``K, K+N, K+2N, ...`` of the sorted case list
+(nnU-Net's ``-part_id``/``-num_parts`` rule) with a staging folder of its own, writes the settings only if no run
+wrote them before (once, atomically: every part computes the same) and no other shared file; a plain run afterwards
+writes them (dataset.json, plans, fingerprints, case lists) and preprocesses what the parts did not finish. The
+pool's CT statistics are the same in every part: each case's intensity samples are drawn with a seed fixed by the
+case and pooled in case order, and are kept in ``.intensity_samples/`` (one file per case, written once), so each
+part computes the whole pool's statistics while reading mostly its own cases.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
-import multiprocessing
+import os
 import re
 import shutil
 import sys
+import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,9 +43,11 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.fileio import atomic_write_json, publish
+from nnunetv2_hiendmae.fileio import atomic_write, atomic_write_json, publish
+from nnunetv2_hiendmae.leakage import FINGERPRINTS_FILE, content_fingerprint
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 from nnunetv2_hiendmae.presets import ct_window_statistics
+from nnunetv2_hiendmae.workers import parallel
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
 
 PLANS = "nnUNetPlans"  # what nnUNetv2_hiendmae_pretrain reads by default
@@ -43,6 +58,8 @@ BODY_SAMPLES = 10_000  # body voxel coordinates kept per case (nnU-Net keeps 10,
 FINGERPRINT_SAMPLES = 10_000  # body intensities sampled per case for the CT statistics
 CT_BODY_HU = -500.0  # CT voxels above this are body when the pool's intensity statistics are computed
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
+FORMATS = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".mha": "MetaImage", ".gipl": "GIPL"}
+SAMPLES_FOLDER = ".intensity_samples"  # per case intensity samples for the CT statistics, until they are stored
 CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 DEFAULT_RESAMPLING = {"resampling_fn_data": "resample_data_or_seg_to_shape",
                       "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
@@ -157,13 +174,72 @@ def reader_names() -> list[str]:
     return [c.__name__ for c in LIST_OF_IO_CLASSES]
 
 
+def _format(path: str) -> str:
+    return next(kind for ending, kind in FORMATS.items() if path.lower().endswith(ending))
+
+
+def _nifti_incomplete(path: str) -> bool:
+    """Whether a NIfTI file ends before the voxel data its header announces, or (.nii.gz) its compressed stream is
+    cut or fails its checksum. ITK reads such a file without complaint and fills the missing voxels with zeros."""
+    import nibabel
+
+    try:
+        header = nibabel.load(path).header
+        voxels = int(np.prod(header.get_data_shape()))
+        expected = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - a header nibabel cannot parse is left to the image reader to judge
+        return False
+    if not path.lower().endswith(".gz"):
+        return os.path.getsize(path) < expected
+    size = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                size += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return True
+    return size < expected
+
+
+def file_problem(path: str) -> str | None:
+    """What makes an image file unusable, in plain words, found without the image reader (None: nothing found)."""
+    kind = _format(path)
+    if not os.access(path, os.R_OK):
+        return "cannot be opened: no read permission"
+    if os.path.getsize(path) == 0:
+        return f"not a readable {kind}: empty file"
+    if kind == "NIfTI" and _nifti_incomplete(path):
+        return f"not a readable {kind}: truncated or corrupt"
+    return None
+
+
+def _unreadable(case: Case, reader: str | None) -> str:
+    """Why nnU-Net's reader failed on a case, in plain words: the file it cannot read, or channels that differ."""
+    def reads(path: str) -> bool:
+        try:
+            image_reader(path, reader).read_images([path])
+        except Exception:  # noqa: BLE001 - any reader failure means the file is unusable
+            return False
+        return True
+
+    bad = case.files[0] if len(case.files) == 1 else next((f for f in case.files if not reads(f)), None)
+    if bad is None:
+        return "its channel files differ in shape or spacing"
+    return f"not a readable {_format(bad)}: truncated or corrupt" + (f" ({Path(bad).name})" if len(case.files) > 1
+                                                                     else "")
+
+
 def read_case(case: Case, reader: str | None = None) -> tuple[np.ndarray, dict]:
-    """``(data [C, X, Y, Z] float32, properties)``; a file that is not a usable 3D image raises ``ValueError``."""
+    """``(data [C, X, Y, Z] float32, properties)``; a file that is not a usable 3D image raises ``ValueError`` that
+    says what is wrong with it in plain words (not the reader library's message)."""
+    for path in case.files:
+        problem = file_problem(path)
+        if problem:
+            raise ValueError(problem + (f" ({Path(path).name})" if len(case.files) > 1 else ""))
     try:
         data, props = image_reader(case.files[0], reader).read_images(case.files)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the file is unusable
-        text = str(e).strip().splitlines()
-        raise ValueError(f"unreadable ({type(e).__name__}: {text[0][:150] if text else 'no message'})") from None
+    except Exception:  # noqa: BLE001 - any reader failure means the file is unusable
+        raise ValueError(_unreadable(case, reader)) from None
     spacing = [float(s) for s in props["spacing"]]
     if len(case.files) == 1 and data.shape[0] > 1:  # nnU-Net's readers take a 4D file for several channels
         raise ValueError(f"a 4D image ({data.shape[0]} volumes in one file) where 3D images are expected")
@@ -176,16 +252,25 @@ def read_case(case: Case, reader: str | None = None) -> tuple[np.ndarray, dict]:
     return data.astype(np.float32, copy=False), props
 
 
-def body_intensities(case: Case, channels: int, reader: str | None = None) -> np.ndarray:
+def body_intensities(case: Case, channels: int, reader: str | None = None, cache: Path | None = None) -> np.ndarray:
     """Up to :data:`FINGERPRINT_SAMPLES` raw intensities per channel of the voxels above :data:`CT_BODY_HU` in any
-    channel (the CT body), ``[N, C]``, drawn with a seed fixed per case."""
+    channel (the CT body), ``[N, C]``, drawn with a seed fixed per case: the same whichever run or part draws them.
+    With ``cache`` (a folder), they are kept there, one ``.npy`` per case written once, and read from there."""
+    key = hashlib.sha1(json.dumps([case.files, reader, channels]).encode()).hexdigest()[:12]
+    path = cache / f"{case.name}.{key}.npy" if cache else None
+    if path is not None and path.is_file():
+        return np.load(path)
     data, _ = read_case(case, reader)
     if data.shape[0] != channels:
         raise ValueError(f"has {data.shape[0]} channels, the dataset {channels}")
     body = np.flatnonzero((data > CT_BODY_HU).any(0))
     rng = np.random.default_rng(int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16))
     pick = body if body.size <= FINGERPRINT_SAMPLES else rng.choice(body, FINGERPRINT_SAMPLES, replace=False)
-    return data.reshape(data.shape[0], -1)[:, pick].T
+    samples = np.ascontiguousarray(data.reshape(data.shape[0], -1)[:, pick].T)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.save(f, samples), exclusive=True)  # a part drawing it too keeps its own
+    return samples
 
 
 def intensity_statistics(values: np.ndarray) -> dict:
@@ -232,13 +317,15 @@ def preprocess_case(case: Case, settings: Settings, plans: dict, staging: Path, 
         return str(e)
     if data.shape[0] != settings.channels:
         return f"has {data.shape[0]} channels, the dataset {settings.channels}"
+    fingerprint = content_fingerprint(data)  # as read: before cropping, resampling and normalisation
     manager = PlansManager(plans)
     data, seg, props = DefaultPreprocessor(verbose=False).run_case_npy(
         data, None, props, manager, manager.get_configuration(CONFIGURATION), {})
     seed = int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16)
     mask = body_mask(data, settings, seed)
     body = np.where(mask, 0, -1).astype(np.int8)[None]
-    props.update(body_locations=body_locations(mask, seed), source_files=list(case.files))
+    props.update(body_locations=body_locations(mask, seed), source_files=list(case.files),
+                 content_fingerprint=fingerprint)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(settings.patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(body.shape, tuple(settings.patch_size), body.itemsize)
     stem = staging / case.name
@@ -262,26 +349,11 @@ def _work(job: tuple) -> tuple[str, str | None]:
 
 
 def _fingerprint_work(job: tuple) -> tuple[str, np.ndarray | str]:
-    case, channels, reader = job
+    case, channels, reader, cache = job
     try:
-        return case.name, body_intensities(case, channels, reader)
+        return case.name, body_intensities(case, channels, reader, cache)
     except ValueError as e:
         return case.name, str(e)
-
-
-def parallel(fn, jobs: Sequence, processes: int, desc: str) -> Iterator:
-    """``fn`` over ``jobs`` in ``processes`` worker processes (memory: one case per process), with a progress bar
-    that counts the failures (results whose second item is a string)."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", dynamic_ncols=True, file=sys.stderr)
-    failures = 0
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes) as pool:
-        for result in pool.imap_unordered(fn, jobs, chunksize=1):
-            failures += isinstance(result[1], str)
-            bar.set_postfix(skipped=failures)
-            bar.update(1)
-            yield result
-    bar.close()
 
 
 # ------------------------------------------------------------------------------------------------- the whole dataset
@@ -348,52 +420,78 @@ class Report:
 
 
 def preprocess_unlabeled(inputs: Sequence[str], dataset_id: int, name: str, settings_args: dict,
-                         processes: int = 4, file_ending: str | None = None) -> tuple[Path, Report]:
-    """Create or extend ``$nnUNet_preprocessed/DatasetXXX_NAME`` from image folders; see the module docstring."""
-    root = nnunet_folder("nnUNet_preprocessed")
+                         processes: int = 4, file_ending: str | None = None,
+                         part: tuple[int, int] | None = None) -> tuple[Path, Report]:
+    """Create or extend ``$nnUNet_preprocessed/DatasetXXX_NAME`` from image folders (creating nnUNet_preprocessed
+    if needed); ``part=(K, N)``: only part K of N of the cases, writing no shared file but the settings (see the
+    module docstring)."""
+    root = nnunet_folder("nnUNet_preprocessed", must_exist=False)
     full_name = f"Dataset{dataset_id:03d}_{name}"
     others = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.name != full_name)
     if others:
         raise UserError(f"dataset id {dataset_id} is taken by {others[0]} in nnUNet_preprocessed: choose another -d")
     folder = root / full_name
+    stored = folder / SETTINGS_FILE
+    if folder.is_dir() and not stored.is_file() and any(not p.name.startswith(".") for p in folder.iterdir()):
+        raise UserError(f"{folder} exists and was not written by nnUNetv2_hiendmae_preprocess_unlabeled: "
+                        "choose another -d")
     created = not folder.exists()
     cases = find_cases(inputs, file_ending)
     if not cases:
         raise UserError(f"no images ({', '.join(FILE_ENDINGS)}) found in {' '.join(inputs)}")
-    settings = _settings(settings_args, cases, processes, folder)
-    stored = folder / SETTINGS_FILE
-    if stored.is_file():
-        before = json.loads(json.dumps(asdict(Settings(**json.loads(stored.read_text())))))
-        now = json.loads(json.dumps(asdict(settings)))
-        if before != now:
-            changed = [k for k in before if before[k] != now.get(k)]
-            raise UserError(f"{full_name} was preprocessed with other settings ({', '.join(changed)} differ): "
-                            f"use another -d, or the settings of {stored}")
-    elif folder.exists() and any(folder.iterdir()):
-        raise UserError(f"{folder} exists and was not written by nnUNetv2_hiendmae_preprocess_unlabeled: "
-                        "choose another -d")
-    target, staging = folder / DATA_IDENTIFIER, folder / f".staging_{DATA_IDENTIFIER}"
+    share = cases if part is None else cases[part[0]::part[1]]
+    rest = [] if part is None else [c for i, c in enumerate(cases) if i % part[1] != part[0]]
+    try:
+        settings = _settings(settings_args, share + rest, processes, folder)  # its own cases read first
+    except UserError:
+        if created and part is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _store_settings(stored, settings, full_name)
+    target = folder / DATA_IDENTIFIER
+    staging = folder / (f".staging_{DATA_IDENTIFIER}" + (f"_part{part[0]}of{part[1]}" if part else ""))
     target.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run: never trusted
+    leftovers = [staging] if part else list(folder.glob(f".staging_{DATA_IDENTIFIER}*"))  # the parts' too
+    for path in leftovers:  # of a killed run: never trusted
+        shutil.rmtree(path, ignore_errors=True)
     staging.mkdir()
-    atomic_write_json(stored, asdict(settings))
-    atomic_write_json(folder / "cases.json", {c.name: c.files for c in cases})
+    if part is None:
+        atomic_write_json(folder / "cases.json", {c.name: c.files for c in cases})
     plans = plans_for(full_name, settings, [0.0, 0.0, 0.0])
     report = Report()
-    todo = [c for c in cases if not (target / f"{c.name}.b2nd").is_file()]
+    todo = [c for c in share if not (target / f"{c.name}.b2nd").is_file()]
     by_name = {c.name: c for c in cases}
     jobs = [(c, settings, plans, staging, target) for c in todo]
-    for case, reason in parallel(_work, jobs, processes, f"preprocessing {full_name}"):
+    desc = f"preprocessing {full_name}" + (f", part {part[0]} of {part[1]}" if part else "")
+    for case, reason in parallel(_work, jobs, processes, desc):
         if reason is None:
             report.done += 1
         else:
             report.skipped[case] = {"files": by_name[case].files, "reason": reason}
             tqdm.write(f"skipped {case}: {reason}", file=sys.stderr)
     shutil.rmtree(staging, ignore_errors=True)
+    if part is not None:
+        report.already = len(share) - len(todo)
+        return folder, report
     _write_dataset_files(folder, full_name, settings, cases, target, report)
+    shutil.rmtree(folder / SAMPLES_FOLDER, ignore_errors=True)  # the statistics are stored with the settings
     if created and report.done == 0:  # nothing usable: leave no dataset that a later run would have to match
         shutil.rmtree(folder)
     return folder, report
+
+
+def _store_settings(stored: Path, settings: Settings, full_name: str) -> None:
+    """Write the settings if no run did (once: parts running at the same time all compute the same), else check
+    that they equal those stored."""
+    now = json.loads(json.dumps(asdict(settings)))
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    if not stored.is_file() and atomic_write_json(stored, now, exclusive=True):
+        return
+    before = json.loads(json.dumps(asdict(Settings(**json.loads(stored.read_text())))))
+    if before != now:
+        changed = [k for k in before if before[k] != now.get(k)]
+        raise UserError(f"{full_name} was preprocessed with other settings ({', '.join(changed)} differ): "
+                        f"use another -d, or the settings of {stored}")
 
 
 def _settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Settings:
@@ -403,7 +501,8 @@ def _settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Se
 
 def _normalisation_settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Settings:
     """Spacing and normalisation from the flags; CT without a window takes its statistics from a fingerprint of the
-    pool (once: a re-run reuses the stored settings' statistics)."""
+    pool (once: a re-run reuses the stored settings' statistics). The pool's statistics do not depend on the order of
+    ``cases`` (read first to last) nor on who drew each case's samples (see :func:`body_intensities`)."""
     if args.get("like"):
         settings, _ = settings_like(args["like"], args["plans"], args["configuration"], args["patch_size"])
         return settings
@@ -422,15 +521,15 @@ def _normalisation_settings(args: dict, cases: list[Case], processes: int, folde
         previous = json.loads(stored.read_text())
         if previous.get("source") == "fingerprint":
             return Settings(**previous)
-    samples = []
-    jobs = [(c, channels, args.get("reader")) for c in cases]
-    for _, result in parallel(_fingerprint_work, jobs, processes, "intensity fingerprint"):
+    samples = {}
+    jobs = [(c, channels, args.get("reader"), folder / SAMPLES_FOLDER) for c in cases]
+    for case, result in parallel(_fingerprint_work, jobs, processes, "intensity fingerprint"):
         if not isinstance(result, str) and len(result):
-            samples.append(result)
+            samples[case] = result
     if not samples:
         raise UserError("no readable CT image with voxels above -500 HU: cannot compute intensity statistics "
                         "(give --ct-window LOW HIGH)")
-    pooled = np.concatenate(samples)
+    pooled = np.concatenate([samples[case] for case in sorted(samples)])  # in case order: bit-identical statistics
     props = {str(c): intensity_statistics(pooled[:, c]) for c in range(channels)}
     return Settings(channels, "CT", spacing, [0, 1, 2], ["CTNormalization"] * channels, [False] * channels, props,
                     patch_size=list(args["patch_size"]), source="fingerprint")
@@ -443,12 +542,14 @@ def _write_dataset_files(folder: Path, full_name: str, settings: Settings, cases
     import pickle
 
     done = sorted(p.name[:-len(".b2nd")] for p in target.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
-    spacings, shapes = [], []
+    spacings, shapes, fingerprints = [], [], {}
     for case in done:
         with open(target / f"{case}.pkl", "rb") as f:
             props = pickle.load(f)
         spacings.append([float(s) for s in props["spacing"]])
         shapes.append([int(s) for s in props["shape_after_cropping_and_before_resampling"]])
+        if "content_fingerprint" in props:  # cases written before fingerprints existed have none
+            fingerprints[case] = props["content_fingerprint"]
     median = np.median([[n * s / t for n, s, t in zip(shape, [sp[i] for i in settings.transpose_forward],
                                                       settings.spacing)]
                         for shape, sp in zip(shapes, spacings)], axis=0) if done else [0.0, 0.0, 0.0]
@@ -462,6 +563,7 @@ def _write_dataset_files(folder: Path, full_name: str, settings: Settings, cases
         "spacings": spacings, "shapes_after_crop": shapes,
         "foreground_intensity_properties_per_channel": settings.intensity,
         "statistics_from": settings.source, "cases": done})
+    atomic_write_json(folder / FINGERPRINTS_FILE, fingerprints)
     skipped_file = folder / "skipped.json"
     previous = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
     still = {k: v for k, v in previous.items() if k not in done and k not in report.skipped}

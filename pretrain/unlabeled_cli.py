@@ -13,12 +13,24 @@ examples:
   nnUNetv2_hiendmae_preprocess_unlabeled -i /data/siteA /data/siteB list.txt -d 901 --like 4 -np 16
   nnUNetv2_hiendmae_pretrain -d 900 4 -o $nnUNet_results/hiendmae_pool
 
-Writes $nnUNet_preprocessed/DatasetID_NAME/: nnUNetPlans_3d_fullres/ (per case <case>.b2nd, its body mask
-<case>_seg.b2nd and <case>.pkl with body locations for crop sampling), nnUNetPlans.json, dataset.json,
-dataset_fingerprint.json, cases.json (case -> source files), skipped.json (file -> reason) and the settings
-(hiendmae_unlabeled.json). Nothing is written to nnUNet_raw. Re-running the same command skips finished cases; a kill
-at any moment leaves nothing half-written that a later run or the loader would trust. Files that cannot be used
-(unreadable, 2D, 4D, NaN, constant) are skipped and reported; the command fails only if no case succeeds.
+on a cluster, N jobs (e.g. a SLURM array, --array=0-49), then one plain run that finishes the dataset:
+  nnUNetv2_hiendmae_preprocess_unlabeled -i /data/ct_pool -d 900 -np 8 --part $SLURM_ARRAY_TASK_ID --num-parts 50
+  nnUNetv2_hiendmae_preprocess_unlabeled -i /data/ct_pool -d 900 -np 8
+
+Writes $nnUNet_preprocessed/DatasetID_NAME/ (creating $nnUNet_preprocessed if needed): nnUNetPlans_3d_fullres/ (per
+case <case>.b2nd, its body mask <case>_seg.b2nd and <case>.pkl with body locations for crop sampling and the content
+fingerprint of the image as read), nnUNetPlans.json, dataset.json, dataset_fingerprint.json, cases.json (case ->
+source files), content_fingerprints.json (case -> content fingerprint, for the leakage guard of
+nnUNetv2_hiendmae_plan), skipped.json (case -> files and reason) and the settings (hiendmae_unlabeled.json). Nothing is
+written to nnUNet_raw. Re-running the same command skips finished cases; a kill at any moment leaves nothing
+half-written that a later run or the loader would trust. Files that cannot be used (unreadable, truncated, 2D, 4D,
+NaN, constant) are skipped and reported; the command fails only if no case succeeds.
+
+With --part K --num-parts N, a job preprocesses cases K, K+N, K+2N, ... of the sorted case list (nnU-Net's
+-part_id/-num_parts rule; every part must be given the same inputs and flags) and writes no shared file except the
+settings, which every part computes alike (CT statistics included) and the first one stores. Run the same command
+without --part after all parts have ended: it writes dataset.json, the plans and the case lists, and preprocesses
+what the parts did not (failures, killed jobs).
 """
 
 
@@ -57,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nnU-Net image reader for every file, as overwrite_image_reader_writer in a dataset.json, e.g. "
                         "NibabelIOWithReorient (default: nnU-Net's first reader for each file ending, SimpleITKIO for "
                         "NIfTI)")
+    p.add_argument("--part", type=int, metavar="K",
+                   help="with --num-parts N: preprocess only part K (0 to N-1) of the cases, as one of N jobs running "
+                        "at the same time; then a run without --part finishes the dataset (default: all cases)")
+    p.add_argument("--num-parts", type=int, metavar="N", help="number of parts the cases are split into (with --part)")
     return p
 
 
@@ -74,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--ct-window LOW HIGH needs LOW < HIGH, got {args.ct_window[0]} {args.ct_window[1]}")
     if not 0 <= args.dataset_id <= 999 or args.num_processes < 1 or min(args.spacing) <= 0 or min(args.patch_size) < 1:
         raise UserError("-d must be in 0..999, -np at least 1, --spacing and --patch-size positive")
+    if (args.part is None) != (args.num_parts is None):
+        raise UserError("--part K and --num-parts N go together")
+    if args.part is not None and not 0 <= args.part < args.num_parts:
+        raise UserError(f"--part must be in 0..{args.num_parts - 1} for --num-parts {args.num_parts} "
+                        f"(counted from 0, like SLURM_ARRAY_TASK_ID with --array=0-{args.num_parts - 1})"
+                        if args.num_parts >= 1 else "--num-parts must be at least 1")
+    part = None if args.part is None else (args.part, args.num_parts)
     from pretrain.unlabeled import preprocess_unlabeled, reader_names  # nnU-Net: after parsing, --help is instant
 
     if args.reader and args.reader not in reader_names():
@@ -83,7 +106,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.inputs, args.dataset_id, args.name,
         {"like": args.like, "plans": args.plans, "configuration": args.configuration, "modality": args.modality,
          "spacing": args.spacing, "ct_window": args.ct_window, "patch_size": args.patch_size, "reader": args.reader},
-        processes=args.num_processes, file_ending=args.file_ending)
+        processes=args.num_processes, file_ending=args.file_ending, part=part)
+    if part is not None:  # a part whose cases all fail is no error: the final run reports them
+        print(f"part {args.part} of {args.num_parts}: {report.summary()}")
+        print(f"next: when all {args.num_parts} parts have ended, the same command without --part and --num-parts "
+              f"finishes {folder}")
+        return
     if report.done + report.already == 0:
         raise UserError(f"no case could be preprocessed: {report.summary()}")
     print(report.summary())

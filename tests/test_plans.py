@@ -201,7 +201,8 @@ def test_help_explains_every_flag(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("-d", "-pt", "--arch", "-pl_base", "-o", "--patch-size", "--spacing", "--normalization", "-np"):
+    for flag in ("-d", "-pt", "--arch", "-pl_base", "-o", "--patch-size", "--spacing", "--normalization", "-np",
+                 "--strict"):
         assert flag in out
 
 

@@ -3,6 +3,7 @@ reads; bad files skipped and reported, resumable after a kill, and equal to nnU-
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import time
@@ -35,6 +36,9 @@ def pool(tmp_path_factory) -> Path:
     for i, sub in enumerate(["siteA", "siteA", "siteB/deep", "siteB"]):
         write(make_case(rng, 0.5)[0], root / sub / f"scan{i}.nii.gz")
     (root / "siteA" / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really a gzip file")
+    whole = write(make_case(rng, 0.5)[0], root / "whole.nii.gz").read_bytes()
+    (root / "whole.nii.gz").unlink()
+    (root / "truncated.nii.gz").write_bytes(whole[:len(whole) // 2])  # ITK alone would read it, half zeros
     write(rng.normal(size=(40, 40)).astype(np.float32), root / "flat2d.nii.gz")
     write(rng.normal(size=(3, 10, 12, 14)).astype(np.float32), root / "fourd.nii.gz")
     nan = make_case(rng, 0.5)[0]
@@ -57,15 +61,17 @@ def test_pool_with_bad_files_becomes_a_dataset_that_pretraining_reads(pool, nnun
     assert folder.name == "Dataset970_Pool"
     skipped = json.loads((folder / "skipped.json").read_text())
     reasons = {name: entry["reason"] for name, entry in skipped.items()}
-    assert set(reasons) == {"scans__siteA__corrupt", "scans__flat2d", "scans__fourd", "scans__nan", "scans__constant",
-                            "scans__multi__pet_ct"}
-    assert reasons["scans__siteA__corrupt"].startswith("unreadable")
+    assert set(reasons) == {"scans__siteA__corrupt", "scans__truncated", "scans__flat2d", "scans__fourd", "scans__nan",
+                            "scans__constant", "scans__multi__pet_ct"}
+    unreadable = "not a readable NIfTI: truncated or corrupt"
+    assert reasons["scans__siteA__corrupt"] == reasons["scans__truncated"] == unreadable
     assert reasons["scans__flat2d"].startswith("not a 3D image")
     assert reasons["scans__fourd"].startswith("a 4D image (3 volumes")
     assert "NaN" in reasons["scans__nan"] and "constant" in reasons["scans__constant"]
     assert reasons["scans__multi__pet_ct"] == "has 2 channels, the dataset 1"
     assert skipped["scans__nan"]["files"] == [str((pool / "nan.nrrd").resolve())]
-    assert "5 preprocessed (0 from an earlier run), 6 skipped" in proc.stdout
+    assert ("5 preprocessed (0 from an earlier run), 7 skipped: 2 not a readable NIfTI: truncated or corrupt"
+            in proc.stdout)
 
     data = folder / "nnUNetPlans_3d_fullres"
     cases = sorted(p.name[:-5] for p in data.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
@@ -129,6 +135,64 @@ def test_kill_and_rerun_finishes_without_duplicates_or_half_files(nnunet_dirs, t
     assert not any(p.name.startswith(".staging") for p in data.parent.iterdir())
 
 
+def test_parts_run_concurrently_then_a_plain_run_equal_one_run(tmp_path):
+    """Parts 0 and 1 of 3 at the same time (part 2 never runs, as if its job died), into an nnUNet_preprocessed that
+    does not exist yet; then the plain run: the same cases, arrays, body masks, CT statistics of the pool and content
+    fingerprints as one plain run; the parts wrote no shared file but the settings."""
+    images = tmp_path / "images"
+    rng = np.random.default_rng(21)
+    for i in range(5):
+        write(make_case(rng, 0.6)[0], images / f"c{i}.nii.gz")  # more body voxels than are sampled
+    whole = (images / "c0.nii.gz").read_bytes()
+    (images / "cut.nii.gz").write_bytes(whole[:len(whole) // 2])
+    env = {"nnUNet_preprocessed": str(tmp_path / "new" / "preprocessed")}
+    flags = ["-i", str(images), "-np", "1", *SMALL]  # CT statistics of the pool: computed by each part
+    parts = [subprocess.Popen([console_script(CMD), "-d", "980", *flags, "--part", str(k), "--num-parts", "3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+             for k in (0, 1)]
+    outputs = [proc.communicate(timeout=600) for proc in parts]
+    assert [proc.returncode for proc in parts] == [0, 0], outputs
+    assert "part 0 of 3: 2 preprocessed" in outputs[0][0] and "part 1 of 3: 2 preprocessed" in outputs[1][0]
+    folder = tmp_path / "new" / "preprocessed" / "Dataset980_Unlabeled"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "hiendmae_unlabeled.json", "nnUNetPlans_3d_fullres"]  # no shared file but the settings, written once
+    assert len(list((folder / "nnUNetPlans_3d_fullres").glob("*_seg.b2nd"))) == 4  # parts 0 and 1: c0 c3 / c1 c4
+
+    final = run_cli(CMD, "-d", "980", *flags, env=env, check=True)  # picks up part 2's cases: c2 and cut
+    assert "5 preprocessed (4 from an earlier run), 1 skipped: 1 not a readable NIfTI: truncated or corrupt" \
+        in final.stdout
+    run_cli(CMD, "-d", "981", *flags, env=env, check=True)
+    one = folder.parent / "Dataset981_Unlabeled"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert not [p.name for f in (folder, one) for p in f.iterdir() if p.name.startswith(".")]  # no staging, samples
+    for name in ("skipped.json", "cases.json", "content_fingerprints.json", "dataset_fingerprint.json"):
+        assert json.loads((folder / name).read_text()) == json.loads((one / name).read_text()), name
+    plans = [json.loads((f / "nnUNetPlans.json").read_text()) for f in (folder, one)]
+    assert plans[0]["foreground_intensity_properties_per_channel"] == \
+        plans[1]["foreground_intensity_properties_per_channel"]  # exactly: the pool's statistics, however computed
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    ours, theirs = (nnUNetDatasetBlosc2(str(f / "nnUNetPlans_3d_fullres")) for f in (folder, one))
+    assert sorted(ours.identifiers) == sorted(theirs.identifiers) == [f"images__c{i}" for i in range(5)]
+    for case in ours.identifiers:
+        (a, a_seg, _, a_props), (b, b_seg, _, b_props) = ours.load_case(case), theirs.load_case(case)
+        np.testing.assert_array_equal(a[:], b[:])
+        np.testing.assert_array_equal(a_seg[:], b_seg[:])
+        np.testing.assert_array_equal(a_props["body_locations"], b_props["body_locations"])
+        assert a_props["content_fingerprint"] == b_props["content_fingerprint"]
+
+
+def test_a_shared_file_is_written_once(tmp_path):
+    """What parts rely on for the settings and the per-case samples: the first writer wins, atomically; a later
+    writer is told and changes nothing (os.link fails on an existing file, even on NFS)."""
+    from nnunetv2_hiendmae.fileio import atomic_write_json
+
+    path = tmp_path / "settings.json"
+    assert atomic_write_json(path, {"part": 0}, exclusive=True) is True
+    assert atomic_write_json(path, {"part": 1}, exclusive=True) is False
+    assert json.loads(path.read_text()) == {"part": 0} and [p.name for p in tmp_path.iterdir()] == ["settings.json"]
+
+
 def test_same_arrays_as_nnunet_preprocessing(preprocessed_dataset, nnunet_dirs, tmp_path, monkeypatch):
     """--like a labelled dataset: its raw images, preprocessed without their labels, equal nnU-Net's arrays."""
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
@@ -164,7 +228,9 @@ def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tm
             (["--ct-window", "250", "-175"], "LOW < HIGH"),
             (["--modality", "MR", "--ct-window", "-175", "250"], "--ct-window is for CT"),
             (["--like", "555"], "dataset '555' not found"),
-            (["-d", "990"], "dataset id 990 is taken by Dataset990_HiEndTest")):
+            (["-d", "990"], "dataset id 990 is taken by Dataset990_HiEndTest"),
+            (["--part", "0"], "--part K and --num-parts N go together"),
+            (["--part", "2", "--num-parts", "2"], "--part must be in 0..1 for --num-parts 2")):
         proc = run_cli(CMD, "-i", str(images), *(argv if "-d" in argv else ["-d", "974", *argv]))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (argv, proc.stderr)
@@ -178,7 +244,7 @@ def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tm
     proc = run_cli(CMD, "-i", str(bad), "-d", "974", "--ct-window", "-175", "250", "-np", "1")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines[-1].startswith("error: no case could be preprocessed: 0 preprocessed")
-    assert "1 unreadable" in lines[-1]
+    assert "1 not a readable NIfTI: truncated or corrupt" in lines[-1]
     assert not list(nnunet_dirs["nnUNet_preprocessed"].glob("Dataset974_*"))  # no empty dataset left behind
 
 
