@@ -30,6 +30,7 @@ from tqdm import tqdm
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.leakage import pretraining_fingerprints
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
@@ -39,6 +40,7 @@ from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 from pretrain.data import (
     CaseReadError,
     PretrainCrops,
+    PretrainSource,
     check_cases,
     device_batches,
     make_loader,
@@ -54,6 +56,17 @@ from pretrain.methods.contract import PretrainingModel
 LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
+
+
+def case_fingerprints(sources: list[PretrainSource], processes: int) -> dict[str, str]:
+    """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
+    leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
+    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
+    found = {}
+    for s in sources:
+        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes) or {}
+        found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
+    return found
 
 
 class NonFiniteLoss(UserError):
@@ -222,6 +235,9 @@ class PretrainRun:
         progress = self.is_main and cfg.progress_bar
         self.notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
         self.notes += normalisation_differences(sources)
+        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
+        if self.fingerprints is None and self.is_main:
+            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers))
         self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
@@ -278,7 +294,7 @@ class PretrainRun:
                         views={k: [n, list(size)] for k, (n, size) in self.views.items()},
                         epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.iters,
                         batch_size=cfg.batch_size, world_size=self.world_size, lr=cfg.lr, seed=cfg.seed,
-                        val_cases=list(self.val_cases), history=self.history)
+                        val_cases=list(self.val_cases), case_fingerprints=self.fingerprints, history=self.history)
         train_state = None
         if rng is not None:  # a resumable checkpoint
             train_state = {"optimizer": self.optimizer.state_dict(),

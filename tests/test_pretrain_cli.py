@@ -75,6 +75,13 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
     assert meta["foreground_intensity_properties_per_channel"]["0"]["std"] == pytest.approx(
         plans["foreground_intensity_properties_per_channel"]["0"]["std"])
     assert meta["patch_size"] == [16, 32, 32] and meta["token_size"] == [16, 16, 16]
+    from nnunetv2_hiendmae.leakage import dataset_fingerprints
+
+    raw = dataset_fingerprints(preprocessed_dataset["name"], "imagesTr", 1)
+    pool = json.loads((preprocessed_dataset["unlabelled_preprocessed"] / "content_fingerprints.json").read_text())
+    assert meta["case_fingerprints"] == {**{f"{preprocessed_dataset['name']}/{c}": fp for c, fp in raw.items()},
+                                         **{f"{preprocessed_dataset['unlabelled_name']}/{c}": fp
+                                            for c, fp in pool.items()}}
     assert ckpt["model"]["settings"] == {"mask_ratio": 0.75, "crops_per_volume": 4}
     assert meta["epochs_done"] == 12 and meta["plans"] == "nnUNetPlans" and meta["configuration"] == "3d_fullres"
     assert ckpt["model"]["decoder"]["embed_dim"] == 48
