@@ -114,7 +114,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     data.add_argument("--num-workers", type=int, default=argparse.SUPPRESS,
                       help="data-loading worker processes per GPU, 0 = load in the main process (default: "
                            f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
-    evaluation = p.add_argument_group("is the pretraining working? (held-out loss)")
+    evaluation = p.add_argument_group("is the pretraining working? (held-out loss, downstream probe)")
     evaluation.add_argument("--val-cases", metavar="N",
                             help="cases held out of training, on whose fixed views and masks every loss of the method "
                                  "is scored (val_* in the log, the history and progress.png): a count, or a fraction "
@@ -124,6 +124,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     evaluation.add_argument("--val-every", type=int,
                             help=f"score the held-out cases every N epochs and after the last (default: "
                                  f"{d('val_every')})")
+    evaluation.add_argument("--probe-dataset", metavar="DATASET",
+                            help="a labelled nnU-Net-preprocessed dataset with the run's channel count (one of the "
+                                 "pretraining datasets or another): every --probe-every epochs and after the last, a "
+                                 "linear probe on the frozen encoder's tokens is fitted on fixed crops of the "
+                                 "--probe-fold's training cases and its mean foreground Dice on the fold's validation "
+                                 "cases is logged "
+                                 "(probe_dice), plotted, and keeps checkpoint_best.pth for the best score (default: no "
+                                 "probe)")
+    evaluation.add_argument("--probe-fold", type=int,
+                            help=f"nnU-Net fold of --probe-dataset whose training cases fit the probe and whose "
+                                 f"validation cases score it (default: {d('probe_fold')})")
+    evaluation.add_argument("--probe-every", type=int,
+                            help="probe every N epochs and after the last (default: 10 %% of --epochs, at least every "
+                                 "50 epochs)")
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=list(PRESETS),
                        help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), "

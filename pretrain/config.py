@@ -19,7 +19,8 @@ from pretrain import methods
 # what a run that diverged needs to continue: --epochs may grow to extend a run and --lr change (the schedule is
 # re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
-                        "checkpoint_minutes", "skip_bad_cases", "val_every", "epochs", "lr", "grad_clip", "precision")
+                        "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "epochs", "lr", "grad_clip",
+                        "precision")
 
 
 @dataclass
@@ -53,6 +54,13 @@ class PretrainConfig:
     skip_bad_cases: bool = False  # leave out preprocessed cases that cannot be read, instead of refusing to start
     val_cases: str | None = None  # held-out cases: a count or a fraction (None: 5 %, 1..50, none below 10 cases)
     val_every: int = 1
+    probe_dataset: str | None = None  # a labelled dataset for the downstream linear probe
+    probe_fold: int = 0
+    probe_every: int | None = None  # None: 10 % of the run, at least every 50 epochs
+
+    def probe_interval(self) -> int:
+        """Epochs between probes (and one after the last epoch)."""
+        return self.probe_every or max(1, min(50, round(0.1 * self.epochs)))
 
     def __post_init__(self) -> None:
         settings = self.method_settings
@@ -69,6 +77,10 @@ class PretrainConfig:
         for name in ("batch_size", "epochs", "accum_steps", "recon_every", "val_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.probe_every is not None and self.probe_every < 1:
+            raise UserError(f"--probe-every must be at least 1, got {self.probe_every}")
+        if self.probe_fold < 0:
+            raise UserError(f"--probe-fold must not be negative, got {self.probe_fold}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise UserError(f"--iters-per-epoch must be at least 1, got {self.iters_per_epoch}")
         if (self.lr is not None and self.lr <= 0) or self.warmup_epochs < 0 or self.num_workers < 0 \

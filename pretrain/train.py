@@ -53,7 +53,7 @@ from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_
 from pretrain.lock import RunLock
 from pretrain.methods.contract import PretrainingModel
 
-LATEST, FINAL = "checkpoint_latest.pth", "checkpoint_final.pth"
+LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
@@ -247,6 +247,8 @@ class PretrainRun:
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
         self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, transfer_dtype(self.device, self.precision))
                          if self.is_main and self.val_cases else None)
+        self.probe = self._probe_data(sources[0]) if self.is_main and cfg.probe_dataset is not None else None
+        self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
@@ -318,6 +320,7 @@ class PretrainRun:
             self.start_iteration, self.partial = 0, {}
         self.t = self.start_epoch + self.start_iteration / self.iters
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
+        self.best = max((v for v in self.history.get("probe_dice", []) if v == v), default=-math.inf)
         if self.rank < len(state["rng"]):
             _set_rng_state(state["rng"][self.rank], self.device)
         else:  # more ranks than the run that wrote the checkpoint: a fresh stream for this rank
@@ -460,11 +463,46 @@ class PretrainRun:
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
 
+    def _probe_data(self, first: PretrainSource):
+        """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order;
+        a dataset of another channel count, an unknown one or a fold it does not have: one line, nothing written."""
+        from nnunetv2_hiendmae.probe import load_probe_data, probe_split
+
+        from nnunetv2_hiendmae.plans import to_dataset_axes
+
+        cfg = self.cfg
+        split = probe_split(cfg.probe_dataset, cfg.probe_fold)
+        if split.channels != self.meta["in_channels"]:
+            raise UserError(f"--probe-dataset {cfg.probe_dataset}: {split.dataset_name} has {split.channels} "
+                            f"channel(s), the pretraining data {self.meta['in_channels']}")
+        patch = to_dataset_axes(cfg.patch_size, first.plans["transpose_forward"], split.transpose_forward)
+        return load_probe_data(cfg.probe_dataset, cfg.probe_fold, patch, seed=cfg.seed)
+
     def _evaluate(self, epoch: int) -> dict[str, float]:
-        """The held-out losses (every ``--val-every`` epochs and after the last), on rank 0."""
-        if self.held_out is None or not self._due(epoch, self.cfg.val_every):
-            return {}
-        return self.held_out(self.model, self.device, self.precision, self.cfg.batch_size)
+        """The held-out losses (every ``--val-every`` epochs and after the last) and the probe's score (every
+        ``--probe-every`` epochs and after the last, keeping ``checkpoint_best.pth``), on rank 0."""
+        cfg, figures = self.cfg, {}
+        if self.held_out is not None and self._due(epoch, cfg.val_every):
+            figures.update(self.held_out(self.model, self.device, self.precision, cfg.batch_size))
+        if self.probe is not None and self._due(epoch, cfg.probe_interval()):
+            from nnunetv2_hiendmae.probe import probe_score
+
+            result = probe_score(self.model.encoder, self.probe, self.device, batch_size=cfg.batch_size,
+                                 precision=self.precision)
+            figures["probe_dice"] = result.score
+            if result.score > self.best:
+                self.best = result.score
+                best = self._checkpoint(epoch + 1)
+                best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
+                                            "probe_dataset": self.probe.split.dataset_name,
+                                            "probe_fold": self.probe.split.fold}
+                self.writer.write(best, self.out / BEST)
+                self.log(f"probe: mean foreground Dice {result.score:.4f} on {self.probe.split.dataset_name} fold "
+                         f"{self.probe.split.fold}, the best so far: {self.out / BEST} ({result.seconds:.1f} s)")
+            else:
+                self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
+                         f"{result.seconds:.1f} s)")
+        return figures
 
     def _record(self, record: dict[str, float]) -> None:
         """Append one epoch to the history; a figure not measured this epoch (or before it appeared) is NaN."""
