@@ -97,6 +97,13 @@ def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["weights"].items() if k.startswith(ENCODER_PREFIX)}
 
 
+def pretrain_patch_size(pretrain: dict) -> list[int] | None:
+    """The patch size a checkpoint was pretrained on, in voxels, in its pretraining plans' axis order (``pretrain``
+    block: ``patch_size``, or ``crop_size`` as older checkpoints name it); ``None`` when it records neither."""
+    size = pretrain.get("patch_size") or pretrain.get("crop_size")
+    return None if size is None else [int(s) for s in size]
+
+
 def encoder_fingerprint(ckpt: dict) -> str:
     """SHA-256 of what fine-tuning takes from a checkpoint, the encoder's configuration and weights: plans pin this,
     not the file's bytes, so a checkpoint written again with the same encoder still matches its plans."""

@@ -73,20 +73,25 @@ class PretrainSource:
     fold: int | None
 
 
-def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]:
-    """Training cases of nnU-Net fold ``fold``: from splits_final.json, else nnU-Net's default split in memory."""
+def fold_split(base: str, identifiers: list[str], fold: int) -> tuple[list[str], list[str]]:
+    """Training and validation cases of nnU-Net fold ``fold`` of the dataset in ``base``, each sorted: from its
+    splits_final.json, else nnU-Net's default 5-fold split (``generate_crossval_split``, seed 12345) made in memory and
+    never written. ``identifiers`` are the preprocessed cases; a split naming others is a :class:`UserError`."""
     splits_file = join(base, "splits_final.json")
     if isfile(splits_file):
         splits, origin = load_json(splits_file), splits_file
+    elif len(identifiers) < 5:
+        raise UserError(f"nnU-Net's default 5-fold split needs at least 5 cases, {base} has {len(identifiers)}: "
+                        f"write a splits_final.json there")
     else:
         splits, origin = generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), "nnU-Net's default split"
     if not 0 <= fold < len(splits):
         raise UserError(f"fold {fold} is out of range: {origin} has folds 0-{len(splits) - 1}")
-    train = sorted(str(k) for k in splits[fold]["train"])
-    missing = sorted(set(train) - set(identifiers))
+    train, val = (sorted(str(k) for k in splits[fold][part]) for part in ("train", "val"))
+    missing = sorted(set(train + val) - set(identifiers))
     if missing:
         raise UserError(f"{splits_file} fold {fold} lists cases that are not preprocessed: {', '.join(missing[:5])}")
-    return train
+    return train, val
 
 
 def _resolve_one(root: str, dataset: str, plans: str, configuration: str, fold: int | None) -> PretrainSource:
@@ -120,7 +125,7 @@ def _resolve_one(root: str, dataset: str, plans: str, configuration: str, fold: 
     if not identifiers:
         raise UserError(f"preprocessed data folder {folder} has no cases; {create}")
     if fold is not None:
-        identifiers = _fold_train_cases(base, identifiers, fold)
+        identifiers = fold_split(base, identifiers, fold)[0]
     return PretrainSource(
         dataset_name=name, folder=folder, identifiers=identifiers,
         plans={"plans_name": plans, "transpose_forward": manager.transpose_forward,
