@@ -293,7 +293,7 @@ def fold_set_warnings(entries: Sequence[EntryResult]) -> list[str]:
 # ----------------------------------------------------------------------------------------- rendering
 
 
-def _num(x: float) -> str:
+def csv_number(x: float) -> str:
     """CSV number: 10 significant digits, far beyond Dice's meaning but free of float noise like ...0000002."""
     return "nan" if math.isnan(x) else f"{x:.10g}"
 
@@ -322,8 +322,8 @@ def render_csv(comp: Comparison) -> str:
             row = [entry.name, str(f), "1", str(f), str(f) if (i > 0 and f in ref.folds) else ""]
             for c in columns:
                 v = entry.values(c)[f]
-                delta = _num(v - ref.values(c)[f]) if (i > 0 and f in ref.folds) else ""
-                row += [_num(v), delta]
+                delta = csv_number(v - ref.values(c)[f]) if (i > 0 and f in ref.folds) else ""
+                row += [csv_number(v), delta]
             writer.writerow(row)
         folds = " ".join(map(str, entry.fold_ids()))
         for stat in ("mean", "std"):
@@ -335,13 +335,13 @@ def render_csv(comp: Comparison) -> str:
                 delta = ""
                 if i > 0:
                     p = comp.paired(entry, c)
-                    delta = _num(p.mean if stat == "mean" else p.std)
-                row += [_num(value), delta]
+                    delta = csv_number(p.mean if stat == "mean" else p.std)
+                row += [csv_number(value), delta]
             writer.writerow(row)
     return buf.getvalue()
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown pipe table lines."""
     esc = [[cell.replace("|", "\\|") for cell in r] for r in [header, *rows]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -366,7 +366,7 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
             p = comp.paired(e, FG_COLUMN)
             cells.append(f"{_fmt(p.mean, p.std, signed=True)} (n={len(p.folds)})" if p.folds else "no shared fold")
         rows.append(cells)
-    lines += _md_table(header, rows)
+    lines += markdown_table(header, rows)
 
     if len(comp.entries) > 1:
         lines += ["", f"## Paired difference to {ref.name}", ""]
@@ -379,13 +379,13 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
             cells = [_fmt(p.mean, p.std, signed=True) + ("" if p.folds == fg_folds else f" (n={len(p.folds)})")
                      for p in paired]
             rows.append([e.name, " ".join(map(str, fg_folds)) or "none", *cells])
-        lines += _md_table(header, rows)
+        lines += markdown_table(header, rows)
 
     all_folds = sorted(set().union(*(e.folds for e in comp.entries)))
     lines += ["", f"## {FG_COLUMN} per fold", ""]
     rows = [[e.name, *[f"{e.folds[f].fg_dice:.4f}" if f in e.folds else "—" for f in all_folds]]
             for e in comp.entries]
-    lines += _md_table(["entry", *[f"fold {f}" for f in all_folds]], rows)
+    lines += markdown_table(["entry", *[f"fold {f}" for f in all_folds]], rows)
 
     if notes and comp.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in comp.warnings]

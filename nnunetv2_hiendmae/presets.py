@@ -13,6 +13,12 @@ PRESETS: dict[str, dict] = {
 
 REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
 
+# The linear probe's defaults (nnunetv2_hiendmae.probe): its seed is the pretraining's default --seed, so that
+# random:ARCH is the initial encoder of a run with default settings.
+PROBE_SEED = 41
+PROBE_CROPS_PER_CASE = 4
+PROBE_MAX_CASES = 16
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
 
 CHECKPOINT_FORMAT = "nnunetv2_hiendmae.pretrain/1"  # the "format" entry of every pretraining checkpoint

@@ -38,99 +38,29 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.nnunet_paths import crossval_splits, dataset_name, nnunet_folder
-from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
+from nnunetv2_hiendmae.preprocessed import PreprocessedData, find_preprocessed
 
 CT_BODY_MIN_HU = -500.0
 BODY_EPS = 1e-3
 N_BACKGROUND_SAMPLES = 64
 
 
-@dataclass
-class PretrainSource:
-    """One preprocessed dataset to pretrain on: where its cases are and how they were preprocessed."""
-
-    dataset_name: str
-    folder: str  # the configuration's data_identifier folder
-    identifiers: list[str]
-    plans: dict  # plans_name, transpose_forward, foreground_intensity_properties_per_channel
-    configuration: dict  # the resolved configuration (inheritance applied)
-    channel_names: dict
-    fold: int | None
-
-
-def _fold_train_cases(base: str, identifiers: list[str], fold: int) -> list[str]:
-    """Training cases of nnU-Net fold ``fold``: from splits_final.json, else nnU-Net's default split in memory."""
-    splits, origin = crossval_splits(base, identifiers)
-    if not 0 <= fold < len(splits):
-        raise UserError(f"fold {fold} is out of range: {origin} has folds 0-{len(splits) - 1}")
-    train = sorted(str(k) for k in splits[fold]["train"])
-    missing = sorted(set(train) - set(identifiers))
-    if missing:
-        raise UserError(f"{origin} fold {fold} lists cases that are not preprocessed: {', '.join(missing[:5])}")
-    return train
-
-
-def _resolve_one(root: str, dataset: str, plans: str, configuration: str, fold: int | None) -> PretrainSource:
-    """Find and check one dataset's plans, configuration and data folder."""
-    name = dataset_name(dataset)
-    dataset_id = nnunet_dataset_id(name)
-    base = join(root, name)
-    if not os.path.isdir(base):
-        raise UserError(f"{base} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates it")
-    plans_file = join(base, f"{plans}.json")
-    if not isfile(plans_file):
-        raise UserError(f"plans file {plans_file} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates "
-                        f"nnUNetPlans (other plans names come from their own planner)")
-    if not isfile(join(base, "dataset.json")):
-        raise UserError(f"{join(base, 'dataset.json')} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` "
-                        f"creates it")
-    manager = PlansManager(plans_file)
-    if configuration not in manager.available_configurations:
-        raise UserError(f"configuration {configuration!r} is not in {plans_file}; available: "
-                        f"{', '.join(manager.available_configurations)}")
-    config = manager.get_configuration(configuration).configuration
-    folder = join(base, config["data_identifier"])
-    create = f"`nnUNetv2_preprocess -d {dataset_id} -plans_name {plans} -c {configuration}` creates it"
-    if not os.path.isdir(folder):
-        raise UserError(f"preprocessed data folder {folder} not found; {create}")
-    try:
-        dataset_class = infer_dataset_class(folder)
-    except (AssertionError, KeyError):
-        raise UserError(f"preprocessed data folder {folder} is empty or holds mixed file types; {create}") from None
-    identifiers = sorted(dataset_class.get_identifiers(folder))
-    if not identifiers:
-        raise UserError(f"preprocessed data folder {folder} has no cases; {create}")
-    if fold is not None:
-        identifiers = _fold_train_cases(base, identifiers, fold)
-    return PretrainSource(
-        dataset_name=name, folder=folder, identifiers=identifiers,
-        plans={"plans_name": plans, "transpose_forward": manager.transpose_forward,
-               "foreground_intensity_properties_per_channel": manager.foreground_intensity_properties_per_channel},
-        configuration=config, channel_names=load_json(join(base, "dataset.json"))["channel_names"], fold=fold)
-
-
 def resolve_sources(datasets: list[str], plans: str = "nnUNetPlans", configuration: str = "3d_fullres",
-                    fold: int | None = None) -> list[PretrainSource]:
+                    fold: int | None = None) -> list[PreprocessedData]:
     """Check every dataset up front so that a typo fails in one clear line before any training starts."""
     if not datasets:
         raise UserError("no dataset given")
-    root = str(nnunet_folder("nnUNet_preprocessed"))
-    sources = [_resolve_one(root, str(d), plans, configuration, fold) for d in datasets]
+    sources = [find_preprocessed(str(d), plans, configuration, fold) for d in datasets]
     counts = {s.dataset_name: len(s.channel_names) for s in sources}
     if len(set(counts.values())) > 1:
         raise UserError("datasets have different channel counts: "
@@ -142,7 +72,7 @@ class CaseReadError(UserError):
     """A preprocessed case that cannot be read (truncated or corrupt file)."""
 
 
-def expected_shape(properties: dict, source: PretrainSource) -> list[int]:
+def expected_shape(properties: dict, source: PreprocessedData) -> list[int]:
     """The voxel shape nnU-Net's preprocessing gives a case: its cropped shape resampled from its own spacing to the
     configuration's (both in the transposed axis order), as ``DefaultPreprocessor`` computes it."""
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
@@ -153,7 +83,7 @@ def expected_shape(properties: dict, source: PretrainSource) -> list[int]:
     return [int(s) for s in shape]
 
 
-def case_problem(source: PretrainSource, dataset, identifier: str) -> str | None:
+def case_problem(source: PreprocessedData, dataset, identifier: str) -> str | None:
     """Why a preprocessed case cannot be trained on, or None: it opens, its shape and dtype are what its properties
     and the plans say, and its first and last chunks decompress (a truncated file loses its end). Cheap: two voxels
     are read."""
@@ -173,7 +103,7 @@ def case_problem(source: PretrainSource, dataset, identifier: str) -> str | None
     return None
 
 
-def check_cases(sources: list[PretrainSource], skip: bool = False, progress: bool = True) -> list[str]:
+def check_cases(sources: list[PreprocessedData], skip: bool = False, progress: bool = True) -> list[str]:
     """Every case of every source checked (:func:`case_problem`) before training starts. Bad cases refuse the run in
     one line naming them, or, with ``skip``, are dropped from their source; returns the notes on dropped cases."""
     problems = []
@@ -202,7 +132,7 @@ def check_cases(sources: list[PretrainSource], skip: bool = False, progress: boo
 NORMALISATION_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 
 
-def normalisation_differences(sources: list[PretrainSource]) -> list[str]:
+def normalisation_differences(sources: list[PreprocessedData]) -> list[str]:
     """One note per dataset whose spacing or intensity normalisation differs from the first dataset's, which is what
     the checkpoint records and fine-tuning plans take."""
     first, notes = sources[0], []
@@ -228,7 +158,7 @@ def normalisation_differences(sources: list[PretrainSource]) -> list[str]:
     return notes
 
 
-def _dataset_metadata(s: PretrainSource, plans: str, configuration: str) -> dict:
+def _dataset_metadata(s: PreprocessedData, plans: str, configuration: str) -> dict:
     cfg = s.configuration
     return {
         "name": s.dataset_name, "plans": plans, "configuration": configuration,
@@ -242,7 +172,7 @@ def _dataset_metadata(s: PretrainSource, plans: str, configuration: str) -> dict
     }
 
 
-def pretrain_metadata(sources: list[PretrainSource], plans: str, configuration: str) -> dict:
+def pretrain_metadata(sources: list[PreprocessedData], plans: str, configuration: str) -> dict:
     """What the checkpoint records about the data, so fine-tuning can check it preprocesses the same way.
 
     Top-level values are the first dataset's; everything is plain JSON (survives ``torch.load(weights_only=True)``).
@@ -270,7 +200,7 @@ def sampled_body_threshold(values: np.ndarray) -> np.ndarray:
     return q05 + 0.2 * (q95 - q05)
 
 
-def _channel_rules(s: PretrainSource) -> tuple[list[str], list[float], list[float]]:
+def _channel_rules(s: PreprocessedData) -> tuple[list[str], list[float], list[float]]:
     """Per channel: how body is judged ('ct', 'mask', 'sample'), the CT body threshold and the CT clip floor."""
     kinds, thresholds, floors = [], [], []
     props = s.plans["foreground_intensity_properties_per_channel"]
@@ -293,7 +223,7 @@ class PretrainCrops(Dataset):
     Only paths and lists are kept until first use, so the object pickles for spawn workers.
     """
 
-    def __init__(self, sources: list[PretrainSource], views: dict[str, tuple[int, Sequence[int]]],
+    def __init__(self, sources: list[PreprocessedData], views: dict[str, tuple[int, Sequence[int]]],
                  items_per_epoch: int = 250, seed: int = 0, rank: int = 0, world_size: int = 1,
                  body_prob: float = 0.75, max_tries: int = 32, dtype: str = "float32"):
         self.views = {name: (int(n), tuple(int(x) for x in size)) for name, (n, size) in views.items()}

@@ -17,7 +17,8 @@ import torch
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.precision import autocast
-from pretrain.data import PretrainCrops, PretrainSource
+from nnunetv2_hiendmae.preprocessed import PreprocessedData
+from pretrain.data import PretrainCrops
 
 MAX_CASES = 50
 MIN_DATASET = 10  # smaller datasets keep every case for training by default
@@ -50,21 +51,21 @@ def held_out_count(given: str | None, num_cases: int) -> int:
     return count
 
 
-def held_out_cases(sources: Sequence[PretrainSource], count: int, seed: int) -> list[str]:
+def held_out_cases(sources: Sequence[PreprocessedData], count: int, seed: int) -> list[str]:
     """``count`` cases (``DatasetXXX_Name/case``) drawn from all sources with the run's seed, sorted."""
     names = [f"{s.dataset_name}/{case}" for s in sources for case in s.identifiers]
     rng = np.random.default_rng([seed, VIEW_SEED])
     return sorted(names[i] for i in rng.choice(len(names), size=count, replace=False)) if count else []
 
 
-def split_off(sources: Sequence[PretrainSource], held_out: Sequence[str]) -> list[PretrainSource]:
+def split_off(sources: Sequence[PreprocessedData], held_out: Sequence[str]) -> list[PreprocessedData]:
     """Copies of ``sources`` holding only the held-out cases; the held-out cases are removed from ``sources``."""
     kept = set(held_out)
     parts = []
     for s in sources:
         own = [c for c in s.identifiers if f"{s.dataset_name}/{c}" in kept]
         if own:
-            parts.append(PretrainSource(**{**s.__dict__, "identifiers": own}))
+            parts.append(PreprocessedData(**{**s.__dict__, "identifiers": own}))
         s.identifiers[:] = [c for c in s.identifiers if f"{s.dataset_name}/{c}" not in kept]
     missing = kept - {f"{p.dataset_name}/{c}" for p in parts for c in p.identifiers}
     if missing:
@@ -76,11 +77,11 @@ class HeldOutLoss:
     """The method's named losses on the held-out cases' fixed views. Under torchrun, rank 0 alone scores them (it
     alone logs and writes); the other ranks go on to the next epoch and wait for it at its first gradient exchange."""
 
-    def __init__(self, sources: Sequence[PretrainSource], views: dict, seed: int, dtype: str):
+    def __init__(self, sources: Sequence[PreprocessedData], views: dict, seed: int, dtype: str):
         self.views: list[dict[str, torch.Tensor]] = []
         for s in sources:
             for case in s.identifiers:
-                data = PretrainCrops([PretrainSource(**{**s.__dict__, "identifiers": [case]})], views, 1,
+                data = PretrainCrops([PreprocessedData(**{**s.__dict__, "identifiers": [case]})], views, 1,
                                      seed=seed + VIEW_SEED, dtype=dtype)
                 self.views.append(data[0])  # {name: [n, C, *size]}: one case's views, cut once
         self.seed = seed + MASK_SEED

@@ -33,6 +33,7 @@ from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.leakage import pretraining_fingerprints
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
+from nnunetv2_hiendmae.preprocessed import PreprocessedData
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.augment import augment_views
@@ -40,7 +41,6 @@ from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 from pretrain.data import (
     CaseReadError,
     PretrainCrops,
-    PretrainSource,
     check_cases,
     device_batches,
     make_loader,
@@ -58,7 +58,7 @@ SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite c
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
 
-def case_fingerprints(sources: list[PretrainSource], processes: int) -> dict[str, str]:
+def case_fingerprints(sources: list[PreprocessedData], processes: int) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
     preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
@@ -463,12 +463,11 @@ class PretrainRun:
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
 
-    def _probe_data(self, first: PretrainSource):
+    def _probe_data(self, first: PreprocessedData):
         """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order;
         a dataset of another channel count, an unknown one or a fold it does not have: one line, nothing written."""
-        from nnunetv2_hiendmae.probe import load_probe_data, probe_split
-
         from nnunetv2_hiendmae.plans import to_dataset_axes
+        from nnunetv2_hiendmae.probe import load_probe_data, probe_split
 
         cfg = self.cfg
         split = probe_split(cfg.probe_dataset, cfg.probe_fold)
