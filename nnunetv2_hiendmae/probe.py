@@ -10,8 +10,8 @@ dataset, with nnU-Net's split and Dice convention:
   drawn uniformly from nnU-Net's ``class_locations``, so that small structures are in the fit; the others anywhere),
   and from them at most ``points_per_class`` voxels per class, drawn class by class. At most ``max_cases`` of its
   validation cases, whole, with the tiles of nnU-Net's sliding window at step 1 (the fewest tiles of the patch size
-  that cover a case; a case smaller than the patch is padded with 0, as nnU-Net's predictor does). Everything is read through nnU-Net's
-  own dataset class and kept in memory (as float32).
+  that cover a case; a case smaller than the patch is padded with 0, as nnU-Net's predictor does). Everything is
+  read through nnU-Net's own dataset class and kept in memory (as float32).
 * **Fit** (:func:`probe_score`): the encoder's final normed tokens (CLS dropped) on every fit crop, trilinearly
   interpolated at the drawn voxels (exactly the values that upsampling the token grid gives there), standardised
   over the fit set; a softmax regression (bias, weight decay ``1e-3`` on the standardised features) fitted with a
