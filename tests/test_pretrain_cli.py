@@ -4,30 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import console_script, kill_tree, make_trainer, run_cli
+from conftest import assert_resumed, console_script, kill_after_epoch, make_trainer, pretrain_args, run_cli
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from pretrain import methods
-
-TINY = ["--arch", "vit_tiny", "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress-bar",
-        "--warmup-epochs", "1", "--checkpoint-minutes", "0", "--lr", "1e-4"]
-DEFAULT_PATCH = ["16", "32", "32"]
-
-
-def method_args(method: str) -> list[str]:
-    """The method and its small views from the registry: CPU seconds per step."""
-    patch = methods.METHODS[method].small_patch or DEFAULT_PATCH
-    return ["--method", method, "--patch-size", *map(str, patch), *methods.small_flags(method)]
-
-
-def pretrain_args(ds, out, epochs, iters, *extra, method="hiend_mae"):
-    return ["nnUNetv2_hiendmae_pretrain", "-d", str(ds["id"]), str(ds["unlabelled_id"]), "-o", str(out), *TINY,
-            *method_args(method), "--epochs", str(epochs), "--iters-per-epoch", str(iters), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -135,33 +119,6 @@ def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_datase
     loaded = trainer.network.encoder.state_dict()
     assert encoder_state_dict(final).keys() == loaded.keys()
     assert all(torch.equal(loaded[k], v) for k, v in encoder_state_dict(final).items())
-
-
-def kill_after_epoch(cmd: list[str], out, epoch: int) -> int:
-    """Start ``cmd``, SIGKILL its whole process group once ``checkpoint_latest.pth`` has ``epoch`` epochs done;
-    returns the epochs done in the checkpoint left behind."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest, deadline = out / "checkpoint_latest.pth", time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and torch.load(latest, weights_only=True)["train_state"]["epoch"] >= epoch:
-            break
-        time.sleep(0.05)
-    if proc.poll() is not None:
-        pytest.fail("the run finished before it could be killed; make it longer")
-    kill_tree(proc)
-    assert not (out / "checkpoint_final.pth").exists()
-    return torch.load(latest, weights_only=True)["train_state"]["epoch"]
-
-
-def assert_resumed(out, killed_at: int, resumed, straight) -> None:
-    """The resumed run says so and ends with the loss history and weights of the uninterrupted one."""
-    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
-    assert f"resumed from {out / 'checkpoint_latest.pth'} after epoch {killed_at}" in log, resumed.stdout
-    a = torch.load(straight / "checkpoint_final.pth", weights_only=True)
-    b = torch.load(out / "checkpoint_final.pth", weights_only=True)
-    assert a["pretrain"]["history"]["loss"] == pytest.approx(b["pretrain"]["history"]["loss"], rel=1e-6)
-    for k in a["weights"]:
-        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_dataset, tmp_path):

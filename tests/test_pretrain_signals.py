@@ -1,0 +1,95 @@
+"""Is the pretraining working? The held-out loss on fixed views and masks of cases never trained on, the downstream
+linear probe every N epochs with checkpoint_best.pth, both in the history and progress.png, an exact resume, and bad
+input as one line before anything is written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_resumed, console_script, copy_preprocessed_dataset, kill_after_epoch, pretrain_args, run_cli
+
+from nnunetv2_hiendmae.checkpoint import load_checkpoint
+from pretrain.config import PretrainConfig
+from pretrain.train import PretrainRun
+
+
+def signal_args(ds, out):
+    return pretrain_args(ds, out, 4, 4, "--val-cases", "2", "--probe-dataset", str(ds["id"]), "--probe-every", "2")
+
+
+def test_held_out_loss_and_probe_every_epoch_best_checkpoint_and_an_exact_resume(preprocessed_dataset, tmp_path):
+    straight = tmp_path / "straight"
+    run_cli(*signal_args(preprocessed_dataset, straight), check=True)
+    final = load_checkpoint(straight / "checkpoint_final.pth")
+    meta, history = final["pretrain"], final["pretrain"]["history"]
+    assert len(meta["val_cases"]) == 2 and all(v == v for v in history["val_loss"])  # every epoch
+    assert len(history["val_loss"]) == len(history["loss"]) == 4
+    probe = history["probe_dice"]
+    assert probe[0] != probe[0] and probe[2] != probe[2] and 0 <= probe[1] <= 1 and 0 <= probe[3] <= 1  # epochs 2, 4
+    best = load_checkpoint(straight / "checkpoint_best.pth")
+    epoch = max((1, 3), key=lambda i: probe[i]) + 1
+    assert best["pretrain"]["best"]["epoch"] == epoch and best["pretrain"]["best"]["probe_dice"] == probe[epoch - 1]
+    assert "train_state" not in best and best["pretrain"]["epochs_done"] == epoch
+    log = "".join(p.read_text() for p in straight.glob("training_log_*.txt"))
+    assert f"held out of training, scored every 1 epoch(s): 2 cases ({', '.join(meta['val_cases'])})" in log
+    assert "val_loss" in log and "probe: mean foreground Dice" in log
+    assert (straight / "progress.png").stat().st_size > 0
+
+    out = tmp_path / "killed"
+    args = signal_args(preprocessed_dataset, out)
+    killed_at = kill_after_epoch([console_script(args[0]), *args[1:]], out, 2)
+    resumed = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), check=True)
+    assert_resumed(out, killed_at, resumed, straight)
+    again = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
+    for key in ("val_loss", "probe_dice"):
+        assert again[key] == pytest.approx(history[key], rel=1e-6, nan_ok=True), key
+
+
+def test_held_out_cases_are_never_trained_on_and_score_the_same_twice(preprocessed_dataset, tmp_path):
+    cfg = PretrainConfig(datasets=["990", "991"], output_dir=str(tmp_path / "run"), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 2},
+                         val_cases="0.34", num_workers=0, device="cpu", progress_bar=False)
+    run = PretrainRun(cfg)
+    trained = {f"{s.dataset_name}/{c}" for s in run.data.sources for c in s.identifiers}
+    assert len(run.val_cases) == 4 and not trained & set(run.val_cases)  # ceil(0.34 x 9) held out of 9
+    assert len(trained) == 5
+    state = torch.get_rng_state()
+    first = run.held_out(run.model, run.device, run.precision, 2)
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
+    assert first == run.held_out(run.model, run.device, run.precision, 2)  # fixed views and masks
+    assert set(first) == {"val_loss"} and first["val_loss"] > 0
+    assert run.model.training
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("val_cases_larger_than_the_dataset", "--val-cases 20 holds out 20 of the 9 cases"),
+    ("unknown_probe_dataset", "dataset '555' not found"),
+    ("probe_fold_out_of_range", "fold 7 is out of range"),
+    ("unlabelled_probe_dataset", "has no foreground labels"),
+    ("probe_dataset_of_another_channel_count", "has 2 channel(s), the pretraining data 1"),
+    ("val_cases_not_a_number", "--val-cases must be a count or a fraction"),
+])
+def test_bad_signal_input_is_one_line_and_writes_nothing(preprocessed_dataset, tmp_path, case, expect):
+    out = tmp_path / "out"
+    extra = {"val_cases_larger_than_the_dataset": ["--val-cases", "20"],
+             "unknown_probe_dataset": ["--probe-dataset", "555"],
+             "probe_fold_out_of_range": ["--probe-dataset", "990", "--probe-fold", "7"],
+             "unlabelled_probe_dataset": ["--probe-dataset", str(preprocessed_dataset["unlabelled_id"])],
+             "probe_dataset_of_another_channel_count": ["--probe-dataset", "994"],
+             "val_cases_not_a_number": ["--val-cases", "many"]}[case]
+    env = None
+    if case == "probe_dataset_of_another_channel_count":  # a private tree: 990, 991, and 994 = 990 with 2 channels
+        root = tmp_path / "preprocessed"
+        for src, i, name in ((preprocessed_dataset["preprocessed"], 990, "HiEndTest"),
+                             (preprocessed_dataset["unlabelled_preprocessed"], 991, "HiEndTestUnlabelled"),
+                             (preprocessed_dataset["preprocessed"], 994, "TwoChannels")):
+            copy_preprocessed_dataset(src, root, i, name)
+        dataset_json = root / "Dataset994_TwoChannels" / "dataset.json"
+        content = json.loads(dataset_json.read_text())
+        dataset_json.write_text(json.dumps({**content, "channel_names": {"0": "CT", "1": "CT"}}))
+        env = {"nnUNet_preprocessed": str(root)}
+    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 1, 1, *extra), env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+    assert not out.exists()
