@@ -63,8 +63,8 @@ def _fingerprint_job(job: tuple) -> tuple[str, str]:
     return case, content_fingerprint(data)
 
 
-def dataset_fingerprints(dataset: str | int, folder: str = "imagesTr",
-                         processes: int = 4) -> dict[str, str] | None:
+def dataset_fingerprints(dataset: str | int, folder: str = "imagesTr", processes: int = 4,
+                         progress: bool = True) -> dict[str, str] | None:
     """``{case: content fingerprint}`` of a labelled nnU-Net dataset's images in ``$nnUNet_raw/<dataset>/<folder>``
     (``imagesTr``: nnU-Net's training cases, also those a dataset.json lists under ``dataset``; ``imagesTs``: the
     test images, ``{}`` when there are none), read with nnU-Net's reader for the dataset's file ending (or its
@@ -98,16 +98,18 @@ def dataset_fingerprints(dataset: str | int, folder: str = "imagesTr",
         return {}
     reader = determine_reader_writer_from_dataset_json(dataset_json, next(iter(cases.values()))[0], verbose=False)
     jobs = [(case, list(files), reader) for case, files in sorted(cases.items())]
-    return dict(parallel(_fingerprint_job, jobs, processes, f"content fingerprints of {name}/{folder}", failed=None))
+    return dict(parallel(_fingerprint_job, jobs, processes, f"content fingerprints of {name}/{folder}", failed=None,
+                         progress=progress))
 
 
-def pretraining_fingerprints(dataset: str | int, identifiers: Sequence[str] | None = None,
-                             processes: int = 4) -> dict[str, str] | None:
+def pretraining_fingerprints(dataset: str | int, identifiers: Sequence[str] | None = None, processes: int = 4,
+                             progress: bool = True) -> dict[str, str] | None:
     """``{case: content fingerprint}`` of the cases a pretraining on ``dataset`` reads (all, or ``identifiers``):
     stored by ``nnUNetv2_hiendmae_preprocess_unlabeled`` (:data:`FINGERPRINTS_FILE`; no image is read), else those
     of the labelled dataset's ``imagesTr`` in ``$nnUNet_raw``; ``None`` when neither holds it."""
     stored = nnunet_folder("nnUNet_preprocessed") / dataset_name(dataset) / FINGERPRINTS_FILE
-    found = json.loads(stored.read_text()) if stored.is_file() else dataset_fingerprints(dataset, "imagesTr", processes)
+    found = (json.loads(stored.read_text()) if stored.is_file()
+             else dataset_fingerprints(dataset, "imagesTr", processes, progress))
     if found is None or identifiers is None:
         return found
     return {case: found[case] for case in identifiers if case in found}

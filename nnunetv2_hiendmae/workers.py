@@ -15,11 +15,12 @@ def second_is_text(result: tuple) -> bool:
 
 
 def parallel(fn: Callable[[object], tuple], jobs: Sequence, processes: int, desc: str,
-             failed: Callable[[tuple], bool] | None = second_is_text) -> Iterator[tuple]:
+             failed: Callable[[tuple], bool] | None = second_is_text, progress: bool = True) -> Iterator[tuple]:
     """``fn(job)`` for every job, in completion order, in up to ``processes`` spawned worker processes (in this
     process when one is enough), with a progress bar on stderr that counts the results ``failed`` calls failures
-    (``None``: counts nothing). ``fn`` must be a module-level function and its jobs picklable."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", dynamic_ncols=True, file=sys.stderr)
+    (``None``: counts nothing; ``progress=False``: no bar). ``fn`` must be a module-level function and its jobs
+    picklable."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", dynamic_ncols=True, file=sys.stderr, disable=not progress)
     failures = 0
 
     def report(result: tuple) -> tuple:

@@ -58,13 +58,13 @@ SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite c
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
 
-def case_fingerprints(sources: list[PreprocessedData], processes: int) -> dict[str, str]:
+def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
     preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
     found = {}
     for s in sources:
-        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes) or {}
+        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
         found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
     return found
 
@@ -228,6 +228,7 @@ class PretrainRun:
         self.out = Path(cfg.output_dir)
         self.is_main = self.rank == 0
         sources = resolve_sources(cfg.datasets, cfg.plans, cfg.configuration, cfg.fold)
+        probe_split = self._probe_split(len(sources[0].channel_names)) if cfg.probe_dataset is not None else None
         stored = (resume_from or {}).get("pretrain", {})
         self.val_cases = stored["val_cases"] if "val_cases" in stored else held_out_cases(
             sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
@@ -235,9 +236,6 @@ class PretrainRun:
         progress = self.is_main and cfg.progress_bar
         self.notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
         self.notes += normalisation_differences(sources)
-        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
-        if self.fingerprints is None and self.is_main:
-            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers))
         self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
@@ -247,8 +245,11 @@ class PretrainRun:
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
         self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, transfer_dtype(self.device, self.precision))
                          if self.is_main and self.val_cases else None)
-        self.probe = self._probe_data(sources[0]) if self.is_main and cfg.probe_dataset is not None else None
+        self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
+        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
+        if self.fingerprints is None and self.is_main:  # after every check of the input: the slowest step
+            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress)
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
@@ -463,19 +464,25 @@ class PretrainRun:
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
 
-    def _probe_data(self, first: PreprocessedData):
-        """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order;
-        a dataset of another channel count, an unknown one or a fold it does not have: one line, nothing written."""
-        from nnunetv2_hiendmae.plans import to_dataset_axes
-        from nnunetv2_hiendmae.probe import load_probe_data, probe_split
+    def _probe_split(self, channels: int):
+        """The probe dataset's fold, checked before anything is read: an unknown dataset, a fold it does not have, no
+        labels or another channel count is one line (nothing written)."""
+        from nnunetv2_hiendmae.probe import probe_split
 
         cfg = self.cfg
         split = probe_split(cfg.probe_dataset, cfg.probe_fold)
-        if split.channels != self.meta["in_channels"]:
+        if split.channels != channels:
             raise UserError(f"--probe-dataset {cfg.probe_dataset}: {split.dataset_name} has {split.channels} "
-                            f"channel(s), the pretraining data {self.meta['in_channels']}")
-        patch = to_dataset_axes(cfg.patch_size, first.plans["transpose_forward"], split.transpose_forward)
-        return load_probe_data(cfg.probe_dataset, cfg.probe_fold, patch, seed=cfg.seed)
+                            f"channel(s), the pretraining data {channels}")
+        return split
+
+    def _probe_data(self, split, first: PreprocessedData):
+        """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order."""
+        from nnunetv2_hiendmae.plans import to_dataset_axes
+        from nnunetv2_hiendmae.probe import load_probe_data
+
+        patch = to_dataset_axes(self.cfg.patch_size, first.plans["transpose_forward"], split.transpose_forward)
+        return load_probe_data(split.dataset_name, split.fold, patch, seed=self.cfg.seed)
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         """The held-out losses (every ``--val-every`` epochs and after the last) and the probe's score (every
