@@ -97,6 +97,14 @@ def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["weights"].items() if k.startswith(ENCODER_PREFIX)}
 
 
+def pretrain_patch_size(pretrain: dict) -> list[int] | None:
+    """The pretraining patch size in voxels, in the axis order of the pretraining data (their ``transpose_forward``),
+    from a checkpoint's ``pretrain`` block: ``patch_size``, or ``crop_size`` as checkpoints have called it so far;
+    ``None`` if the block records neither."""
+    size = pretrain.get("patch_size") or pretrain.get("crop_size")
+    return [int(s) for s in size] if size else None
+
+
 def encoder_fingerprint(ckpt: dict) -> str:
     """SHA-256 of what fine-tuning takes from a checkpoint, the encoder's configuration and weights: plans pin this,
     not the file's bytes, so a checkpoint written again with the same encoder still matches its plans."""
