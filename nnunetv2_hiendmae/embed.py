@@ -203,7 +203,11 @@ class PreprocessedCases(Dataset):
     describe the folder's preprocessing, their ``patch_size`` the windows."""
 
     def __init__(self, folder: str, identifiers: list[str], settings: Settings, token: Sequence[int]):
+        from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping, infer_dataset_class
+
         self.folder, self.identifiers, self.settings, self.token = folder, identifiers, settings, tuple(token)
+        self.dataset_class = infer_dataset_class(folder)
+        self.ending = next(e for e, c in file_ending_dataset_mapping.items() if c is self.dataset_class)
         self._dataset = None  # nnU-Net's dataset object, made in each worker
 
     def __getstate__(self):
@@ -216,14 +220,10 @@ class PreprocessedCases(Dataset):
         return self.identifiers[i]
 
     def __getitem__(self, i: int) -> dict:
-        from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping, infer_dataset_class
-
         name = self.identifiers[i]
-        cls = infer_dataset_class(self.folder)
         if self._dataset is None:
-            self._dataset = cls(self.folder, self.identifiers)
-        ending = next(e for e, c in file_ending_dataset_mapping.items() if c is cls)
-        source = [str(Path(self.folder) / f"{name}.{ending}")]
+            self._dataset = self.dataset_class(self.folder, self.identifiers)
+        source = [str(Path(self.folder) / f"{name}.{self.ending}")]
         try:
             data, _, _, props = self._dataset.load_case(name)
             return prepare(name, source, np.asarray(data[:]), props, self.settings, self.settings.patch_size,
@@ -305,7 +305,8 @@ def run_settings(trained: TrainedEncoder, dataset: ImageCases | PreprocessedCase
     preprocessing = {k: v for k, v in asdict(dataset.settings).items() if k != "source"}
     return json.loads(json.dumps({
         "encoder_sha256": trained.fingerprint, "encoder": trained.description,
-        "data": dataset.settings.source, "preprocessing": preprocessing, "step_size": options.step_size,
+        "data": "image files" if isinstance(dataset, ImageCases) else dataset.settings.source,
+        "preprocessing": preprocessing, "step_size": options.step_size,
         "pool": list(options.pool), "tokens": options.tokens, "precision": options.precision}))
 
 

@@ -14,9 +14,10 @@ so numpy's scalar and dtype reconstruction are allowed besides tensors; no other
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,6 @@ class TrainedEncoder:
     """
 
     encoder: ViTEncoder3D
-    config: dict
     settings: Settings
     fingerprint: str
     description: str
@@ -68,7 +68,8 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
     """Read either kind of checkpoint (module docstring); a missing, unreadable or foreign file, or an nnU-Net
     checkpoint of a network without our ViT, is a :class:`~nnunetv2_hiendmae.errors.UserError`."""
     path = Path(path).expanduser().resolve()
-    with torch.serialization.safe_globals(numpy_scalar_globals()):
+    allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before, numpy scalars are refused
+    with allowed(numpy_scalar_globals()) if allowed else contextlib.nullcontext():
         ckpt = read_torch_file(path, "checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         return _from_pretraining(ckpt, path)
@@ -106,7 +107,7 @@ def _from_pretraining(ckpt: dict, path: Path) -> TrainedEncoder:
         json.loads(json.dumps(pre["foreground_intensity_properties_per_channel"])), patch_size=patch,
         source=f"pretraining checkpoint {path}")
     encoder = _load(ckpt["encoder"], encoder_state_dict(ckpt), path)
-    return TrainedEncoder(encoder, dict(ckpt["encoder"]), settings, encoder_fingerprint(ckpt),
+    return TrainedEncoder(encoder, settings, encoder_fingerprint(ckpt),
                           f"{ckpt['encoder'].get('arch')} encoder pretrained with {ckpt.get('method')}")
 
 
@@ -130,7 +131,7 @@ def _from_nnunet(ckpt: dict, path: Path) -> TrainedEncoder:
     own = {"encoder": config, "weights": weights}
     encoder = _load(config, encoder_state_dict(own), path)
     settings = settings_from_plans(manager, init["configuration"], channels, patch, f"nnU-Net checkpoint {path}")
-    settings.reader = manager.plans.get("image_reader_writer")
-    return TrainedEncoder(encoder, config, settings, encoder_fingerprint(own),
+    settings = replace(settings, reader=manager.plans.get("image_reader_writer"))  # as nnUNetv2_predict reads
+    return TrainedEncoder(encoder, settings, encoder_fingerprint(own),
                           f"{config.get('arch')} encoder fine-tuned by {trainer} ({manager.plans_name}, "
                           f"{init['configuration']}, fold {init.get('fold')})")
