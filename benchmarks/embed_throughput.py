@@ -110,7 +110,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work_dir or tmp)
-        scans = work / "scans"
+        scans = work / f"scans_{a.scans}_x{a.scale}"  # written once per count and size, reused by later runs
         if not scans.is_dir():
             write_scans(scans, a.scans, a.scale)
         ckpt = write_random_checkpoint(work / f"{a.arch}.pth", a.arch, a.patch_size)

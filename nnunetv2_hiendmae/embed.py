@@ -59,7 +59,7 @@ POOLS = ("mean", "cls")
 
 @dataclass(frozen=True)
 class Options:
-    """What the embeddings depend on besides the encoder and the data (``batch_size`` and ``device`` do not)."""
+    """How cases are embedded; everything but ``batch_size`` changes the numbers and goes into the run's settings."""
 
     pool: tuple[str, ...] = POOLS
     tokens: bool = False
@@ -150,11 +150,11 @@ def token_geometry(props: dict, shape: Sequence[int], before: Sequence[int], tok
     return np.array([spacing[i] for i in back]), np.array([origin[i] for i in back])
 
 
-def prepare(name: str, source: list[str], data: np.ndarray, props: dict, settings: Settings, patch: Sequence[int],
+def prepare(name: str, source: list[str], data: np.ndarray, props: dict, settings: Settings,
             token: Sequence[int]) -> dict:
-    """A preprocessed case ``[C, *S]`` (``settings``' axes and normalisation) made ready for :func:`embed_volume`:
-    padded image, body and image fraction per token, token geometry."""
-    image, before = pad_for_windows(np.asarray(data, dtype=np.float32), patch, token)
+    """A preprocessed case ``[C, *S]`` (``settings``' axes and normalisation; their ``patch_size``, the windows') made
+    ready for :func:`embed_volume`: padded image, body and image fraction per token, token geometry."""
+    image, before = pad_for_windows(np.asarray(data, dtype=np.float32), settings.patch_size, token)
     inside = np.zeros(image.shape[1:], dtype=bool)
     inside[tuple(slice(b, b + n) for b, n in zip(before, data.shape[1:]))] = True
     body = inside & body_mask(image, settings, BODY_SEED)
@@ -193,7 +193,7 @@ class ImageCases(Dataset):
             return {"name": case.name, "source": case.files, "error": str(e)}
         try:
             data, props = nnunet_preprocess(data, props, self.plans)
-            return prepare(case.name, case.files, data, props, self.settings, self.settings.patch_size, self.token)
+            return prepare(case.name, case.files, data, props, self.settings, self.token)
         except Exception as e:  # noqa: BLE001 - one bad case must never stop the run; it is reported
             return {"name": case.name, "source": case.files, "error": _reason(e, "preprocessing")}
 
@@ -226,8 +226,7 @@ class PreprocessedCases(Dataset):
         source = [str(Path(self.folder) / f"{name}.{self.ending}")]
         try:
             data, _, _, props = self._dataset.load_case(name)
-            return prepare(name, source, np.asarray(data[:]), props, self.settings, self.settings.patch_size,
-                           self.token)
+            return prepare(name, source, np.asarray(data[:]), props, self.settings, self.token)
         except Exception as e:  # noqa: BLE001 - one bad case must never stop the run; it is reported
             return {"name": name, "source": source, "error": _reason(e, "loading")}
 
