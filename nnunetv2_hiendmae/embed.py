@@ -274,11 +274,12 @@ def write_table(out: Path) -> Path:
     try:
         import pyarrow  # noqa: F401 - only whether it is there
 
-        path = out / f"{TABLE}.parquet"
+        path, other = out / f"{TABLE}.parquet", out / f"{TABLE}.csv"
         atomic_write(path, lambda f: table.to_parquet(f, index=False))
     except ImportError:
-        path = out / f"{TABLE}.csv"
+        path, other = out / f"{TABLE}.csv", out / f"{TABLE}.parquet"
         atomic_write(path, lambda f: f.write(table.to_csv(index=False, float_format="%.9g").encode()))
+    other.unlink(missing_ok=True)  # an earlier run's table in the other format is not complete any more
     return path
 
 

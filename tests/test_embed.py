@@ -148,12 +148,14 @@ def test_a_resumed_run_skips_finished_cases_and_completes_the_table(embedded, sc
     shutil.copytree(embedded["out"], out)
     (out / "scans__pool_001.npz").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
-    (out / "embeddings.csv").unlink(missing_ok=True)
+    for stale in ("embeddings.csv", "embeddings.parquet"):  # an earlier table, or one in the other format
+        (out / stale).write_text("case\nscans__pool_000\n")
     proc = run_cli(CMD, "-i", str(scans), "-pt", str(ckpt), "-o", str(out), "--tokens", "-np", "0", check=True)
     assert "3 embedded (2 from an earlier run), 2 skipped" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz") if p.name in kept} == kept
     np.testing.assert_array_equal(npz(out / "scans__pool_001.npz")["tokens"],
                                   npz(embedded["out"] / "scans__pool_001.npz")["tokens"])
+    assert len(list(out.glob("embeddings.*"))) == 1
     assert list(table(out)["case"]) == ["scans__pool_000", "scans__pool_001", "scans__pool_002"]
     assert set(json.loads((out / "skipped.json").read_text())) == {"scans__corrupt", "scans__multi__two"}
 
