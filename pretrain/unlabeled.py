@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +35,9 @@ from nnunetv2_hiendmae.fileio import atomic_write_json, publish
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 from nnunetv2_hiendmae.presets import ct_window_statistics
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 PLANS = "nnUNetPlans"  # what nnUNetv2_hiendmae_pretrain reads by default
 CONFIGURATION = "3d_fullres"
@@ -336,7 +340,7 @@ def settings_like(dataset: str, plans_name: str, configuration: str, patch_size:
     return settings_from_plans(manager, configuration, channels, patch_size, f"like {name}"), name
 
 
-def settings_from_plans(manager, configuration: str, channels: int, patch_size: Sequence[int],
+def settings_from_plans(manager: PlansManager, configuration: str, channels: int, patch_size: Sequence[int],
                         source: str) -> Settings:
     """Spacing, axis order, normalisation and resampling of one configuration of nnU-Net plans (a ``PlansManager``)
     as :class:`Settings`."""
