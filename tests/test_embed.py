@@ -201,6 +201,7 @@ def test_a_fine_tuned_nnunet_checkpoint_embeds_with_its_encoder(preprocessed_dat
     plan_main(["-d", "990", "-pt", str(ckpt), "-o", "T_embed", "--patch-size", *map(str, CROP)])
     trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, folder, "T_embed")
     trainer.initialize()
+    trainer._best_ema = np.float64(0.25)  # as after an epoch: nnU-Net's checkpoint holds numpy scalars
     path = tmp_path / "checkpoint_final.pth"
     trainer.save_checkpoint(str(path))
     loaded = load_trained_encoder(path)
