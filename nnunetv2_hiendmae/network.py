@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_hiendmae.presets import token_size_3d
-from nnunetv2_hiendmae.vit import build_encoder
+from nnunetv2_hiendmae.vit import build_encoder, tokens_to_volume
 
 NORM = "instance"
 
@@ -94,9 +94,14 @@ def _head_of_0_1(state_dict: dict, prefix: str, *args) -> None:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
-def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``[B, 1+N, E]`` (CLS first) -> ``[B, E, *grid]``: the CLS token has no position, so it is dropped."""
-    return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+def network_encoder_config(encoder: dict, input_channels: int, patch_size: Sequence[int]) -> dict:
+    """The encoder :class:`HiEndUNETR` builds from the plans' ``encoder`` dict: its ``in_channels`` replaced by the
+    network's, and a learned positional embedding's grid by the patch's token grid."""
+    config = {**encoder, "in_channels": input_channels}
+    if encoder.get("pos_embed") == "learned":
+        token = token_size_3d(encoder["token_size"])
+        config["pos_embed_grid"] = [s // t for s, t in zip(patch_size, token)]
+    return config
 
 
 class HiEndUNETR(nn.Module):
@@ -116,10 +121,7 @@ class HiEndUNETR(nn.Module):
         self.deep_supervision = deep_supervision
         self.recompute_full_resolution = recompute_full_resolution
         self.patch_size = tuple(patch_size)
-        self.encoder_config = {**encoder, "in_channels": input_channels}
-        if encoder.get("pos_embed") == "learned":
-            token = token_size_3d(encoder["token_size"])
-            self.encoder_config["pos_embed_grid"] = [s // t for s, t in zip(self.patch_size, token)]
+        self.encoder_config = network_encoder_config(encoder, input_channels, self.patch_size)
         self.encoder = build_encoder(self.encoder_config)
         self.encoder.grid(self.patch_size)  # raises unless the patch is a multiple of the token size
         e, f = self.encoder.embed_dim, feature_size

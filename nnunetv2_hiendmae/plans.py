@@ -250,17 +250,17 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
 
     info = {"checkpoint": str(path), "encoder_sha256": encoder_fingerprint(ckpt), "arch": ckpt_arch,
             "method": ckpt.get("method")}
-    return Source(network_encoder_config(ckpt["encoder"]), info, pretrain, path, pre_tf, [int(c) for c in patch])
+    return Source(plans_encoder_config(ckpt["encoder"]), info, pretrain, path, pre_tf, [int(c) for c in patch])
 
 
-def network_encoder_config(encoder: dict) -> dict:
+def plans_encoder_config(encoder: dict) -> dict:
     """The encoder configuration the plans store: the checkpoint's or the preset's, without ``in_channels``, which the
     network takes from nnU-Net (its ``input_channels``: the dataset's channel count)."""
     return {k: v for k, v in encoder.items() if k != "in_channels"}
 
 
 def scratch_source(arch: str, ds: Dataset) -> Source:
-    encoder = network_encoder_config(encoder_config(arch, pos_embed="sincos"))
+    encoder = plans_encoder_config(encoder_config(arch, pos_embed="sincos"))
     return Source(encoder, {"checkpoint": None, "encoder_sha256": None, "arch": arch, "method": "scratch"})
 
 

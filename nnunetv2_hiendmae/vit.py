@@ -67,6 +67,11 @@ def unpatchify(p: torch.Tensor, token_size: Sequence[int], grid: Sequence[int], 
     return x.reshape(b, channels, gh * ph, gw * pw, gd * pd)
 
 
+def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``[B, 1+N, E]`` (CLS first) -> ``[B, E, *grid]``: the CLS token has no position, so it is dropped."""
+    return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+
+
 def take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tokens[b, index[b, n]]``: ``[B, L, ...]`` with ``index [B, N]`` -> ``[B, N, ...]``
     (batch-expanded input ok)."""

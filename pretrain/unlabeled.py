@@ -35,9 +35,10 @@ import shutil
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +50,9 @@ from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 from nnunetv2_hiendmae.presets import ct_window_statistics
 from nnunetv2_hiendmae.workers import parallel
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 PLANS = "nnUNetPlans"  # what nnUNetv2_hiendmae_pretrain reads by default
 CONFIGURATION = "3d_fullres"
@@ -305,11 +309,22 @@ def body_locations(mask: np.ndarray, seed: int) -> np.ndarray:
     return np.stack(np.unravel_index(np.sort(flat), mask.shape), axis=1).astype(np.int32)
 
 
+def nnunet_preprocess(data: np.ndarray, props: dict, plans: dict) -> tuple[np.ndarray, dict]:
+    """nnU-Net's inference-time preprocessing of a read case ``[C, X, Y, Z]`` (``DefaultPreprocessor.run_case_npy``
+    without a segmentation, with the plans' :data:`CONFIGURATION`): ``(data [C, *shape] float32 in the plans' transposed
+    axes at their spacing, properties with nnU-Net's crop bbox and shapes)``."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    data, _, props = DefaultPreprocessor(verbose=False).run_case_npy(
+        data, None, props, manager, manager.get_configuration(CONFIGURATION), {})
+    return data, props
+
+
 def preprocess_case(case: Case, settings: Settings, plans: dict, staging: Path, target: Path) -> str | None:
     """Preprocess and write one case; ``None`` when done, else the reason it was skipped."""
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
         data, props = read_case(case, settings.reader)
@@ -318,9 +333,7 @@ def preprocess_case(case: Case, settings: Settings, plans: dict, staging: Path, 
     if data.shape[0] != settings.channels:
         return f"has {data.shape[0]} channels, the dataset {settings.channels}"
     fingerprint = content_fingerprint(data)  # as read: before cropping, resampling and normalisation
-    manager = PlansManager(plans)
-    data, seg, props = DefaultPreprocessor(verbose=False).run_case_npy(
-        data, None, props, manager, manager.get_configuration(CONFIGURATION), {})
+    data, props = nnunet_preprocess(data, props, plans)
     seed = int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16)
     mask = body_mask(data, settings, seed)
     body = np.where(mask, 0, -1).astype(np.int8)[None]
@@ -395,15 +408,22 @@ def settings_like(dataset: str, plans_name: str, configuration: str, patch_size:
     manager = PlansManager(str(plans_file))
     if configuration not in manager.available_configurations:
         raise UserError(f"--like {dataset}: configuration {configuration} is not in {plans_file}")
-    cfg = manager.get_configuration(configuration).configuration
     channels = len(json.loads((folder / "dataset.json").read_text())["channel_names"])
+    return settings_from_plans(manager, configuration, channels, patch_size, f"like {name}"), name
+
+
+def settings_from_plans(manager: PlansManager, configuration: str, channels: int, patch_size: Sequence[int],
+                        source: str) -> Settings:
+    """Spacing, axis order, normalisation and resampling of one configuration of nnU-Net plans (a ``PlansManager``)
+    as :class:`Settings`."""
+    cfg = manager.get_configuration(configuration).configuration
     schemes = list(cfg["normalization_schemes"])
     modality = "CT" if all(s == "CTNormalization" for s in schemes) else "MR"
     resampling = {k: cfg[k] for k in DEFAULT_RESAMPLING if k in cfg}
     return Settings(channels, modality, [float(s) for s in cfg["spacing"]], list(manager.transpose_forward), schemes,
                     [bool(m) for m in cfg["use_mask_for_norm"]],
                     json.loads(json.dumps(manager.foreground_intensity_properties_per_channel)),
-                    {**DEFAULT_RESAMPLING, **resampling}, list(patch_size), f"like {name}"), name
+                    {**DEFAULT_RESAMPLING, **resampling}, list(patch_size), source)
 
 
 @dataclass
@@ -411,11 +431,12 @@ class Report:
     done: int = 0
     skipped: dict = field(default_factory=dict)  # case -> {"files": [...], "reason": ...}
     already: int = 0
+    verb: str = "preprocessed"  # what was done to the cases, for the summary
 
     def summary(self) -> str:
         reasons = Counter(r["reason"].split(" (")[0] for r in self.skipped.values())
         why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        return (f"{self.done + self.already} preprocessed ({self.already} from an earlier run), "
+        return (f"{self.done + self.already} {self.verb} ({self.already} from an earlier run), "
                 f"{len(self.skipped)} skipped" + (f": {why}" if why else ""))
 
 
@@ -564,8 +585,13 @@ def _write_dataset_files(folder: Path, full_name: str, settings: Settings, cases
         "foreground_intensity_properties_per_channel": settings.intensity,
         "statistics_from": settings.source, "cases": done})
     atomic_write_json(folder / FINGERPRINTS_FILE, fingerprints)
-    skipped_file = folder / "skipped.json"
-    previous = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
-    still = {k: v for k, v in previous.items() if k not in done and k not in report.skipped}
-    atomic_write_json(skipped_file, {**still, **report.skipped})
+    record_skipped(folder / "skipped.json", done, report.skipped)
     report.already = len(done) - report.done
+
+
+def record_skipped(path: Path, done: Collection[str], skipped: dict) -> None:
+    """Write ``skipped.json`` (case -> files and reason): this run's skipped cases, and those of earlier runs that
+    are still not done."""
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    still = {k: v for k, v in previous.items() if k not in done and k not in skipped}
+    atomic_write_json(path, {**still, **skipped})

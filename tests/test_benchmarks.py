@@ -69,6 +69,16 @@ def test_loader_throughput_times_each_step_on_the_datasets_given(preprocessed_da
     assert r["bytes_per_crop"] == {"float32": 16 * 32 * 32 * 4, "float16_for_gpu": 16 * 32 * 32 * 2}
 
 
+def test_embed_throughput_runs_the_command_on_the_scans_it_writes(tmp_path):
+    r = _run("embed_throughput.py", "--arch", "vit_tiny", "-n", "2", "--scale", "0.4", "--patch-size", "32", "64", "64",
+             "-np", "1", "--work-dir", str(tmp_path))
+    assert (r["arch"], r["scans"], list(r["runs"])) == ("vit_tiny", 2, ["np1"])
+    run = r["runs"]["np1"]
+    assert run["cases"] == 2 and len(list((tmp_path / "out_vit_tiny_np1").glob("*.npz"))) == 2
+    assert all(_positive(run[k]) for k in ("cases_per_s", "cases_per_s_with_startup", "peak_memory_gib"))
+    assert run["cases_per_s_with_startup"] < run["cases_per_s"] and 0 <= run["encoder_waited_s"] <= run["loop_s"]
+
+
 def test_make_scans_writes_ct_like_volumes_of_the_size_asked(tmp_path):
     import SimpleITK as sitk
 
