@@ -48,7 +48,9 @@ def log_of(out) -> str:
 
 def test_a_corrupt_case_refuses_the_run_before_it_starts_or_is_left_out_on_request(private_root, tmp_path):
     root, copies = private_root
-    truncate(copies["pool"] / "nnUNetPlans_3d_fullres" / "pool_001.b2nd")
+    damaged = sorted((copies["pool"] / "nnUNetPlans_3d_fullres").glob("*pool_001.b2nd"))[0]
+    truncate(damaged)
+    case = damaged.name.removesuffix(".b2nd")
     out = tmp_path / "run"
     args = ["nnUNetv2_hiendmae_pretrain", "-d", "990", "991", "-o", str(out), "--arch", "vit_tiny", "--patch-size",
             "16", "32", "32", "--batch-size", "2", "--crops-per-volume", "2", "--num-workers", "0", "--device", "cpu",
@@ -57,10 +59,10 @@ def test_a_corrupt_case_refuses_the_run_before_it_starts_or_is_left_out_on_reque
     refused = run_cli(*args, env=env)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
-    assert "Dataset991_Pool/pool_001: unreadable" in lines[0] and "--skip-bad-cases" in lines[0]
+    assert f"Dataset991_Pool/{case}: unreadable" in lines[0] and "--skip-bad-cases" in lines[0]
     assert not out.exists()
     run_cli(*args, "--skip-bad-cases", env=env, check=True)
-    assert "note: left out (--skip-bad-cases): Dataset991_Pool/pool_001" in log_of(out)
+    assert f"note: left out (--skip-bad-cases): Dataset991_Pool/{case}" in log_of(out)
     assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["datasets"][1]["num_cases"] == 2
 
 
