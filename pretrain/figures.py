@@ -44,8 +44,8 @@ def plot_progress(history: dict[str, list[float]], path: Path) -> None:
                      label="total loss" if k == "loss" else k)
         if f"val_{k}" in history:
             x, y = _measured(epochs, history[f"val_{k}"])
-            axes[0].plot(x, y, color=colour, ls="--", marker="s", ms=3, lw=2.5 if k == "loss" else 1.2,
-                         label=f"held-out {'total loss' if k == 'loss' else k}")
+            axes[0].plot(x, y, color=colour, ls="--", marker="s" if len(x) < 30 else None, ms=4,
+                         lw=2.0 if k == "loss" else 1.0, label=f"held-out {'total loss' if k == 'loss' else k}")
     axes[0].set_ylabel("loss (solid: training, dashed: held-out cases)" if "val_loss" in history else "train loss")
     if len(axes[0].get_lines()) > 1:
         axes[0].legend(fontsize=8, ncol=3)
