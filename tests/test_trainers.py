@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from conftest import CROP, make_trainer, run_cli, write_checkpoint
 
-from nnunetv2_hiendmae import trainers
+from nnunetv2_hiendmae import trainers, variants
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.ext import ext_path, ext_trainer_hint
@@ -64,8 +64,8 @@ def test_ext_hint_when_unset(monkeypatch):
 
 
 def test_schedules_are_data():
-    assert (trainers.SMOKE.epochs, trainers.SMOKE.warmup()) == (2, 1)
-    assert trainers.Schedule(epochs=1000).warmup() == 50 and trainers.Schedule(epochs=100).warmup() == 10
+    assert (variants.SMOKE.epochs, variants.SMOKE.warmup()) == (2, 1)
+    assert variants.Schedule(epochs=1000).warmup() == 50 and variants.Schedule(epochs=100).warmup() == 10
     assert trainers.nnUNetTrainerHiEndMAEBaseline_demo.schedule == trainers.nnUNetTrainerHiEndMAE_demo.schedule
 
 
