@@ -499,7 +499,7 @@ def comparison_figure(comp: Comparison):
     ticks = [label if ok or not e.folds else f"{label}\n(1 fold: no spread)"
              for label, e, ok in zip(comp.labels, comp.entries, spread)]
     ax.set_xticks(x)
-    ax.set_xticklabels(ticks, rotation=30 if n > 3 else 0, ha="right" if n > 3 else "center", fontsize=8)
+    ax.set_xticklabels(ticks, rotation=30 if n > 5 else 0, ha="right" if n > 5 else "center", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean foreground Dice (validation)")
     ax.set_title("mean fg Dice: mean ± std over folds, dots = folds", fontsize=10)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_summary
 
 from nnunetv2_hiendmae import compare as cmp
 
@@ -23,19 +24,6 @@ CFG = "3d_fullres"
 # per-fold (liver, tumor) Dice; the reference has folds 0-2, ours only 0-1 (fold_2 unfinished)
 REF_DICE = {0: (0.80, 0.60), 1: (0.82, 0.64), 2: (0.78, 0.62)}
 OURS_DICE = {0: (0.85, 0.70), 1: (0.84, 0.66)}
-
-
-def write_summary(path: Path, dice_per_class: dict) -> None:
-    """Write a summary.json exactly as nnU-Net's compute_metrics_on_folder does (via its save_summary_json)."""
-    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    means = {k: {"Dice": float(d), "IoU": float(d / (2 - d)) if not math.isnan(d) else math.nan, "FP": 1.0,
-                 "TP": 5.0, "FN": 1.0, "TN": 90.0, "n_pred": 6.0, "n_ref": 6.0} for k, d in dice_per_class.items()}
-    fg = {m: float(np.mean([means[k][m] for k in means if k != 0])) for m in next(iter(means.values()))}
-    case = {"reference_file": "gt/case_000.nii.gz", "prediction_file": "pred/case_000.nii.gz",
-            "metrics": {k: dict(v) for k, v in means.items()}}
-    save_summary_json({"metric_per_case": [case], "mean": means, "foreground_mean": fg}, str(path))
 
 
 def make_entry(root: Path, entry: str, dice: dict, labels: dict | None = None, cfg: str = CFG,
