@@ -208,7 +208,7 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     for run in study.runs[:2]:
         assert st.compare.summary_path(study.fold_dir(run)).stat().st_mtime_ns == finished[run.key]
     assert all(study.finished(r) for r in study.runs) and len(study.times()) == 12
-    assert "nnUNetv2_hiendmae_plan" not in again.stdout  # the plans were written once, by the first run
+    assert "$ nnUNetv2_hiendmae_plan" not in again.stdout  # the plans were written once, by the first run
 
     # the report holds what the fold summaries say
     assert sorted(p.name for p in out.iterdir()) == ["learning_curve.png", "study.md", "study_dice.csv",
