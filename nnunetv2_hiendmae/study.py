@@ -218,19 +218,15 @@ def estimate_left(study: Study) -> float | None:
 
 def resume_point(fold_dir: Path) -> tuple[Path | None, list[Path]]:
     """The checkpoint ``nnUNetv2_train --c`` would continue from (final, latest, best: nnU-Net's order) and the ones
-    before it that a kill left unreadable (a torch checkpoint is a zip archive: truncated, it fails its check)."""
+    before it that a kill left unreadable (a torch checkpoint is a zip archive whose directory is written last: a
+    write cut short leaves none)."""
     unreadable = []
     for name in CHECKPOINTS:
         path = fold_dir / name
-        if not path.is_file():
-            continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                if archive.testzip() is None:
-                    return path, unreadable
-        except (zipfile.BadZipFile, OSError, EOFError):
-            pass
-        unreadable.append(path)
+        if path.is_file():
+            if zipfile.is_zipfile(path):
+                return path, unreadable
+            unreadable.append(path)
     return None, unreadable
 
 

@@ -59,17 +59,18 @@ def test_resume_point_follows_nnunet_and_sets_unreadable_checkpoints_aside(tmp_p
 
 
 def test_time_estimate_from_finished_runs_per_arm(tmp_path):
-    study = fake_study(tmp_path, budgets=(100,), folds=(0, 1))
+    study = fake_study(tmp_path, budgets=(100,), folds=(0, 1, 2))
     assert st.estimate_left(study) is None
-    done = study.runs[:2]  # fold 0: pretrained, scratch
+    done = {study.runs[0]: 100, study.runs[1]: 40, study.runs[3]: 80}  # pretrained folds 0 and 1, scratch fold 0
     for run in done:
         write_summary(st.compare.summary_path(study.fold_dir(run)), {1: 0.5, 2: 0.5})
     study.out_dir.mkdir()
-    (study.out_dir / st.TIMES_FILE).write_text(json.dumps({r.key: {"seconds": s} for r, s in zip(done, (80, 40))}))
-    # left: nnunet folds 0 and 1 (no time of its own: the mean of all, 60 s), pretrained fold 1 (80), scratch (40)
-    assert st.estimate_left(study) == pytest.approx(60 + 80 + 40 + 60)
-    assert st.status(study, done[0]) == "done (80 s)" and st.status(study, study.runs[2]) == "to do"
-    assert "2 of 6 runs done; about 4 min left" in st.listing(study)
+    (study.out_dir / st.TIMES_FILE).write_text(json.dumps({r.key: {"seconds": s} for r, s in done.items()}))
+    # left: pretrained fold 2 (its mean, 90 s), scratch folds 1-2 (40 s each), nnunet folds 0-2 (no time of its own:
+    # the mean of all finished runs, 73.3 s)
+    assert st.estimate_left(study) == pytest.approx(90 + 2 * 40 + 3 * 220 / 3)
+    assert st.status(study, study.runs[3]) == "done (80 s)" and st.status(study, study.runs[2]) == "to do"
+    assert "3 of 9 runs done; about 6 min left" in st.listing(study)
 
 
 # per (arm, budget) and fold: (liver, tumor) Dice. pretrained beats scratch at both budgets in every fold by about
@@ -177,7 +178,8 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     folder = preprocessed_dataset["preprocessed"]
     ckpt = write_checkpoint(tmp_path / "pre.pth", folder)
     out = tmp_path / "study"
-    args = ["-d", "990", "-pt", str(ckpt), "-p", "T_study", "-f", "0", "1", "--budgets", "50", "100", "--arms",
+    # folds 1 and 2 validate on one case each (fold 0 on two): the cheapest two folds of dataset 990
+    args = ["-d", "990", "-pt", str(ckpt), "-p", "T_study", "-f", "1", "2", "--budgets", "50", "100", "--arms",
             "frozen", "scratch", "nnunet", "--schedule", "smoke", "-device", "cpu", "-o", str(out)]
 
     dry = run_cli("nnUNetv2_hiendmae_study", *args, "--dry-run", check=True)
@@ -221,7 +223,7 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     differences = list(csv.DictReader((out / "study_differences.csv").open()))
     for budget in (50, 100):
         for reference in ("scratch", "nnunet"):
-            d = np.array([fg[("frozen", budget, f)] - fg[(reference, budget, f)] for f in (0, 1)])
+            d = np.array([fg[("frozen", budget, f)] - fg[(reference, budget, f)] for f in (1, 2)])
             half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / math.sqrt(2)
             row = next(r for r in differences if (r["budget_percent"], r["reference"], r["metric"]) ==
                        (str(budget), reference, FG_COLUMN))
@@ -233,7 +235,7 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the label budget: the same nested cases for every arm of a fold, recorded in each fold folder
-    for fold in (0, 1):
+    for fold in (1, 2):
         records = [json.loads((study.fold_dir(r) / "label_budget.json").read_text())
                    for r in study.runs if r.budget == 50 and r.fold == fold]
         assert len(records) == 3 and all(r["training_cases"] == records[0]["training_cases"] for r in records)
@@ -245,7 +247,7 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_frozen_smoke
     from nnunetv2_hiendmae.weights import load_pretrained_encoder
 
-    frozen = next(r for r in study.runs if r.arm == "frozen" and r.budget == 100 and r.fold == 0)
+    frozen = next(r for r in study.runs if r.arm == "frozen" and r.budget == 100 and r.fold == 1)
     final = torch.load(study.fold_dir(frozen) / "checkpoint_final.pth", weights_only=False)["network_weights"]
     plans = json.loads((folder / "T_study.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
