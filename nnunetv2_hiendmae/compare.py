@@ -628,9 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "summary.json. Prints a Markdown table and writes comparison.csv, comparison.md and "
                     "comparison.png.",
         epilog="Values are mean ± sample std (n-1) over the folds found. The Δ columns are paired differences "
-               "to the first -r entry, computed fold by fold over the folds both entries have. Classes whose "
-               "Dice is nan (absent from every validation case) are reported as nan and left out of that fold's "
-               "mean fg Dice. Warnings about missing or differing folds go to stderr and into comparison.md.",
+               "to the first -r entry, computed fold by fold over the folds both entries have, with their 95 % "
+               "paired t interval (mean Δ ± t(0.975, n-1)·s/√n) and a verdict: better or worse when the interval "
+               "excludes 0, else not distinguishable at that number of folds. The figure names entries by short "
+               "arm names (pretrained ViT, ViT from scratch, nnU-Net default, ...); the tables give both. Classes "
+               "whose Dice is nan (absent from every validation case) are reported as nan and left out of that "
+               "fold's mean fg Dice. Warnings about missing or differing folds go to stderr and into comparison.md.",
     )
     p.add_argument("-d", "--dataset", required=True,
                    help="dataset id (e.g. 4) or full name (e.g. Dataset004_Hippocampus); must have a folder in "

@@ -101,7 +101,6 @@ class Study:
     results: Path  # $nnUNet_results/DatasetXXX_Name
     preprocessed: Path  # $nnUNet_preprocessed/DatasetXXX_Name
     out_dir: Path
-    recompute: bool = False
     runs: list[Run] = field(default_factory=list)
 
     def fold_dir(self, run: Run) -> Path:
@@ -187,7 +186,7 @@ def setup(args: argparse.Namespace) -> Study:
         raise UserError(f"output path {out_dir} exists and is not a folder")
     runs = plan_runs(arms, budgets, folds, args.schedule, args.plans, args.nnunet_plans, args.recompute)
     return Study(name, checkpoint, args.plans, args.nnunet_plans, args.schedule, folds, budgets, arms, args.device,
-                 results, preprocessed, Path(out_dir), args.recompute, runs)
+                 results, preprocessed, Path(out_dir), runs)
 
 
 # -------------------------------------------------------------------------------------------- progress

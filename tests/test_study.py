@@ -21,7 +21,8 @@ from nnunetv2_hiendmae import study as st
 from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.compare import FG_COLUMN
 
-TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
+# one augmentation worker: nnU-Net augments in parallel with training (a smoke run takes 3-4x longer without one)
+TRAIN_ENV = {"nnUNet_n_proc_DA": "1", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 
 
