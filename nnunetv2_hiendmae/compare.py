@@ -4,7 +4,9 @@ nnU-Net writes ``fold_<f>/validation/summary.json`` for every trained fold; this
 files for each ``TRAINER__PLANS`` entry, so our Hi-End-MAE trainers and nnU-Net's own baselines
 (``nnUNetTrainer__nnUNetPlans``, Primus, ResEnc) are compared on exactly the numbers nnU-Net reports.
 It prints a table (Dice per class, mean foreground Dice, mean +- std over folds, paired difference to
-the first entry) and writes it as CSV, Markdown and a PNG plot.
+the first entry with its 95 % paired t interval and a verdict) and writes it as CSV, Markdown and a PNG plot.
+The statistics (:func:`paired_difference`, :func:`verdict`) and the rendering helpers serve
+``nnUNetv2_hiendmae_study`` as well.
 """
 from __future__ import annotations
 
@@ -21,12 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.fileio import atomic_write_bytes
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
 
 DEFAULT_CONFIGURATION = "3d_fullres"
 FG_COLUMN = "mean fg Dice"
+CI_LEVEL = 0.95
+CI_NOTE = ("95 % CI: paired t interval over folds, mean Δ ± t(0.975, n−1)·s/√n of the per-fold differences; "
+           "'better' or 'worse' when it excludes 0, else 'not distinguishable at n folds' (not evidence of equality)")
 _ENTRY_RE = re.compile(r"^([A-Za-z0-9_.\-]+?)__([A-Za-z0-9_.\-]+)$")
 _FOLD_DIR_RE = re.compile(r"^fold_(\d+)$")
 
@@ -66,11 +72,14 @@ class EntryResult:
 
 @dataclass
 class Paired:
-    """Paired difference entry - reference over the folds both have (NaN folds dropped)."""
+    """Paired difference entry - reference over the folds both have (NaN folds dropped), with the 95 % paired t
+    interval of its mean (NaN below two folds)."""
 
     mean: float
     std: float
     folds: list[int]
+    ci_low: float = math.nan
+    ci_high: float = math.nan
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     out_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # short names for figures (entry_labels); set by __post_init__
+
+    def __post_init__(self) -> None:
+        self.labels = self.labels or entry_labels([e.name for e in self.entries])
 
     @property
     def columns(self) -> list[ClassKey | str]:
@@ -116,13 +129,43 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(np.mean(arr)), std
 
 
+def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float]:
+    """Student t interval of the mean: ``mean -/+ t_{(1+level)/2, n-1} * s / sqrt(n)`` (sample std ``s``); NaN below
+    two values. Over paired per-fold differences this is the paired t interval: with the 2-5 folds of a
+    cross-validation it is the honest choice, a bootstrap over so few folds has next to no distinct resamples."""
+    from scipy import stats  # here, not at import: the command's --help stays instant
+
+    arr = np.asarray(values, dtype=float)
+    if arr.size < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, arr.size - 1) * np.std(arr, ddof=1) / math.sqrt(arr.size))
+    return float(np.mean(arr)) - half, float(np.mean(arr)) + half
+
+
 def paired_difference(values: dict[int, float], reference: dict[int, float]) -> Paired:
-    """Difference per shared fold, then mean/std: removes fold-to-fold difficulty from the comparison."""
+    """Difference per shared fold, then mean/std and the 95 % paired t interval: removes fold-to-fold difficulty
+    from the comparison."""
     shared = sorted(set(values) & set(reference))
     diffs = {f: values[f] - reference[f] for f in shared}
     used = [f for f in shared if not math.isnan(diffs[f])]
     m, s = mean_std(diffs[f] for f in used)
-    return Paired(m, s, used)
+    return Paired(m, s, used, *t_interval([diffs[f] for f in used]))
+
+
+def verdict(p: Paired, name: str, reference: str, metric: str = FG_COLUMN) -> str:
+    """One line: ``name`` better / worse than ``reference`` when the 95 % interval of the paired difference excludes
+    0, else not distinguishable at this number of folds (which is no evidence of equality)."""
+    n = len(p.folds)
+    if n == 0:
+        return f"{name} vs {reference}: no shared fold, no comparison"
+    if n == 1:
+        return f"{name} vs {reference}: one shared fold, no interval and no verdict (Δ {metric} {p.mean:+.4f})"
+    numbers = f"Δ {metric} {p.mean:+.4f}, 95 % CI [{p.ci_low:+.4f}, {p.ci_high:+.4f}], {n} folds"
+    if p.ci_low > 0:
+        return f"{name} better than {reference} ({numbers})"
+    if p.ci_high < 0:
+        return f"{name} worse than {reference} ({numbers})"
+    return f"{name} vs {reference}: not distinguishable at {n} folds ({numbers})"
 
 
 # ------------------------------------------------------------------------------------- locating data
@@ -293,12 +336,27 @@ def fold_set_warnings(entries: Sequence[EntryResult]) -> list[str]:
 # ----------------------------------------------------------------------------------------- rendering
 
 
+def entry_labels(entries: Sequence[str]) -> list[str]:
+    """Short names of ``TRAINER__PLANS`` entries for figures and tables: the arm (pretrained ViT, ViT from scratch,
+    nnU-Net default, frozen pretrained ViT, ...), plus its schedule and label budget only where the entries differ in
+    them, plus the plans where that is what tells two apart; always unique."""
+    parsed = [parse_entry(e) for e in entries]
+    parts = [variants.describe(trainer) for trainer, _ in parsed]
+    shown = [i == 0 or len({p[i] for p in parts}) > 1 for i in range(3)]  # the arm; schedule, budget if they differ
+    labels = [", ".join(bit for bit, show in zip(p, shown) if show and bit) for p in parts]
+    plans_of: dict[str, set[str]] = {}
+    for label, (_, plans) in zip(labels, parsed):
+        plans_of.setdefault(label, set()).add(plans)
+    labels = [f"{label} ({plans})" if len(plans_of[label]) > 1 else label for label, (_, plans) in zip(labels, parsed)]
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
 def csv_number(x: float) -> str:
     """CSV number: 10 significant digits, far beyond Dice's meaning but free of float noise like ...0000002."""
     return "nan" if math.isnan(x) else f"{x:.10g}"
 
 
-def _fmt(mean: float, std: float, signed: bool = False) -> str:
+def fmt_mean_std(mean: float, std: float, signed: bool = False) -> str:
     """``0.8123 ± 0.0100`` for Markdown; just the mean when there is only one fold."""
     if math.isnan(mean):
         return "nan"
@@ -306,10 +364,18 @@ def _fmt(mean: float, std: float, signed: bool = False) -> str:
     return m if math.isnan(std) else f"{m} ± {std:.4f}"
 
 
+def fmt_interval(p: Paired) -> str:
+    """``+0.0475 [-0.3019, +0.3969]``: the mean paired difference and its 95 % interval (none below two folds)."""
+    if math.isnan(p.mean):
+        return "nan"
+    return f"{p.mean:+.4f}" if math.isnan(p.ci_low) else f"{p.mean:+.4f} [{p.ci_low:+.4f}, {p.ci_high:+.4f}]"
+
+
 def render_csv(comp: Comparison) -> str:
-    """One row per entry and fold, plus ``mean`` and ``std`` rows: both per-fold and aggregate numbers."""
+    """One row per entry and fold, plus ``mean`` and ``std`` rows, and ``ci95_low``/``ci95_high`` rows holding the
+    paired differences' 95 % interval in the delta columns: both per-fold and aggregate numbers."""
     columns = comp.columns
-    header = ["entry", "fold", "n_folds", "folds", "paired_folds"]
+    header = ["entry", "arm", "fold", "n_folds", "folds", "paired_folds"]
     for c in columns:
         name = comp.column_name(c)
         header += [f"Dice {name}" if c != FG_COLUMN else FG_COLUMN, f"delta {name}"]
@@ -317,26 +383,30 @@ def render_csv(comp: Comparison) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     ref = comp.entries[0]
-    for i, entry in enumerate(comp.entries):
+    for i, (entry, label) in enumerate(zip(comp.entries, comp.labels)):
         for f in entry.fold_ids():
-            row = [entry.name, str(f), "1", str(f), str(f) if (i > 0 and f in ref.folds) else ""]
+            row = [entry.name, label, str(f), "1", str(f), str(f) if (i > 0 and f in ref.folds) else ""]
             for c in columns:
                 v = entry.values(c)[f]
                 delta = csv_number(v - ref.values(c)[f]) if (i > 0 and f in ref.folds) else ""
                 row += [csv_number(v), delta]
             writer.writerow(row)
         folds = " ".join(map(str, entry.fold_ids()))
-        for stat in ("mean", "std"):
-            paired_folds = " ".join(map(str, comp.paired(entry, FG_COLUMN).folds)) if i > 0 else ""
-            row = [entry.name, stat, str(len(entry.folds)), folds, paired_folds]
+        paired_folds = " ".join(map(str, comp.paired(entry, FG_COLUMN).folds)) if i > 0 else ""
+        for stat in ("mean", "std", "ci95_low", "ci95_high"):
+            if stat.startswith("ci95") and i == 0:
+                continue
+            row = [entry.name, label, stat, str(len(entry.folds)), folds, paired_folds]
             for c in columns:
-                ms = comp.mean_std(entry, c)
-                value = ms[0] if stat == "mean" else ms[1]
+                value = ""
+                if stat in ("mean", "std"):
+                    value = csv_number(comp.mean_std(entry, c)[stat == "std"])
                 delta = ""
                 if i > 0:
                     p = comp.paired(entry, c)
-                    delta = csv_number(p.mean if stat == "mean" else p.std)
-                row += [csv_number(value), delta]
+                    delta = csv_number({"mean": p.mean, "std": p.std, "ci95_low": p.ci_low,
+                                        "ci95_high": p.ci_high}[stat])
+                row += [value, delta]
             writer.writerow(row)
     return buf.getvalue()
 
@@ -350,42 +420,46 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_markdown(comp: Comparison, notes: bool = True) -> str:
-    """Human-readable report: summary table, paired differences per class, mean fg Dice per fold, notes."""
+    """Human-readable report: summary table, paired differences per class with their 95 % intervals, a verdict per
+    entry, mean fg Dice per fold, notes."""
     ref = comp.entries[0]
     lines = [f"# Validation Dice: {comp.dataset}, {comp.configuration}", "",
              "Mean ± sample std over folds (nnU-Net `fold_<f>/validation/summary.json`). "
              f"Δ = paired difference to {ref.name} over the folds both have.", ""]
-    header = ["entry", "folds", *[comp.column_name(c) for c in comp.classes], FG_COLUMN, f"Δ {FG_COLUMN}"]
+    header = ["arm", "entry", "folds", *[comp.column_name(c) for c in comp.classes], FG_COLUMN, f"Δ {FG_COLUMN}"]
     rows = []
-    for i, e in enumerate(comp.entries):
-        cells = [e.name, " ".join(map(str, e.fold_ids()))]
-        cells += [_fmt(*comp.mean_std(e, c)) for c in comp.columns]
+    for i, (e, label) in enumerate(zip(comp.entries, comp.labels)):
+        cells = [label, e.name, " ".join(map(str, e.fold_ids()))]
+        cells += [fmt_mean_std(*comp.mean_std(e, c)) for c in comp.columns]
         if i == 0:
             cells.append("reference")
         else:
             p = comp.paired(e, FG_COLUMN)
-            cells.append(f"{_fmt(p.mean, p.std, signed=True)} (n={len(p.folds)})" if p.folds else "no shared fold")
+            cells.append(f"{fmt_mean_std(p.mean, p.std, signed=True)} (n={len(p.folds)})" if p.folds
+                         else "no shared fold")
         rows.append(cells)
     lines += markdown_table(header, rows)
 
     if len(comp.entries) > 1:
-        lines += ["", f"## Paired difference to {ref.name}", ""]
-        header = ["entry", "paired folds", *[f"Δ {comp.column_name(c)}" for c in comp.columns]]
+        lines += ["", f"## Paired difference to {comp.labels[0]} ({ref.name}), [95 % CI]", ""]
+        header = ["arm", "paired folds", *[f"Δ {comp.column_name(c)}" for c in comp.columns]]
         rows = []
-        for e in comp.entries[1:]:
+        for e, label in zip(comp.entries[1:], comp.labels[1:]):
             paired = [comp.paired(e, c) for c in comp.columns]
             fg_folds = paired[-1].folds
             # a class that is nan in some fold is paired over fewer folds: say so in its cell
-            cells = [_fmt(p.mean, p.std, signed=True) + ("" if p.folds == fg_folds else f" (n={len(p.folds)})")
-                     for p in paired]
-            rows.append([e.name, " ".join(map(str, fg_folds)) or "none", *cells])
+            cells = [fmt_interval(p) + ("" if p.folds == fg_folds else f" (n={len(p.folds)})") for p in paired]
+            rows.append([label, " ".join(map(str, fg_folds)) or "none", *cells])
         lines += markdown_table(header, rows)
+        lines += ["", "## Verdicts", "", f"{CI_NOTE}.", ""]
+        lines += [f"- {verdict(comp.paired(e, FG_COLUMN), label, comp.labels[0])}"
+                  for e, label in zip(comp.entries[1:], comp.labels[1:])]
 
     all_folds = sorted(set().union(*(e.folds for e in comp.entries)))
     lines += ["", f"## {FG_COLUMN} per fold", ""]
-    rows = [[e.name, *[f"{e.folds[f].fg_dice:.4f}" if f in e.folds else "—" for f in all_folds]]
-            for e in comp.entries]
-    lines += markdown_table(["entry", *[f"fold {f}" for f in all_folds]], rows)
+    rows = [[label, *[f"{e.folds[f].fg_dice:.4f}" if f in e.folds else "—" for f in all_folds]]
+            for e, label in zip(comp.entries, comp.labels)]
+    lines += markdown_table(["arm", *[f"fold {f}" for f in all_folds]], rows)
 
     if notes and comp.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in comp.warnings]
@@ -393,8 +467,9 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
 
 
 def comparison_figure(comp: Comparison):
-    """Bar chart of mean fg Dice (± std over folds, each fold a labelled dot; an entry with one fold says so instead
-    of drawing a zero-width error bar) and per-class grouped bars.
+    """Bar chart of mean fg Dice (± std over folds, each fold a labelled dot; an entry with one fold says so under its
+    name instead of drawing a zero-width error bar) and per-class grouped bars; entries named by their short labels
+    (:func:`entry_labels`), the trainer names being in the tables.
 
     Uses the Agg canvas directly instead of pyplot so no window opens and no global backend is changed.
     """
@@ -421,11 +496,10 @@ def comparison_figure(comp: Comparison):
             ax.scatter(i + off, e.folds[f].fg_dice, color="black", s=14, zorder=3)
             ax.annotate(f"fold {f}", (i + off, e.folds[f].fg_dice), textcoords="offset points", xytext=(3, 2),
                         fontsize=7)
-        if not spread[i] and not math.isnan(stats[i][0]):
-            ax.annotate(f"{len(folds)} fold: no spread", (i, stats[i][0]), textcoords="offset points",
-                        xytext=(0, -14), ha="center", fontsize=7, style="italic")
+    ticks = [label if ok or not e.folds else f"{label}\n(1 fold: no spread)"
+             for label, e, ok in zip(comp.labels, comp.entries, spread)]
     ax.set_xticks(x)
-    ax.set_xticklabels([e.name for e in comp.entries], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(ticks, rotation=30 if n > 5 else 0, ha="right" if n > 5 else "center", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean foreground Dice (validation)")
     ax.set_title("mean fg Dice: mean ± std over folds, dots = folds", fontsize=10)
@@ -434,10 +508,10 @@ def comparison_figure(comp: Comparison):
         ax2 = fig.add_subplot(1, 2, 2)
         cx = np.arange(len(comp.classes))
         bw = 0.8 / n
-        for i, e in enumerate(comp.entries):
+        for i, (e, label) in enumerate(zip(comp.entries, comp.labels)):
             ms = [comp.mean_std(e, c) for c in comp.classes]
             pos = cx - 0.4 + bw * (i + 0.5)
-            ax2.bar(pos, [m for m, _ in ms], bw, color=colors[i], alpha=0.8, label=e.name)
+            ax2.bar(pos, [m for m, _ in ms], bw, color=colors[i], alpha=0.8, label=label)
             has = [not math.isnan(s) for _, s in ms]
             ax2.errorbar(pos[has], [m for (m, _), ok in zip(ms, has) if ok],
                          yerr=[s for (_, s), ok in zip(ms, has) if ok], fmt="none", ecolor="black", capsize=2)
@@ -449,7 +523,7 @@ def comparison_figure(comp: Comparison):
     bottom = 0.0
     if show_classes:
         # legend below both panels so it never hides bars that reach Dice 1
-        ncol = min(n, 3)
+        ncol = min(n, 4)
         fig.legend(*ax2.get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         bottom = 0.05 * math.ceil(n / ncol)
     fig.suptitle(f"{comp.dataset} — {comp.configuration}")
@@ -554,9 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "summary.json. Prints a Markdown table and writes comparison.csv, comparison.md and "
                     "comparison.png.",
         epilog="Values are mean ± sample std (n-1) over the folds found. The Δ columns are paired differences "
-               "to the first -r entry, computed fold by fold over the folds both entries have. Classes whose "
-               "Dice is nan (absent from every validation case) are reported as nan and left out of that fold's "
-               "mean fg Dice. Warnings about missing or differing folds go to stderr and into comparison.md.",
+               "to the first -r entry, computed fold by fold over the folds both entries have, with their 95 % "
+               "paired t interval (mean Δ ± t(0.975, n-1)·s/√n) and a verdict: better or worse when the interval "
+               "excludes 0, else not distinguishable at that number of folds. The figure names entries by short "
+               "arm names (pretrained ViT, ViT from scratch, nnU-Net default, ...); the tables give both. Classes "
+               "whose Dice is nan (absent from every validation case) are reported as nan and left out of that "
+               "fold's mean fg Dice. Warnings about missing or differing folds go to stderr and into comparison.md.",
     )
     p.add_argument("-d", "--dataset", required=True,
                    help="dataset id (e.g. 4) or full name (e.g. Dataset004_Hippocampus); must have a folder in "

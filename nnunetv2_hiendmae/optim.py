@@ -7,6 +7,8 @@ carries ``lr_scale``, which the learning-rate schedulers multiply in.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
@@ -24,3 +26,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
                                           layer_decay=layer_decay)
     return sorted(groups, key=lambda g: -g["lr_scale"])
+
+
+def split_param_groups(groups: list[dict], members: Iterable[nn.Parameter]) -> tuple[list[dict], list[dict]]:
+    """Each group cut in two with the same settings: (the parameters not in ``members``, those in it); empty parts
+    dropped, order kept. Lets part of a model (a staged encoder) get a learning-rate treatment of its own."""
+    inside = {id(p) for p in members}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in inside]} for g in groups]
+    chosen = [{**g, "params": [p for p in g["params"] if id(p) in inside]} for g in groups]
+    return [g for g in rest if g["params"]], [g for g in chosen if g["params"]]

@@ -6,49 +6,39 @@ Every name starts with ``nnUNetTrainerHiEndMAE`` so it can never shadow, or be s
 Recipe (one place, :class:`nnUNetTrainerHiEndMAE`): AdamW (betas 0.9/0.999 as the reference fine-tuning, weight
 decay 0.05 except biases, norms, CLS token and positional embedding), peak lr 1e-4, linear warm-up then poly decay
 with nnU-Net's own schedulers (same optimiser kept across the switch, as nnUNetTrainer_warmup), layer-wise lr decay
-0.75 over the encoder, gradient clipping at norm 1, bf16 autocast on CUDA, no deep supervision. Variants change one
-thing: the schedule (data, :class:`Schedule`) or the initialisation (``load_pretrained``).
+0.75 over the encoder, gradient clipping at norm 1, bf16 autocast on CUDA, no deep supervision. The variants are
+generated from the tables of :mod:`nnunetv2_hiendmae.variants` (fine-tuning x memory x schedule x label budget), each
+a module-level subclass that changes one thing: the initialisation (``load_pretrained``), which epochs the encoder
+is frozen in (``freezing``), ``recompute_full_resolution``, the ``schedule`` or the ``label_budget``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
+from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrainer_Xepochs
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.checkpoint import read_torch_file
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.network import HiEndUNETR
-from nnunetv2_hiendmae.optim import param_groups
+from nnunetv2_hiendmae.optim import param_groups, split_param_groups
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.presets import NETWORK_CLASS
+from nnunetv2_hiendmae.variants import DEFAULT, Freezing, Schedule
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
+BUDGET_FILE = "label_budget.json"  # in fold_<f>: the cases of a label budget
 NNUNET_CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "current_epoch", "logging", "_best_ema", "init_args")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Training length. ``warmup_epochs=None``: 50 epochs (nnU-Net's warm-up), at most 10% of a short run, min 1."""
-
-    epochs: int
-    iterations: int = 250
-    val_iterations: int = 50
-    warmup_epochs: int | None = None
-
-    def warmup(self) -> int:
-        return self.warmup_epochs if self.warmup_epochs is not None else max(1, min(50, self.epochs // 10))
-
-
-DEFAULT = Schedule(epochs=1000)  # nnU-Net's default length
-SMOKE = Schedule(epochs=2, iterations=3, val_iterations=2, warmup_epochs=1)  # CPU tests
-DEMO = Schedule(epochs=6, iterations=10, val_iterations=3)  # CPU demo: ~3 min per trainer on 2 cores
 
 
 class _Scheduled:
@@ -71,13 +61,41 @@ def bare_module(network: nn.Module) -> nn.Module:
     return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
+class _LabelBudget:
+    """Mixin: train on a label budget, ``label_budget`` percent of the fold's training cases
+    (:func:`~nnunetv2_hiendmae.variants.budget_cases`: nested, seeded, the same cases for every trainer of a fold),
+    validate on the fold's whole validation set. The cases go to the training log and to ``fold_<f>/label_budget.json``.
+    """
+
+    label_budget: int = variants.FULL_BUDGET
+
+    def do_split(self) -> tuple[list[str], list[str]]:
+        train, val = super().do_split()
+        train, val = [str(k) for k in train], [str(k) for k in val]
+        cases = variants.budget_cases(train, self.label_budget, self.fold)
+        self.print_to_log_file(f"Label budget {self.label_budget} %: {len(cases)} of the fold's {len(train)} training "
+                               f"cases ({', '.join(cases)}); validation on all {len(val)} of its validation cases")
+        if self.local_rank == 0:
+            atomic_write_json(Path(self.output_folder) / BUDGET_FILE, {
+                "label_budget_percent": self.label_budget, "fold": self.fold, "training_cases": cases,
+                "fold_training_cases": len(train), "validation_cases": val,
+                "rule": f"ceil({self.label_budget}/100 x {len(train)}), at least 2, first cases of a RandomState("
+                        f"{variants.BUDGET_SEED} + fold) permutation of the sorted training cases (nested budgets)"})
+        return cases, val
+
+
 class _LayerScaled:
-    """Scheduler mixin: nnU-Net's schedulers give every group the same lr; scale each by its ``lr_scale``."""
+    """Scheduler mixin: nnU-Net's schedulers give every group the same lr; scale each by its ``lr_scale``, and ramp a
+    group that joined later (``warmup_from``: its first epoch) linearly over its ``warmup_epochs``."""
 
     def step(self, current_step: int | None = None) -> None:
         super().step(current_step)
+        epoch = self.ctr - 1 if current_step is None or current_step == -1 else current_step
         for group in self.optimizer.param_groups:
-            group["lr"] *= group.get("lr_scale", 1.0)
+            ramp = 1.0
+            if "warmup_from" in group:
+                ramp = min(1.0, max(0.0, (epoch - group["warmup_from"] + 1) / group["warmup_epochs"]))
+            group["lr"] *= group.get("lr_scale", 1.0) * ramp
 
 
 class LayerScaledWarmup(_LayerScaled, Lin_incr_LRScheduler):
@@ -96,6 +114,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     recompute_full_resolution: bool = False  # see HiEndUNETR: less activation memory for more FLOPs
+    freezing: Freezing = Freezing()  # the encoder learns in every epoch
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -106,6 +125,10 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self.enable_deep_supervision = False
         self.grad_scaler = None  # bf16 needs no loss scaling
         self._weights_from_checkpoint = False  # set by load_checkpoint: --c / --val bring their own weights
+        self._optimised_frozen: bool | None = None  # whether the optimiser was built with the encoder frozen
+        if self.is_ddp and self.freezing.unfreeze_epoch(self.num_epochs):
+            raise UserError(f"{type(self).__name__} unfreezes the encoder during the run, which DDP does not follow "
+                            "(it fixes the trainable parameters when it wraps the network): train it on one GPU")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -136,9 +159,10 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
             raise UserError(f"plans '{name}' were not written by nnUNetv2_hiendmae_plan: create them with "
                             f"'{plan_cmd}' and pass their name with -p")
         if not info.get("checkpoint"):
-            scratch = self.__class__.__name__.replace("nnUNetTrainerHiEndMAE", "nnUNetTrainerHiEndMAE_scratch", 1)
+            variant = variants.VARIANTS.get(type(self).__name__)
+            twin = variants.trainer_name(replace(variant, arm="scratch")) if variant else "a _scratch trainer"
             raise UserError(f"plans '{name}' name no pretrained checkpoint (from-scratch plans): train them with "
-                            f"-tr {scratch}, or create plans with '{plan_cmd}'")
+                            f"-tr {twin}, or create plans with '{plan_cmd}'")
         return verify_checkpoint(info["checkpoint"], info.get("encoder_sha256"))
 
     def initialize(self) -> None:
@@ -168,25 +192,61 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         finally:
             del self.build_network_architecture
 
+    def encoder_frozen(self) -> bool:
+        """Whether the encoder is frozen in the current epoch (``freezing``; after the last epoch, as in the last)."""
+        return self.freezing.frozen(min(self.current_epoch, self.num_epochs - 1), self.num_epochs)
+
+    def _stage(self) -> str:
+        """nnUNetTrainer_warmup's stage of the current epoch."""
+        return "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
+
+    def _param_groups(self, network: nn.Module, frozen: bool) -> list[dict]:
+        """The recipe's AdamW groups over the parameters that learn now; a staged run's encoder, once it learns, in
+        groups of its own that warm up from the epoch it joined."""
+        groups = param_groups(network, self.weight_decay, self.layer_decay)  # skips parameters that need no grad
+        joined = self.freezing.unfreeze_epoch(self.num_epochs)
+        if frozen or not joined:
+            return groups
+        rest, encoder = split_param_groups(groups, network.encoder.parameters())
+        return rest + [{**g, "warmup_from": joined, "warmup_epochs": self.warmup_duration_whole_net} for g in encoder]
+
     def configure_optimizers(self, stage: str = "warmup_all"):
-        """AdamW with layer-wise lr groups; warm-up, then poly decay on the same optimiser (momenta survive)."""
-        if self.training_stage == stage:
+        """AdamW with layer-wise lr groups; warm-up, then poly decay on the same optimiser (momenta survive).
+
+        Only the parameters that learn in the current epoch are in it: a frozen encoder has ``requires_grad`` off and
+        no group (no AdamW state, no weight decay). When a staged run's encoder joins, a new optimiser takes the
+        decoder's AdamW state over and gives the encoder groups with a linear warm-up of their own. Rebuilt for the
+        epoch of a checkpoint by :meth:`load_checkpoint`, so ``--c`` continues in either stage.
+        """
+        frozen = self.encoder_frozen()
+        if self.training_stage == stage and self._optimised_frozen == frozen:
             return self.optimizer, self.lr_scheduler
-        if stage == "train" and self.training_stage == "warmup_all":
+        network = bare_module(self.network)
+        network.encoder.requires_grad_(not frozen)
+        if stage == "train" and self.training_stage == "warmup_all" and self._optimised_frozen == frozen:
             optimizer = self.optimizer
         else:
-            groups = param_groups(bare_module(self.network), self.weight_decay, self.layer_decay)
-            optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, betas=self.betas,
+            optimizer = torch.optim.AdamW(self._param_groups(network, frozen), lr=self.initial_lr, betas=self.betas,
                                           fused=self.device.type == "cuda")
+            if self.optimizer is not None:  # parameters that keep learning keep their AdamW state
+                kept = {id(p) for g in optimizer.param_groups for p in g["params"]}
+                optimizer.state.update({p: s for p, s in self.optimizer.state.items() if id(p) in kept})
         if stage == "warmup_all":
             scheduler = LayerScaledWarmup(optimizer, self.initial_lr, self.warmup_duration_whole_net)
         else:
             scheduler = LayerScaledPoly(optimizer, self.initial_lr, self.num_epochs, self.warmup_duration_whole_net)
+        learning = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         self.print_to_log_file(f"Optimiser stage '{stage}' from epoch {self.current_epoch} "
                                f"(warm-up {self.warmup_duration_whole_net} of {self.num_epochs} epochs, "
-                               f"layer decay {self.layer_decay})")
-        self.training_stage = stage
+                               f"layer decay {self.layer_decay}, encoder {'frozen' if frozen else 'learning'}, "
+                               f"{learning} of {sum(p.numel() for p in network.parameters())} parameters learn)")
+        self.training_stage, self._optimised_frozen = stage, frozen
         return optimizer, scheduler
+
+    def on_train_epoch_start(self) -> None:
+        """Switch the optimiser where the epoch needs it (warm-up over, a staged encoder joining), then nnU-Net's."""
+        self.optimizer, self.lr_scheduler = self.configure_optimizers(self._stage())
+        super().on_train_epoch_start()
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -195,7 +255,7 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         with autocast(self.device):
             loss = self.loss(self.network(data), target)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
         self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
 
@@ -234,74 +294,26 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
-        stage = "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
-        self.optimizer, self.lr_scheduler = self.configure_optimizers(stage)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers(self._stage())  # the checkpoint epoch's groups
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
 
 
-class nnUNetTrainerHiEndMAE_scratch(nnUNetTrainerHiEndMAE):
-    """Same network and recipe, random init: the baseline that isolates the effect of pretraining.
-
-    No layer-wise decay: it protects pretrained features and would only slow a random encoder down.
-    """
-
-    load_pretrained = False
-    layer_decay = 1.0
+# nnU-Net's trainers and our mixins that generated classes may name as bases (see variants.class_specs)
+_NAMED_BASES = {"_Scheduled": _Scheduled, "_LabelBudget": _LabelBudget, "nnUNetTrainer": nnUNetTrainer,
+                **{name: getattr(nnUNetTrainer_Xepochs, name) for name in variants.NNUNET_TRAINERS.values()
+                   if name != "nnUNetTrainer"}}
 
 
-class nnUNetTrainerHiEndMAE_recompute(nnUNetTrainerHiEndMAE):
-    """Recomputes the full-resolution blocks in the backward: the same gradients, for memory-bound GPUs (patches or
-    batches that do not fit otherwise); docs/benchmarks.md has the memory and FLOPs it trades."""
-
-    recompute_full_resolution = True
-
-
-class nnUNetTrainerHiEndMAE_scratch_recompute(nnUNetTrainerHiEndMAE_scratch):
-    recompute_full_resolution = True
+def _define_variants() -> None:
+    """Every name of the variant tables as a real module-level class (``__module__`` and ``__qualname__`` this
+    module's), so that pickling, spawned workers and nnU-Net's lookup by name through the ext shim find it."""
+    for spec in variants.class_specs():
+        bases = tuple(_NAMED_BASES.get(b) or globals()[b] for b in spec.bases)
+        globals()[spec.name] = type(spec.name, bases, {**spec.attributes, "__module__": __name__,
+                                                       "__qualname__": spec.name, "__doc__": spec.doc})
 
 
-class nnUNetTrainerHiEndMAE_100epochs(nnUNetTrainerHiEndMAE):
-    schedule = Schedule(epochs=100)
-
-
-class nnUNetTrainerHiEndMAE_250epochs(nnUNetTrainerHiEndMAE):
-    schedule = Schedule(epochs=250)
-
-
-class nnUNetTrainerHiEndMAE_smoke(nnUNetTrainerHiEndMAE):
-    schedule = SMOKE
-
-
-class nnUNetTrainerHiEndMAE_demo(nnUNetTrainerHiEndMAE):
-    schedule = DEMO
-
-
-class nnUNetTrainerHiEndMAE_scratch_100epochs(nnUNetTrainerHiEndMAE_scratch):
-    schedule = Schedule(epochs=100)
-
-
-class nnUNetTrainerHiEndMAE_scratch_250epochs(nnUNetTrainerHiEndMAE_scratch):
-    schedule = Schedule(epochs=250)
-
-
-class nnUNetTrainerHiEndMAE_scratch_smoke(nnUNetTrainerHiEndMAE_scratch):
-    schedule = SMOKE
-
-
-class nnUNetTrainerHiEndMAE_scratch_demo(nnUNetTrainerHiEndMAE_scratch):
-    schedule = DEMO
-
-
-class nnUNetTrainerHiEndMAEBaseline_smoke(_Scheduled, nnUNetTrainer):
-    """nnU-Net's default network and recipe on the smoke schedule (a fair CNN reference)."""
-
-    schedule = SMOKE
-
-
-class nnUNetTrainerHiEndMAEBaseline_demo(_Scheduled, nnUNetTrainer):
-    """nnU-Net's default network and recipe on the demo schedule (a fair CNN reference)."""
-
-    schedule = DEMO
+_define_variants()
 
 
 __all__ = [name for name, obj in list(globals().items())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -104,6 +105,23 @@ def preprocessed_dataset(nnunet_dirs) -> dict:
         "preprocessed": pre / folders["labelled"].name,
         "unlabelled_preprocessed": pre / f"Dataset{DATASET_ID + 1:03d}_HiEndTestUnlabelled",
     }
+
+
+# ------------------------------------------------------------------------------------------ nnU-Net results
+
+
+def write_summary(path: Path, dice_per_class: dict) -> None:
+    """Write a summary.json exactly as nnU-Net's compute_metrics_on_folder does (via its save_summary_json)."""
+    import numpy as np
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    means = {k: {"Dice": float(d), "IoU": float(d / (2 - d)) if not math.isnan(d) else math.nan, "FP": 1.0,
+                 "TP": 5.0, "FN": 1.0, "TN": 90.0, "n_pred": 6.0, "n_ref": 6.0} for k, d in dice_per_class.items()}
+    fg = {m: float(np.mean([means[k][m] for k in means if k != 0])) for m in next(iter(means.values()))}
+    case = {"reference_file": "gt/case_000.nii.gz", "prediction_file": "pred/case_000.nii.gz",
+            "metrics": {k: dict(v) for k, v in means.items()}}
+    save_summary_json({"metric_per_case": [case], "mean": means, "foreground_mean": fg}, str(path))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints for fine-tuning

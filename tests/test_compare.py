@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_summary
 
 from nnunetv2_hiendmae import compare as cmp
 
@@ -23,19 +24,6 @@ CFG = "3d_fullres"
 # per-fold (liver, tumor) Dice; the reference has folds 0-2, ours only 0-1 (fold_2 unfinished)
 REF_DICE = {0: (0.80, 0.60), 1: (0.82, 0.64), 2: (0.78, 0.62)}
 OURS_DICE = {0: (0.85, 0.70), 1: (0.84, 0.66)}
-
-
-def write_summary(path: Path, dice_per_class: dict) -> None:
-    """Write a summary.json exactly as nnU-Net's compute_metrics_on_folder does (via its save_summary_json)."""
-    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    means = {k: {"Dice": float(d), "IoU": float(d / (2 - d)) if not math.isnan(d) else math.nan, "FP": 1.0,
-                 "TP": 5.0, "FN": 1.0, "TN": 90.0, "n_pred": 6.0, "n_ref": 6.0} for k, d in dice_per_class.items()}
-    fg = {m: float(np.mean([means[k][m] for k in means if k != 0])) for m in next(iter(means.values()))}
-    case = {"reference_file": "gt/case_000.nii.gz", "prediction_file": "pred/case_000.nii.gz",
-            "metrics": {k: dict(v) for k, v in means.items()}}
-    save_summary_json({"metric_per_case": [case], "mean": means, "foreground_mean": fg}, str(path))
 
 
 def make_entry(root: Path, entry: str, dice: dict, labels: dict | None = None, cfg: str = CFG,
@@ -152,10 +140,17 @@ def test_cli_outputs(env, results):
 
     # stdout: the table, with hand-computed numbers
     assert "| liver | tumor | mean fg Dice |" in proc.stdout
-    assert f"| {REF} | 0 1 2 | 0.8000 ± 0.0200 | 0.6200 ± 0.0200 | 0.7100 ± 0.0173 | reference |" in proc.stdout
-    assert f"| {OURS} | 0 1 | 0.8450 ± 0.0071 | 0.6800 ± 0.0283 | 0.7625 ± 0.0177 | +0.0475 ± 0.0389 (n=2) |" \
+    assert f"| nnU-Net default | {REF} | 0 1 2 | 0.8000 ± 0.0200 | 0.6200 ± 0.0200 | 0.7100 ± 0.0173 | reference |" \
         in proc.stdout
-    assert "| fold 0 | fold 1 | fold 2 |" in proc.stdout and f"| {OURS} | 0.7750 | 0.7500 | — |" in proc.stdout
+    assert f"| HiEndMAE | {OURS} | 0 1 | 0.8450 ± 0.0071 | 0.6800 ± 0.0283 | 0.7625 ± 0.0177 | +0.0475 ± 0.0389 " \
+           "(n=2) |" in proc.stdout
+    assert "| fold 0 | fold 1 | fold 2 |" in proc.stdout and "| HiEndMAE | 0.7750 | 0.7500 | — |" in proc.stdout
+    # the paired differences with their 95 % paired t interval (t(0.975, 1) = 12.706) and the verdict
+    half = 12.7062047 * math.sqrt(2 * 0.0275 ** 2) / math.sqrt(2)
+    assert f"| HiEndMAE | 0 1 | +0.0350 [{0.035 - 12.7062047 * 0.015:+.4f}, {0.035 + 12.7062047 * 0.015:+.4f}] |" \
+        in proc.stdout
+    assert (f"- HiEndMAE vs nnU-Net default: not distinguishable at 2 folds (Δ mean fg Dice +0.0475, 95 % CI "
+            f"[{0.0475 - half:+.4f}, {0.0475 + half:+.4f}], 2 folds)") in proc.stdout
     # stderr: plain warnings about folds
     assert "warning: folds differ between entries" in proc.stderr
     assert f"warning: {OURS}: fold 2 skipped" in proc.stderr
@@ -169,7 +164,12 @@ def test_cli_outputs(env, results):
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     by = {(r["entry"], r["fold"]): r for r in rows}
     assert set(by) == {(REF, "0"), (REF, "1"), (REF, "2"), (REF, "mean"), (REF, "std"),
-                       (OURS, "0"), (OURS, "1"), (OURS, "mean"), (OURS, "std")}
+                       (OURS, "0"), (OURS, "1"), (OURS, "mean"), (OURS, "std"), (OURS, "ci95_low"), (OURS, "ci95_high")}
+    assert by[(REF, "0")]["arm"] == "nnU-Net default" and by[(OURS, "mean")]["arm"] == "HiEndMAE"
+    half = 12.7062047 * math.sqrt(2 * 0.0275 ** 2) / math.sqrt(2)
+    assert float(by[(OURS, "ci95_low")]["delta mean fg Dice"]) == pytest.approx(0.0475 - half)
+    assert float(by[(OURS, "ci95_high")]["delta mean fg Dice"]) == pytest.approx(0.0475 + half)
+    assert by[(OURS, "ci95_low")]["mean fg Dice"] == ""  # an interval of the difference, not of the entry
     r = by[(OURS, "0")]
     assert float(r["Dice liver"]) == pytest.approx(0.85)
     assert float(r["delta liver"]) == pytest.approx(0.05)
@@ -300,7 +300,55 @@ def test_figure_labels_folds_and_says_when_there_is_no_spread(env, results, tmp_
     fig = cmp.comparison_figure(comp)
     texts = _texts(fig)
     assert {"fold 0", "fold 1", "fold 2", "fold 3"} <= set(texts)  # each dot says which fold it is
-    assert texts.count("1 fold: no spread") == 1  # the one-fold entry, and only it
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks == ["nnU-Net default (nnUNetPlans)", "nnU-Net default (OneFold)\n(1 fold: no spread)"]
     fg = fig.axes[0]
     bars = [c for c in fg.collections if isinstance(c, LineCollection)]
     assert len(bars) == 1 and len(bars[0].get_segments()) == 1  # one error bar: the 3-fold reference only
+
+
+def test_figure_names_arms_by_short_labels(env, results, tmp_path):
+    """Trainer names of 40+ characters ran into each other under the bars: the figure uses short arm names, the
+    tables keep the trainer names."""
+    names = ["nnUNetTrainerHiEndMAE_250epochs", "nnUNetTrainerHiEndMAE_scratch_250epochs", "nnUNetTrainer_250epochs"]
+    entries = [f"{n}__{'nnUNetPlans' if n.startswith('nnUNetTrainer_') else 'nnUNetPlans_HiEndMAE'}" for n in names]
+    for entry in entries:
+        make_entry(results, entry, REF_DICE)
+    comp = cmp.compare(7, entries, CFG, None, tmp_path / "o")
+    fig = cmp.comparison_figure(comp)
+    labels = ["pretrained ViT", "ViT from scratch", "nnU-Net default"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == labels
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == labels
+    md = (tmp_path / "o" / "comparison.md").read_text()
+    for label, entry in zip(labels, entries):
+        assert f"| {label} | {entry} |" in md
+
+
+def test_entry_labels_name_what_differs():
+    assert cmp.entry_labels(["nnUNetTrainerHiEndMAE_budget10__P", "nnUNetTrainerHiEndMAE__P"]) == \
+        ["pretrained ViT, 10 % labels", "pretrained ViT"]
+    assert cmp.entry_labels(["nnUNetTrainer__nnUNetPlans", "nnUNetTrainer__nnUNetResEncUNetMPlans"]) == \
+        ["nnU-Net default (nnUNetPlans)", "nnU-Net default (nnUNetResEncUNetMPlans)"]
+    assert cmp.entry_labels(["nnUNetTrainerHiEndMAE_smoke__P", "nnUNetTrainerHiEndMAE_demo__P"]) == \
+        ["pretrained ViT, smoke", "pretrained ViT, demo"]
+
+
+def test_paired_t_interval_by_hand():
+    from scipy import stats
+
+    diffs = {0: 0.03, 1: -0.01, 2: 0.05, 3: 0.02, 4: 0.04}
+    p = cmp.paired_difference({f: 0.8 + d for f, d in diffs.items()}, {f: 0.8 for f in diffs})
+    d = np.array(list(diffs.values()))
+    half = stats.t.ppf(0.975, 4) * d.std(ddof=1) / math.sqrt(5)  # t(0.975, 4) = 2.776
+    assert stats.t.ppf(0.975, 4) == pytest.approx(2.7764451)
+    assert (p.ci_low, p.ci_high) == (pytest.approx(d.mean() - half), pytest.approx(d.mean() + half))
+    assert p.ci_low < 0 < p.ci_high  # 0.026 ± 0.029: not distinguishable at 5 folds
+    assert cmp.verdict(p, "A", "B").startswith("A vs B: not distinguishable at 5 folds (Δ mean fg Dice +0.0260, "
+                                               f"95 % CI [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]")
+    better = cmp.paired_difference({0: 0.9, 1: 0.85, 2: 0.8}, {0: 0.8, 1: 0.76, 2: 0.69})  # +0.10, +0.09, +0.11
+    assert better.ci_low > 0 and cmp.verdict(better, "A", "B").startswith("A better than B (Δ mean fg Dice +0.1000")
+    worse = cmp.paired_difference({0: 0.8, 1: 0.76, 2: 0.69}, {0: 0.9, 1: 0.85, 2: 0.8})
+    assert worse.ci_high < 0 and cmp.verdict(worse, "A", "B").startswith("A worse than B")
+    one = cmp.paired_difference({0: 0.9}, {0: 0.8})
+    assert math.isnan(one.ci_low) and "one shared fold, no interval and no verdict" in cmp.verdict(one, "A", "B")
+    assert "no shared fold" in cmp.verdict(cmp.paired_difference({0: 0.9}, {1: 0.8}), "A", "B")

@@ -2,7 +2,7 @@
 
 This is the project's whole workflow: nnUNetv2_plan_and_preprocess -> nnUNetv2_hiendmae_preprocess_unlabeled (a
 folder of scans without labels) -> nnUNetv2_hiendmae_pretrain -> nnUNetv2_hiendmae_plan -> nnUNetv2_train (pretrained,
-scratch, nnU-Net default) -> nnUNetv2_predict -> nnUNetv2_hiendmae_compare.
+scratch, nnU-Net default, through nnUNetv2_hiendmae_study) -> nnUNetv2_predict -> nnUNetv2_hiendmae_compare.
 """
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ def test_demo_pipeline_with_tiny_settings(tmp_path):
             "--pretrain-batch", "2", "--schedule", "smoke", "--num-workers", "1"]
     proc = run_cli(*args, check=True, timeout=1500)
     for step in ("nnUNetv2_plan_and_preprocess", "nnUNetv2_hiendmae_preprocess_unlabeled", "nnUNetv2_hiendmae_pretrain",
-                 "nnUNetv2_hiendmae_plan", "nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_hiendmae_compare"):
+                 "nnUNetv2_hiendmae_plan", "nnUNetv2_hiendmae_study", "nnUNetv2_train", "nnUNetv2_predict",
+                 "nnUNetv2_hiendmae_compare"):
         assert f"$ {step}" in proc.stdout, step
+    assert proc.stdout.count("$ nnUNetv2_hiendmae_plan") == 1  # the study reuses the demo's plans
+    assert (out / "study" / "study.md").is_file() and (out / "study" / "learning_curve.png").is_file()
     # nnU-Net's expected lines that look like failures are explained once and hidden
     assert proc.stdout.count(NOISE_NOTE) == 1
     shown = (proc.stdout + proc.stderr).replace(NOISE_NOTE, "")

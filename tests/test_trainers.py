@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from conftest import CROP, make_trainer, run_cli, write_checkpoint
 
-from nnunetv2_hiendmae import trainers
+from nnunetv2_hiendmae import trainers, variants
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.ext import ext_path, ext_trainer_hint
@@ -64,8 +64,8 @@ def test_ext_hint_when_unset(monkeypatch):
 
 
 def test_schedules_are_data():
-    assert (trainers.SMOKE.epochs, trainers.SMOKE.warmup()) == (2, 1)
-    assert trainers.Schedule(epochs=1000).warmup() == 50 and trainers.Schedule(epochs=100).warmup() == 10
+    assert (variants.SMOKE.epochs, variants.SMOKE.warmup()) == (2, 1)
+    assert variants.Schedule(epochs=1000).warmup() == 50 and variants.Schedule(epochs=100).warmup() == 10
     assert trainers.nnUNetTrainerHiEndMAEBaseline_demo.schedule == trainers.nnUNetTrainerHiEndMAE_demo.schedule
 
 
@@ -203,6 +203,132 @@ def test_load_checkpoint_of_an_unreadable_or_foreign_file_says_what_it_is_not(se
     torch.save({"weights": {}}, broken)
     with pytest.raises(UserError, match=r"not an nnU-Net training checkpoint: expected the keys network_weights"):
         trainer.load_checkpoint(str(broken))
+
+
+class StagedTwenty(trainers.nnUNetTrainerHiEndMAE_staged):
+    """Staged on a 20-epoch run: the encoder frozen in epochs 0-1, joining in epoch 2 with a 2-epoch warm-up."""
+
+    schedule = variants.Schedule(epochs=20, iterations=1, val_iterations=1, warmup_epochs=2)
+
+
+def batch_for(trainer, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (trainer.batch_size, 1, *trainer.configuration_manager.patch_size)
+    return {"data": torch.randn(shape, generator=generator),
+            "target": torch.randint(0, 2, (shape[0], 1, *shape[2:]), generator=generator).float()}
+
+
+def train_epoch(trainer, epoch: int, steps: int = 1) -> None:
+    """What nnU-Net's run_training does for the optimiser in one epoch, on synthetic batches seeded by the epoch."""
+    trainer.current_epoch = epoch
+    trainer.on_train_epoch_start()
+    for i in range(steps):
+        trainer.train_step(batch_for(trainer, 100 * epoch + i))
+
+
+def states(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def optimised(trainer) -> set[int]:
+    return {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+
+
+def test_frozen_encoder_never_learns_and_is_not_in_the_optimiser(setup, tmp_path):
+    trainer = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    encoder, before, head = trainer.network.encoder, states(trainer.network.encoder), states(trainer.network.out)
+    for epoch in range(trainer.num_epochs):
+        train_epoch(trainer, epoch, steps=2)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())  # bit for bit
+    assert not all(torch.equal(v, head[k]) for k, v in trainer.network.out.state_dict().items())  # the decoder learns
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert optimised(trainer) == {id(p) for p in trainer.network.parameters()} - encoder_ids
+    assert not encoder_ids & {id(p) for p in trainer.optimizer.state}  # no AdamW state, no weight decay drift
+    assert len(trainer.optimizer.state) == len(optimised(trainer))
+    assert "encoder frozen" in log_text(trainer)
+    # --val after the last epoch rebuilds the same decoder-only optimiser for the checkpoint's state
+    path = tmp_path / "final.pth"
+    trainer.current_epoch = trainer.num_epochs - 1
+    trainer.save_checkpoint(str(path))
+    resumed = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, setup["folder"], "T_tr")
+    resumed.load_checkpoint(str(path))
+    assert len(resumed.optimizer.state) == len(optimised(resumed)) == len(optimised(trainer))
+
+
+def test_staged_encoder_learns_only_after_stage_one_with_its_own_warmup(setup):
+    trainer = make_trainer(StagedTwenty, setup["folder"], "T_tr")
+    trainer.initialize()
+    network, lr, decay = trainer.network, trainer.initial_lr, trainer.layer_decay
+    encoder_ids = {id(p) for p in network.encoder.parameters()}
+    before = states(network.encoder)
+    for epoch in (0, 1):  # stage 1: frozen
+        train_epoch(trainer, epoch)
+        assert all(torch.equal(v, before[k]) for k, v in network.encoder.state_dict().items()), epoch
+        assert not optimised(trainer) & encoder_ids
+    head = next(iter(network.out.parameters()))
+    assert int(trainer.optimizer.state[head]["step"]) == 2
+
+    train_epoch(trainer, 2)  # stage 2: the encoder joins, at half its lr (epoch 1 of its 2-epoch warm-up)
+    assert optimised(trainer) == {id(p) for p in network.parameters()}
+    assert not torch.equal(network.encoder.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
+    group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+    block0, out = network.encoder.blocks[0].attn.qkv.weight, network.out.conv.conv.weight
+    depth = network.encoder.depth
+    assert group_of[id(out)]["lr"] == pytest.approx(lr)  # poly decay starts after the whole-net warm-up
+    assert group_of[id(block0)]["lr"] == pytest.approx(lr * decay ** depth * 0.5)
+    assert int(trainer.optimizer.state[out]["step"]) == 3 and int(trainer.optimizer.state[block0]["step"]) == 1
+    train_epoch(trainer, 3)  # warm-up over: the encoder at its layer-decayed share of the poly lr
+    poly = lr * (1 - 1 / 18) ** 0.9
+    assert group_of[id(out)]["lr"] == pytest.approx(poly)
+    assert group_of[id(block0)]["lr"] == pytest.approx(poly * decay ** depth)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(poly)  # what nnU-Net logs: the decoder's lr
+
+
+def test_staged_resume_with_c_in_either_stage_continues_exactly(setup, tmp_path):
+    """--c (load_checkpoint) at an epoch of each stage rebuilds that stage's optimiser, so the next step is the one
+    the uninterrupted run takes, bit for bit."""
+    run = make_trainer(StagedTwenty, setup["folder"], "T_tr")
+    run.initialize()
+    for epoch, stage in ((0, "stage_1"), (2, "stage_2")):
+        for e in range(epoch, epoch + 1):
+            train_epoch(run, e)
+        path = tmp_path / f"{stage}.pth"
+        run.save_checkpoint(str(path))  # as nnU-Net at the end of epoch `epoch`: it resumes at epoch + 1
+        train_epoch(run, epoch + 1)
+        resumed = make_trainer(StagedTwenty, setup["folder"], "T_tr")
+        resumed.load_checkpoint(str(path))
+        assert resumed.current_epoch == epoch + 1
+        assert resumed.encoder_frozen() is (stage == "stage_1")
+        train_epoch(resumed, epoch + 1)
+        for key, value in states(run.network).items():
+            assert torch.equal(resumed.network.state_dict()[key], value), (stage, key)
+        assert [g["lr"] for g in resumed.optimizer.param_groups] == [g["lr"] for g in run.optimizer.param_groups]
+        assert [len(g["params"]) for g in resumed.optimizer.param_groups] == \
+            [len(g["params"]) for g in run.optimizer.param_groups]
+
+
+def test_label_budget_cases_are_the_same_for_every_trainer_and_recorded(setup):
+    folder = setup["folder"]
+    chosen = {}
+    for budget in (25, 50):
+        for cls, plans in ((f"nnUNetTrainerHiEndMAE_frozen_smoke_budget{budget}", "T_tr"),
+                           (f"nnUNetTrainerHiEndMAE_scratch_recompute_demo_budget{budget}", "T_tr"),
+                           (f"nnUNetTrainerHiEndMAEBaseline_smoke_budget{budget}", "nnUNetPlans"),
+                           (f"nnUNetTrainerHiEndMAEBaseline_250epochs_budget{budget}", "nnUNetPlans")):
+            trainer = make_trainer(getattr(trainers, cls), folder, plans)
+            train, val = trainer.do_split()
+            fold = json.loads((folder / "splits_final.json").read_text())[0]
+            assert val == fold["val"] and set(train) <= set(fold["train"])  # the fold's whole validation set
+            assert train == variants.budget_cases(fold["train"], budget, 0)
+            record = json.loads((Path(trainer.output_folder) / trainers.BUDGET_FILE).read_text())
+            assert (record["label_budget_percent"], record["training_cases"], record["validation_cases"]) == \
+                (budget, train, val)
+            assert f"Label budget {budget} %: {len(train)} of the fold's {len(fold['train'])}" in log_text(trainer)
+            chosen.setdefault(budget, set()).add(tuple(train))
+    assert all(len(cases) == 1 for cases in chosen.values())  # one subset per budget, whatever the trainer
+    assert set(next(iter(chosen[25]))) <= set(next(iter(chosen[50])))
 
 
 @pytest.mark.slow

@@ -2,40 +2,25 @@
 
 generate data (a labelled dataset and a folder of unlabelled scans) -> nnUNetv2_plan_and_preprocess ->
 nnUNetv2_hiendmae_preprocess_unlabeled -> nnUNetv2_hiendmae_pretrain -> nnUNetv2_hiendmae_plan -> nnUNetv2_train
-(pretrained ViT, scratch ViT, nnU-Net default) -> nnUNetv2_predict on held-out cases -> nnUNetv2_hiendmae_compare and
-held-out Dice. Everything lives under one demo folder with its own nnU-Net tree; finished steps are skipped when the
-demo is run again (--fresh starts clean).
+(pretrained ViT, scratch ViT, nnU-Net default, through nnUNetv2_hiendmae_study) -> nnUNetv2_predict on held-out cases
+-> nnUNetv2_hiendmae_compare and held-out Dice. Everything lives under one demo folder with its own nnU-Net tree;
+finished steps are skipped when the demo is run again (--fresh starts clean).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from nnunetv2_hiendmae import variants
+from nnunetv2_hiendmae.commands import NOISE_NOTE, run_filtered
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from pretrain import methods
 
-# nnU-Net output that looks like failure but is expected here (the demo explains it once and hides it)
-NOISE = [re.compile(rb) for rb in (
-    rb"Trainer '[^']+' not found in nnunetv2\.training\.nnUNetTrainer",  # then found through nnUNet_extTrainer
-    rb"Searching in external trainer paths from environment variable",
-    rb"^Searching in: ", rb"Searching for class \S+ in folder",
-    rb"Unable to plot network architecture", rb"No module named 'hiddenlayer'",  # optional plot
-    rb"torch\.jit\.interface. is deprecated",  # torchvision under recent torch
-)]
-WARNING_WITH_SOURCE_LINE = [re.compile(rb"Warning: ")]  # a Python warning prints its source line after it
-GPU_WORDING_ON_CPU = [re.compile(rb"GPU prediction completed")]
-NOISE_NOTE = ("Note: nnU-Net's own lines that look like failures but are expected here are hidden: the search for our "
-              "trainers ('Trainer ... not found in nnunetv2.training.nnUNetTrainer. Searching ...'; they are then "
-              "found through nnUNet_extTrainer), the optional network plot ('No module named hiddenlayer'), "
-              "'GPU prediction completed' when predicting on a CPU, and torchvision's torch.jit FutureWarning.")
 DATASET_ID = 501
 DEMO_PATCH = (16, 64, 64)  # pretraining and fine-tuning patch size, unless the method needs its own (registry)
 PLANS = "nnUNetPlans_HiEndMAE"
@@ -43,14 +28,7 @@ EPILOG = """\
 The defaults fit a 2-core CPU in about 15 minutes (vit_tiny, short schedules, fold 0). To scale up, e.g. on a GPU:
   nnUNetv2_hiendmae_demo --device cuda --arch vit_b16 --pretrain-epochs 200 --schedule 250epochs --folds 0 1 2 3 4
 """
-# trainer suffix per --schedule; the baseline is nnU-Net's own trainer with the same length where nnU-Net has one
-SCHEDULES = {
-    "smoke": ("_smoke", "nnUNetTrainerHiEndMAEBaseline_smoke"),
-    "demo": ("_demo", "nnUNetTrainerHiEndMAEBaseline_demo"),
-    "100epochs": ("_100epochs", "nnUNetTrainer_100epochs"),
-    "250epochs": ("_250epochs", "nnUNetTrainer_250epochs"),
-    "full": ("", "nnUNetTrainer"),
-}
+ARMS = ("pretrained", "scratch", variants.NNUNET_ARM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretraining iterations per epoch (default: %(default)s)")
     p.add_argument("--pretrain-batch", type=int, default=4,
                    help="volumes per pretraining iteration (default: %(default)s)")
-    p.add_argument("--schedule", choices=list(SCHEDULES), default="demo",
+    p.add_argument("--schedule", choices=list(variants.SCHEDULES), default="demo",
                    help="fine-tuning length for all three trainers: smoke (seconds, for checks), demo (short, CPU), "
                         "100epochs, 250epochs or full (1000 epochs; nnU-Net's defaults) (default: %(default)s)")
     p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, e.g. 0 1 2 3 4 (default: 0)")
@@ -109,10 +87,9 @@ class Demo:
                     "nnUNet_extTrainer": str(ext_path())}
         self.env.pop("nnUNet_n_proc_DA", None)  # set per command: 0 would crash nnU-Net's planning
         self.dataset = f"Dataset{DATASET_ID:03d}_HiEndDemo"
-        suffix, baseline = SCHEDULES[args.schedule]
-        self.trainers = [(f"nnUNetTrainerHiEndMAE{suffix}", PLANS, "pretrained ViT"),
-                         (f"nnUNetTrainerHiEndMAE_scratch{suffix}", PLANS, "ViT from scratch"),
-                         (baseline, "nnUNetPlans", "nnU-Net default")]
+        self.trainers = [(variants.trainer_name(variants.Variant(arm, args.schedule)),
+                          "nnUNetPlans" if arm == variants.NNUNET_ARM else PLANS, variants.ARM_LABELS[arm])
+                         for arm in ARMS]
         self.n_steps, self.step_no, self.t0 = 9, 0, time.time()
 
     def step(self, title: str) -> None:
@@ -120,26 +97,11 @@ class Demo:
         print(f"\n=== [{self.step_no}/{self.n_steps}] {title}  (t = {time.time() - self.t0:.0f} s)", flush=True)
 
     def run(self, *cmd: str, extra_env: dict | None = None) -> None:
-        """Run one real command; stream its output without nnU-Net's known noise (:data:`NOISE`); stop the demo
-        with a clear message if it fails."""
-        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        exe = Path(sys.executable).parent / cmd[0]  # the commands installed next to this Python (venv not on PATH)
-        proc = subprocess.Popen([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env={**self.env, **(extra_env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        noise = NOISE + (GPU_WORDING_ON_CPU if self.args.device == "cpu" else [])
-        line, skip_next = b"", False
-        while chunk := proc.stdout.read1(65536):
-            line += chunk
-            *done, line = line.split(b"\n")
-            for text in done:  # progress bars redraw with \r inside a line: they pass through whole
-                if skip_next or any(p.search(text) for p in noise):
-                    skip_next = any(p.search(text) for p in WARNING_WITH_SOURCE_LINE)
-                    continue
-                sys.stdout.buffer.write(text + b"\n")
-            sys.stdout.buffer.flush()
-        sys.stdout.buffer.write(line)
-        if proc.wait() != 0:
-            raise UserError(f"step {self.step_no} failed: `{cmd[0]}` exited with {proc.returncode} (output above). "
+        """Run one real command; stream its output without nnU-Net's known noise (:mod:`nnunetv2_hiendmae.commands`);
+        stop the demo with a clear message if it fails."""
+        code = run_filtered(cmd, {**self.env, **(extra_env or {})}, on_cpu=self.args.device == "cpu")
+        if code != 0:
+            raise UserError(f"step {self.step_no} failed: `{cmd[0]}` exited with {code} (output above). "
                             f"Re-run to continue from this step, or add --fresh to start clean")
 
     def main(self) -> None:
@@ -193,17 +155,11 @@ class Demo:
             self.run("nnUNetv2_hiendmae_plan", "-d", str(DATASET_ID), "-pt", str(ckpt), "-o", PLANS,
                      "-np", str(max(1, a.num_workers)))
 
-        self.step(f"nnUNetv2_train, fold(s) {' '.join(a.folds)}: " + ", ".join(t for t, _, _ in self.trainers))
-        for trainer, plans, _ in self.trainers:
-            for fold in a.folds:
-                fold_dir = self.res / self.dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
-                if (fold_dir / "validation" / "summary.json").exists():
-                    continue
-                cmd = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", fold, "-tr", trainer, "-p", plans,
-                       "-device", a.device]
-                if (fold_dir / "checkpoint_latest.pth").exists() or (fold_dir / "checkpoint_final.pth").exists():
-                    cmd.append("--c")
-                self.run(*cmd, extra_env=train_env)
+        self.step(f"nnUNetv2_train through nnUNetv2_hiendmae_study, fold(s) {' '.join(a.folds)}: "
+                  + ", ".join(t for t, _, _ in self.trainers))
+        self.run("nnUNetv2_hiendmae_study", "-d", str(DATASET_ID), "-pt", str(ckpt), "-p", PLANS, "-f", *a.folds,
+                 "--budgets", str(variants.FULL_BUDGET), "--arms", *ARMS, "--schedule", a.schedule,
+                 "-device", a.device, "-o", str(self.root / "study"), extra_env=train_env)
 
         self.step("nnUNetv2_predict on the held-out test cases")
         pred_root = self.root / "predictions"
@@ -256,6 +212,7 @@ class Demo:
                   "Compare with --schedule 250epochs or full and --folds 0 1 2 3 4 on a GPU.")
         print(f"\nDemo finished in {time.time() - self.t0:.0f} s. Where to look:")
         print(f"  comparison table and plot:   {compare_dir}/comparison.md, comparison.png")
+        print(f"  study report, learning curve: {self.root / 'study'}/study.md, learning_curve.png")
         print(f"  pretraining curves:          {pretrain_dir}/progress.png")
         print(f"  reconstructions:             {pretrain_dir}/reconstruction_epoch_*.png")
         print(f"  nnU-Net training folders:    {self.res / self.dataset}")
