@@ -12,8 +12,8 @@ that. Every step is the real command, in a work folder with its own nnU-Net tree
    the labelled dataset's fold 0 every 10 % of the run (its ``progress.png`` is the figure of docs/pretraining.md);
 4. ``nnUNetv2_hiendmae_probe`` on folds 0, 1 and 2: ``random:vit_tiny`` (the encoder's initial weights) against the
    final checkpoint;
-5. ``nnUNetv2_hiendmae_study`` at the smallest label budget: the pretrained ViT against the same ViT from scratch on
-   the same folds (``--skip-study`` leaves it out);
+5. ``nnUNetv2_hiendmae_study`` at the smallest label budget (5 %: 2 training cases per fold): the pretrained ViT
+   against the same ViT from scratch on the same folds (``--skip-study`` leaves it out);
 6. ``benchmark.md`` in the work folder: both comparisons, paired over folds, with 95 % t intervals.
 
     python benchmarks/pretraining_benefit.py --work /tmp/benefit            # about 45 min on a 2-core CPU
@@ -124,9 +124,9 @@ def main() -> None:
 
     if not a.skip_study:
         study = work / "study"
-        run(["nnUNetv2_hiendmae_study", "-d", str(DATASET), "-pt", str(ckpt), "-f", *map(str, FOLDS), "--arms",
-             "pretrained", "scratch", "--schedule", a.schedule, "--smallest-budget", "-o", str(study), "-device",
-             "cpu"], env, log)
+        run(["nnUNetv2_hiendmae_study", "-d", str(DATASET), "-pt", str(ckpt), "-f", *map(str, FOLDS), "--budgets",
+             "5", "--arms", "pretrained", "scratch", "--schedule", a.schedule, "-o", str(study), "-device", "cpu"],
+            {**env, "nnUNet_n_proc_DA": str(a.np)}, log)
         report = study / "study.md"
         lines += ["", "## Fine-tuning at the smallest label budget (nnUNetv2_hiendmae_study)", "",
                   report.read_text() if report.is_file() else f"(no report in {study})"]
