@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--labelled", type=int, default=20,
                    help="labelled training cases to generate (default: %(default)s)")
-    p.add_argument("--unlabelled", type=int, default=10,
-                   help="extra unlabelled cases, used only for pretraining (default: %(default)s)")
+    p.add_argument("--unlabelled", type=int, default=30,
+                   help="unlabelled scans, the pretraining data (from 10 on, 5 %% of them are held out for the "
+                        "held-out loss) (default: %(default)s)")
     p.add_argument("--test", type=int, default=4,
                    help="held-out test cases for prediction and Dice (default: %(default)s)")
     p.add_argument("--method", choices=list(methods.METHODS), default="hiend_mae",
@@ -128,24 +129,24 @@ class Demo:
                      "-np", str(max(1, a.num_workers)), "--verify_dataset_integrity")
 
         self.step("preprocess the unlabelled scans like the labelled dataset (nnUNetv2_hiendmae_preprocess_unlabeled)")
-        pretrain_sets = [str(DATASET_ID)]
         pool_plans = self.pre / f"Dataset{DATASET_ID + 1:03d}_HiEndDemoUnlabelled" / "nnUNetPlans.json"
-        if a.unlabelled and not pool_plans.exists():  # the plans are written last
+        if not pool_plans.exists():  # the plans are written last
             self.run("nnUNetv2_hiendmae_preprocess_unlabeled", "-i", str(pool), "-d", str(DATASET_ID + 1), "--name",
                      "HiEndDemoUnlabelled", "--like", str(DATASET_ID), "-np", str(max(1, a.num_workers)))
-        if a.unlabelled:
-            pretrain_sets.append(str(DATASET_ID + 1))
 
-        self.step(f"pretraining ({a.method}) on the labelled and unlabelled images")
+        # the unlabelled scans only: labelled images in the pretraining would be validation images of some fold
+        self.step(f"pretraining ({a.method}) on the unlabelled scans, with the held-out loss and a linear probe on "
+                  f"the labelled dataset's fold {a.folds[0]}")
         ckpt = self.root / "pretrain" / "checkpoint_final.pth"
         if not ckpt.exists():
             patch = a.patch_size or methods.METHODS[a.method].small_patch or DEMO_PATCH
             views = methods.small_flags(a.method)
-            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", *pretrain_sets, "-o", str(ckpt.parent), "--method", a.method,
+            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID + 1), "-o", str(ckpt.parent), "--method", a.method,
                    "--arch", a.arch, "--patch-size", *map(str, patch), "--batch-size", str(a.pretrain_batch), *views,
                    "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
                    "--warmup-epochs", "1", "--lr", "1e-3" if a.arch == "vit_tiny" else "1e-4", "--recon-every", "4",
-                   "--num-workers", str(a.num_workers), "--device", a.device, "--checkpoint-minutes", "1"]
+                   "--num-workers", str(a.num_workers), "--device", a.device, "--checkpoint-minutes", "1",
+                   "--probe-dataset", str(DATASET_ID), "--probe-fold", a.folds[0]]
             if (ckpt.parent / "checkpoint_latest.pth").exists():
                 cmd = ["nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(ckpt.parent)]
             self.run(*cmd)
@@ -222,7 +223,10 @@ class Demo:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    Demo(build_parser().parse_args(argv)).main()
+    args = build_parser().parse_args(argv)
+    if args.unlabelled < 1:
+        raise UserError("--unlabelled must be at least 1: the demo pretrains on the unlabelled scans only")
+    Demo(args).main()
 
 
 if __name__ == "__main__":
