@@ -141,7 +141,8 @@ class Demo:
         if not ckpt.exists():
             patch = a.patch_size or methods.METHODS[a.method].small_patch or DEMO_PATCH
             views = methods.small_flags(a.method)
-            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID + 1), "-o", str(ckpt.parent), "--method", a.method,
+            cmd = ["nnUNetv2_hiendmae_pretrain", "-d", str(DATASET_ID + 1), "-o", str(ckpt.parent), "--method",
+                   a.method,
                    "--arch", a.arch, "--patch-size", *map(str, patch), "--batch-size", str(a.pretrain_batch), *views,
                    "--epochs", str(a.pretrain_epochs), "--iters-per-epoch", str(a.pretrain_iters),
                    "--warmup-epochs", "1", "--lr", "1e-3" if a.arch == "vit_tiny" else "1e-4", "--recon-every", "4",
