@@ -279,9 +279,12 @@ def command_env(device: str) -> dict[str, str]:
 
 
 def ensure_plans(study: Study, env: dict[str, str]) -> None:
-    """Write the fine-tuning plans with ``nnUNetv2_hiendmae_plan`` unless they exist for this checkpoint."""
+    """Write the fine-tuning plans with ``nnUNetv2_hiendmae_plan`` unless they exist for this checkpoint or no arm
+    trains the ViT."""
     from nnunetv2_hiendmae.commands import run_filtered
 
+    if not any(run.plans == study.plans for run in study.runs):
+        return
     if existing_plans_for(study.preprocessed / f"{study.plans}.json", study.checkpoint):
         print(f"plans {study.plans}: present, written for {study.checkpoint}")
         return
