@@ -172,6 +172,28 @@ def test_resumed_on_more_ranks_the_schedule_goes_on_as_planned(preprocessed_data
     assert killed_at >= 2
 
 
+def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocessed_dataset, tmp_path):
+    """Stopped at iteration 4 of 5 (an unreadable case), re-queued on 2 ranks (3 iterations per epoch): the epoch
+    starts again, as iteration 4 does not exist there; stopped at iteration 2, it goes on from iteration 2 of 3."""
+    from pretrain.config import PretrainConfig
+    from pretrain.train import PretrainRun
+
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"])],
+                         output_dir=str(out), arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, epochs=3,
+                         method_settings={"crops_per_volume": 1}, num_workers=0, device="cpu", progress_bar=False)
+    one = PretrainRun(cfg)
+    out.mkdir()
+    for iteration, expected, t in ((4, (1, 0, {}), 1.0), (2, (1, 2, {"loss": 2.0}), 1 + 2 / 3)):
+        ckpt = one._checkpoint(1, one._rng_states(), iteration=iteration, partial={"loss": 2.0})
+        two = PretrainRun(cfg, resume_from=ckpt, planned_ranks=2)
+        assert (one.iters, two.iters) == (5, 3)
+        two._restore(ckpt)
+        assert (two.start_epoch, two.start_iteration, two.partial) == expected and two.t == pytest.approx(t)
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "1 -> 2 rank(s): 2 -> 4 volumes per iteration over all ranks, 5 -> 3 iterations per epoch" in log
+
+
 def test_a_run_that_diverged_continues_with_a_lower_lr_as_the_message_says(preprocessed_dataset, tmp_path,
                                                                          monkeypatch):
     """The advice printed at a non-finite loss works as printed: --resume with a lower --lr finishes the run."""
@@ -452,3 +474,21 @@ def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_
         assert e["checkpoint_bytes"] > 4 * 2**20 and e["data_bytes"] > 0 and e["peak_memory_bytes"] > 0
     proc = run_cli(*args[:-1], "--json")
     assert proc.returncode == 2 and "--json goes with --estimate" in proc.stderr
+
+
+def test_the_estimate_of_a_resume_counts_the_epochs_left(preprocessed_dataset, tmp_path, capsys):
+    import json
+
+    from pretrain.cli import main
+    from pretrain.config import PretrainConfig
+    from pretrain.train import PretrainRun
+
+    out = tmp_path / "run"
+    PretrainRun(PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                               patch_size=[16, 32, 32], batch_size=2, epochs=1, iters_per_epoch=1, num_workers=0,
+                               method_settings={"crops_per_volume": 1}, device="cpu", progress_bar=False)).run()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    main(["--resume", "-o", str(out), "--epochs", "4", "--estimate", "--json"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["epochs"] == 3 and figures["run_s"] == pytest.approx(3 * figures["epoch_s"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written
