@@ -16,7 +16,7 @@ from nnunetv2_hiendmae.vit import patchify, take_tokens
 from pretrain import methods
 from pretrain.methods.contract import PretrainingModel
 from pretrain.methods.gl_mae import consistency
-from pretrain.methods.masked import Masked, MaskedAutoencoder
+from pretrain.methods.masked import Masked, MaskedAutoencoder, in_raster_order
 from pretrain.methods.mim import MiM, octant_volumes, token_octants, token_volumes
 
 PATCH = (32, 32, 32)
@@ -102,6 +102,27 @@ def test_reconstruction_loss_is_the_normalised_mse_of_the_masked_tokens_of_every
     torch.testing.assert_close(loss, per_crop.mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_pass_reports_the_encoders_normed_cls_token():
+    """``Masked.cls`` (GL-MAE's consistency reads it) is the CLS token of the encoder's final norm, not a patch
+    token."""
+    model, settings = build("mae")
+    normed = []
+    model.encoder.norm.register_forward_hook(lambda m, i, o: normed.append(o))
+    out = model.autoencode(structured(2, {"v": (1, PATCH)})["v"][:, 0], settings.mask_ratio)
+    (tokens,) = normed
+    assert torch.equal(out.cls, tokens[:, 0])
+
+
+def test_decoder_features_are_put_back_in_raster_order():
+    """``features[:, 1 + j]`` belongs to token ``shuffle[:, j]``: in raster order, token ``t`` is at position ``t``."""
+    g = torch.Generator().manual_seed(0)
+    shuffle = torch.stack([torch.randperm(27, generator=g) for _ in range(3)])
+    features = torch.cat([torch.full((3, 1, 2), -1.0), shuffle[..., None].float().expand(-1, -1, 2)], dim=1)
+    raster = in_raster_order(features, shuffle)
+    assert raster.shape == (3, 27, 2)
+    assert torch.equal(raster[..., 0], torch.arange(27.0).expand(3, -1))
+
+
 def test_reconstruction_with_an_oracle_decoder_gives_the_input_back_exactly(monkeypatch):
     """Predictions equal to the normalised target must reconstruct the input: the figure de-normalises."""
     model, _ = build("mae")
@@ -133,8 +154,13 @@ def test_gl_mae_components_read_their_own_views_and_the_anchors_of_their_own_cas
     """Reconstruction of the resized global views and of the local views; the consistency of each view's projected
     CLS token with the teacher's anchors of the same case (two cases, so a mix-up across cases shows)."""
     model, settings = build("gl_mae", global_views=2, local_views=3)
+    with torch.no_grad():  # a teacher that has drifted from the student, as after EMA steps
+        for t in [*model.teacher_encoder.parameters(), *model.teacher_projector.parameters()]:
+            t.add_(0.05 * torch.randn_like(t))
     views = structured(2, settings.views(PATCH))
     passes = record(monkeypatch, MaskedAutoencoder, "autoencode")
+    normed = []
+    model.encoder.norm.register_forward_hook(lambda m, i, o: normed.append(o))  # the student's, not the teacher's
     out = model(views)
     ((x, _), student), = passes
     b, p, q = 2, 2, 3
@@ -145,7 +171,7 @@ def test_gl_mae_components_read_their_own_views_and_the_anchors_of_their_own_cas
     torch.testing.assert_close(out["rec_local"], student.loss[b * p:].mean())
     with torch.no_grad():
         anchors = model.teacher_projector(model.teacher_encoder(resized)[0][:, 0]).view(b, p, -1)
-        embedded = model.projector(student.cls)
+        embedded = model.projector(normed[0][:, 0])  # the student's CLS tokens of the masked views
     cos = lambda u, v: F.cosine_similarity(u, v, dim=0)  # noqa: E731
     for key, rows, n in (("cons_global", slice(0, b * p), p), ("cons_local", slice(b * p, None), q)):
         own = embedded[rows].view(b, n, -1)
@@ -175,20 +201,23 @@ def test_gl_mae_teacher_gets_no_gradient_and_sees_unmasked_global_views(monkeypa
     assert all(p.grad is None and not p.requires_grad for p in model.teacher_encoder.parameters())
     assert all(p.grad is None for p in model.teacher_projector.parameters())
     assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+    model.train()
+    assert model.encoder.training and not model.teacher_encoder.training and not model.teacher_projector.training
 
 
-@pytest.mark.parametrize("progress", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("progress", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0, 1.5])
 def test_gl_mae_ema_momentum_rises_to_one_along_a_half_cosine(progress):
-    """teacher <- m teacher + (1 - m) student with m = 1 - (1 - m0)(cos(pi progress) + 1) / 2 (BYOL, DINO)."""
+    """teacher <- m teacher + (1 - m) student with m = 1 - (1 - m0)(cos(pi progress) + 1) / 2 (BYOL, DINO), for the
+    encoder and the projector; past the end of the run (progress > 1) m stays 1."""
     model, settings = build("gl_mae")
     with torch.no_grad():
-        for t in model.teacher_encoder.parameters():
+        for t in [*model.teacher_encoder.parameters(), *model.teacher_projector.parameters()]:
             t.zero_()
-        for s in model.encoder.parameters():
+        for s in [*model.encoder.parameters(), *model.projector.parameters()]:
             s.fill_(1.0)
     model.step_done(progress)
-    m = 1 - (1 - settings.ema_momentum) * (math.cos(math.pi * progress) + 1) / 2
-    for t in model.teacher_encoder.parameters():
+    m = 1 - (1 - settings.ema_momentum) * (math.cos(math.pi * min(progress, 1.0)) + 1) / 2
+    for t in [*model.teacher_encoder.parameters(), *model.teacher_projector.parameters()]:
         torch.testing.assert_close(t, torch.full_like(t, 1 - m), rtol=1e-6, atol=1e-9)
 
 
@@ -218,6 +247,17 @@ def test_mim_octants_are_true_octants_of_the_token_grid_and_of_the_region():
     torch.testing.assert_close(vols[1], x[0, :, 0:4, 0:6, 0:2])
     torch.testing.assert_close(vols[2], x[0, :, 4:8, 6:12, 2:4])  # octant 7
     torch.testing.assert_close(vols[3], x[0, :, 0:4, 6:12, 0:2])  # octant 2 = (0, 1, 0)
+    features = torch.randn(2, octant.numel(), 5)  # per-token features in raster order -> their mean per octant
+    expected = torch.stack([features[:, octant.flatten() == o].mean(1) for o in range(8)], dim=1)
+    torch.testing.assert_close(MiM.octant_means(features, grid), expected)
+
+
+def test_mim_figure_masks_as_the_middle_level():
+    """The reconstruction figure shows a patch-sized volume masked at the middle level's ratio."""
+    model, settings = build("mim", mask_ratio_up=0.25, mask_ratio_mid=0.6)
+    x = structured(1, {"v": (1, PATCH)})["v"][:, 0] + 10  # no voxel is 0 before masking
+    masked, _ = model.reconstruct(x)
+    assert (masked == 0).float().mean().item() == 1 - int(8 * (1 - 0.6)) / 8  # 5 of 8 tokens
 
 
 def test_mim_token_volumes_are_the_voxels_of_the_tokens():
@@ -239,15 +279,35 @@ def test_mim_levels_nest_and_align_with_their_own_octant_and_token(monkeypatch):
     whole = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1).repeat_interleave(16, 2)[None, None]
     torch.manual_seed(3)
     out = model({"region": whole.expand(2, 1, 1, -1, -1, -1)})
-    ((_, up_shuffle, up_visible), up), ((mid, mid_shuffle, mid_visible), mid_out), ((fine, _, _), down) = passes
+    ((_, up_shuffle, up_visible), up), ((mid, mid_shuffle, mid_visible), mid_out), ((fine, _, fine_visible), down) \
+        = passes
     for key, level in (("rec_up", up), ("rec_mid", mid_out), ("rec_down", down)):
         torch.testing.assert_close(out[key], level.loss.mean())
+    # each level masks its own ratio: 4 of 8 octants (one token each), 8 - int(8 x 0.4) and 8 - int(8 x 0.5) tokens
+    assert (settings.mask_ratio_up, settings.mask_ratio_mid, settings.mask_ratio_down) == (0.5, 0.6, 0.5)
+    assert (up_visible, mid_visible, fine_visible) == (4, 3, 4)
     octant = token_octants(model.encoder.grid(PATCH))
     masked = [set(octant[up_shuffle[b, up_visible:]].tolist()) for b in range(2)]
     visible = [set(octant[up_shuffle[b, :up_visible]].tolist()) for b in range(2)]
     assert all(len(m) == 4 and not (m & v) for m, v in zip(masked, visible))  # whole octants are masked
     m, k = settings.mid_samples, settings.down_samples
-    ((_, _, octant_targets), _), ((_, _, token_targets), _) = aligns
+    ((_, octant_candidates, octant_targets), _), ((_, token_candidates, token_targets), _) = aligns
+
+    def raster(features, shuffle):  # written out: the decoder output at position 1 + j is token shuffle[:, j]'s
+        tokens = torch.empty(features.shape[0], shuffle.shape[1], features.shape[2])
+        for b, row in enumerate(shuffle.tolist()):
+            for j, t in enumerate(row):
+                tokens[b, t] = features[b, 1 + j]
+        return tokens
+
+    with torch.no_grad():  # queries: a middle / fine volume's decoder tokens (CLS left out), mean-pooled
+        torch.testing.assert_close(aligns[0][0][0], model.align_mid(mid_out.features[:, 1:].mean(1)).view(2, m, -1))
+        torch.testing.assert_close(aligns[1][0][0], model.align_down(down.features[:, 1:].mean(1)).view(2 * m, k, -1))
+    with torch.no_grad():  # candidates: the coarse features of each octant, the middle features of each token
+        coarse = raster(up.features, up_shuffle)
+        means = torch.stack([coarse[:, octant == o].mean(1) for o in range(8)], dim=1)
+        torch.testing.assert_close(octant_candidates, model.align_up(means))
+        torch.testing.assert_close(token_candidates, model.align_mid_tokens(raster(mid_out.features, mid_shuffle)))
     for i in range(2 * m):  # middle volume i: an octant of its case's region that was masked at the coarse level
         o = [o for o in range(8) if torch.equal(mid[i], octant_volumes(whole, torch.tensor([[o]]))[0])]
         assert len(o) == 1 and o[0] in masked[i // m], i
@@ -261,6 +321,23 @@ def test_mim_levels_nest_and_align_with_their_own_octant_and_token(monkeypatch):
             token = int(block[0] * 4 + block[1] * 2 + block[2])
             assert token in mid_shuffle[i, mid_visible:].tolist(), (i, j)
             assert token_targets[i, j] == token, "mid<->down: the fine volume's own token"
+
+
+def test_mim_coarse_mask_hides_whole_octants_and_names_them():
+    """round(8 x mask_ratio_up) octants are masked (as the settings check counts them): exactly their tokens follow
+    the visible ones, and the octants returned are those, in random order (the middle level takes the first ones)."""
+    model, _ = build("mim", mask_ratio_up=0.6)
+    grid = (4, 4, 4)  # 8 tokens per octant
+    octant = token_octants(grid)
+    torch.manual_seed(0)
+    shuffle, n_visible, masked = model.octant_shuffle(4, grid, torch.device("cpu"))
+    assert masked.shape == (4, 5) and n_visible == 3 * 8
+    for row, hidden in zip(shuffle, masked.tolist()):
+        assert sorted(row.tolist()) == list(range(64))
+        assert set(octant[row[n_visible:]].tolist()) == set(hidden)
+        assert set(octant[row[:n_visible]].tolist()) == set(range(8)) - set(hidden)
+    assert len({tuple(m) for m in masked.tolist()}) > 1
+    assert any(m[0] != min(m) for m in masked.tolist())  # not sorted: the middle level takes the first ones
 
 
 def test_mim_loss_is_its_weighted_components():

@@ -172,6 +172,28 @@ def test_resumed_on_more_ranks_the_schedule_goes_on_as_planned(preprocessed_data
     assert killed_at >= 2
 
 
+def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocessed_dataset, tmp_path):
+    """Stopped at iteration 4 of 5 (an unreadable case), re-queued on 2 ranks (3 iterations per epoch): the epoch
+    starts again, as iteration 4 does not exist there; stopped at iteration 2, it goes on from iteration 2 of 3."""
+    from pretrain.config import PretrainConfig
+    from pretrain.train import PretrainRun
+
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"]), str(preprocessed_dataset["unlabelled_id"])],
+                         output_dir=str(out), arch="vit_tiny", patch_size=[16, 32, 32], batch_size=2, epochs=3,
+                         method_settings={"crops_per_volume": 1}, num_workers=0, device="cpu", progress_bar=False)
+    one = PretrainRun(cfg)
+    out.mkdir()
+    for iteration, expected, t in ((4, (1, 0, {}), 1.0), (2, (1, 2, {"loss": 2.0}), 1 + 2 / 3)):
+        ckpt = one._checkpoint(1, one._rng_states(), iteration=iteration, partial={"loss": 2.0})
+        two = PretrainRun(cfg, resume_from=ckpt, planned_ranks=2)
+        assert (one.iters, two.iters) == (5, 3)
+        two._restore(ckpt)
+        assert (two.start_epoch, two.start_iteration, two.partial) == expected and two.t == pytest.approx(t)
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "1 -> 2 rank(s): 2 -> 4 volumes per iteration over all ranks, 5 -> 3 iterations per epoch" in log
+
+
 def test_a_run_that_diverged_continues_with_a_lower_lr_as_the_message_says(preprocessed_dataset, tmp_path,
                                                                          monkeypatch):
     """The advice printed at a non-finite loss works as printed: --resume with a lower --lr finishes the run."""
@@ -205,6 +227,52 @@ def test_a_run_that_diverged_continues_with_a_lower_lr_as_the_message_says(prepr
     assert all(lr <= 1e-3 for lr in final["pretrain"]["history"]["lr"])
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
     assert "--lr 0.01 -> 0.001: the learning-rate schedule is re-planned" in log
+
+
+def test_each_step_follows_the_schedule_and_a_resume_changes_grad_clip_and_precision(preprocessed_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """Every optimiser step takes the learning rate of the point the run has reached (in epochs) and tells the model
+    how far the run is; --grad-clip and --precision given on --resume apply from the next epoch on (the gradient
+    the optimiser steps with is clipped, the forward runs under bf16 autocast)."""
+    from pretrain import train
+    from pretrain.methods.hiend_mae import HiEndMAE
+    from pretrain.methods.masked import MaskedAutoencoder
+
+    steps, progress, autocast_seen = [], [], []
+    adamw_step, forward = torch.optim.AdamW.step, HiEndMAE.forward
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        steps.append((self.param_groups[0]["lr"], torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])).item()))
+        return adamw_step(self, *args, **kwargs)
+
+    def recorded_forward(self, views):
+        autocast_seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(self, views)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(HiEndMAE, "forward", recorded_forward)
+    monkeypatch.setattr(MaskedAutoencoder, "step_done", lambda self, p: progress.append(p))
+    out = tmp_path / "run"
+    cfg = train.PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                               patch_size=[16, 32, 32], batch_size=2, epochs=2, method_settings={"crops_per_volume": 1},
+                               iters_per_epoch=2, warmup_epochs=1, lr=1e-4, num_workers=0, device="cpu",
+                               progress_bar=False, checkpoint_minutes=0, recon_every=100)
+    train.PretrainRun(cfg).run()
+    # t = 0, 0.5 (warm-up), 1, 1.5 (cosine over the second epoch): 0, lr/2, lr, lr/2
+    assert [lr for lr, _ in steps] == pytest.approx([0, 5e-5, 1e-4, 5e-5]) and progress == [0.25, 0.5, 0.75, 1.0]
+    assert min(norm for _, norm in steps) > 1e-2 and autocast_seen == [None] * 4  # not clipped, fp32
+    steps.clear(), progress.clear(), autocast_seen.clear()
+
+    train.pretrain_from_flags({"output_dir": str(out), "epochs": 3, "grad_clip": 1e-3, "precision": "bf16"}, "resume")
+    replanned = train.LRSchedule(1e-4, 1, 3)
+    assert [lr for lr, _ in steps] == pytest.approx([replanned(2), replanned(2.5)]) and replanned(2.5) > 0
+    assert progress == pytest.approx([2.5 / 3, 1.0])
+    assert all(norm <= 1e-3 * (1 + 1e-4) for _, norm in steps)
+    assert autocast_seen == [torch.bfloat16] * 2
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "--grad-clip None -> 0.001 from epoch 3 on" in log and "--precision auto -> bf16 from epoch 3 on" in log
 
 
 def test_the_settings_a_resume_may_change_are_listed_from_one_place():
@@ -270,7 +338,9 @@ def test_resume_extends_a_run_with_more_epochs(preprocessed_dataset, tmp_path):
     first = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
     assert first["lr"][-1] == pytest.approx(0.0, abs=1e-12)  # the 3-epoch cosine ended at 0
     proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), "--epochs", "5", check=True)
-    assert "epochs 3 -> 5" in proc.stdout and "re-planned for 5 epochs" in proc.stdout
+    assert "epochs 3 -> 5" in proc.stdout
+    assert "--epochs 3 -> 5: the learning-rate schedule is re-planned (peak 1.000e-04 after 1 warm-up epochs, 0 at " \
+           "epoch 5) and followed from epoch 3 on" in proc.stdout
     history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
     plan = LRSchedule(1e-4, 1, 5)  # lr 1e-4, 1 warm-up epoch, 5 epochs
     assert len(history["loss"]) == 5 and history["lr"][:3] == pytest.approx(first["lr"])
@@ -404,3 +474,21 @@ def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_
         assert e["checkpoint_bytes"] > 4 * 2**20 and e["data_bytes"] > 0 and e["peak_memory_bytes"] > 0
     proc = run_cli(*args[:-1], "--json")
     assert proc.returncode == 2 and "--json goes with --estimate" in proc.stderr
+
+
+def test_the_estimate_of_a_resume_counts_the_epochs_left(preprocessed_dataset, tmp_path, capsys):
+    import json
+
+    from pretrain.cli import main
+    from pretrain.config import PretrainConfig
+    from pretrain.train import PretrainRun
+
+    out = tmp_path / "run"
+    PretrainRun(PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                               patch_size=[16, 32, 32], batch_size=2, epochs=1, iters_per_epoch=1, num_workers=0,
+                               method_settings={"crops_per_volume": 1}, device="cpu", progress_bar=False)).run()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    main(["--resume", "-o", str(out), "--epochs", "4", "--estimate", "--json"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["epochs"] == 3 and figures["run_s"] == pytest.approx(3 * figures["epoch_s"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing written

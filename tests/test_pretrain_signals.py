@@ -60,6 +60,62 @@ def test_held_out_cases_are_never_trained_on_and_score_the_same_twice(preprocess
     assert first == run.held_out(run.model, run.device, run.precision, 2)  # fixed views and masks
     assert set(first) == {"val_loss"} and first["val_loss"] > 0
     assert run.model.training
+    assert set(run.fingerprints) == trained | set(run.val_cases)  # the leakage guard sees the held-out cases too
+
+
+class CropMeans(torch.nn.Module):
+    """A model whose losses are the mean intensity of the batch's crops, and of each case's first crop."""
+
+    def forward(self, views):
+        self.seen_training = self.training
+        return {"loss": views["crops"].mean(), "first": views["crops"][:, 0].mean()}
+
+
+def test_the_held_out_losses_are_means_over_the_cases_whatever_the_batch_size(preprocessed_dataset):
+    from pretrain.data import resolve_sources
+    from pretrain.heldout import HeldOutLoss
+
+    held = HeldOutLoss(resolve_sources([str(preprocessed_dataset["id"])]), {"crops": (2, (16, 32, 32))}, 0, "float32")
+    assert len(held.views) == 6
+    per_case = torch.stack([v["crops"].mean() for v in held.views])
+    model = CropMeans().train()
+    for cases_per_batch in (1, 4, 6):  # 4: batches of 4 and 2 cases
+        scores = held(model, torch.device("cpu"), "fp32", cases_per_batch)
+        assert scores.keys() == {"val_loss", "val_first"}
+        assert scores["val_loss"] == pytest.approx(per_case.mean().item(), rel=1e-5)
+        assert scores["val_first"] == pytest.approx(torch.stack([v["crops"][0].mean() for v in held.views]).mean()
+                                                    .item(), rel=1e-5)
+        assert not model.seen_training and model.training  # scored in eval mode, left in training mode
+
+
+def test_checkpoint_best_keeps_the_best_probe_score_across_a_resume(preprocessed_dataset, tmp_path, monkeypatch):
+    """Probe scores 0.4, 0.4 (a tie keeps the first), then, resumed, 0.35 and 0.2: checkpoint_best.pth stays the one of
+    epoch 1, since the resumed run knows the best score so far from the history."""
+    from types import SimpleNamespace
+
+    from nnunetv2_hiendmae import probe
+    from pretrain.train import pretrain_from_flags
+
+    scores = iter([0.4, 0.4, 0.35, 0.2])
+    monkeypatch.setattr(probe, "probe_score", lambda *a, **k: SimpleNamespace(score=next(scores), seconds=0.0))
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=2,
+                         iters_per_epoch=1, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0,
+                         probe_dataset=str(preprocessed_dataset["id"]), probe_every=1, recon_every=100)
+    PretrainRun(cfg).run()
+    first = load_checkpoint(out / "checkpoint_best.pth")
+    pretrain_from_flags({"output_dir": str(out), "epochs": 4}, "resume")
+    best = load_checkpoint(out / "checkpoint_best.pth")
+    assert best["pretrain"]["best"] == {"epoch": 1, "probe_dice": 0.4, "probe_dataset": preprocessed_dataset["name"],
+                                        "probe_fold": 0}
+    assert best["pretrain"]["epochs_done"] == 1 and "train_state" not in best
+    for key, value in first["weights"].items():
+        assert torch.equal(best["weights"][key], value), key
+    history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
+    assert history["probe_dice"] == [0.4, 0.4, 0.35, 0.2]
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert "probe: mean foreground Dice 0.3500 (the best: 0.4000" in log
 
 
 @pytest.mark.parametrize("case,expect", [

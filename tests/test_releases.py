@@ -34,6 +34,22 @@ def test_a_pretraining_checkpoint_of_0_1_reads_plans_and_fine_tunes(preprocessed
     assert all(torch.equal(loaded[k], v) for k, v in encoder_state_dict(ckpt).items())
 
 
+def test_the_weights_of_a_model_fine_tuned_by_0_1_load_strictly_with_the_head_renamed():
+    """What ``--c``, ``--val`` and ``nnUNetv2_predict`` do with 0.1's weights (``load_state_dict``), in a second: the
+    head ``out.conv.conv.*`` becomes ``out.seg_layers.0.*`` and every other tensor loads under its own name."""
+    from nnunetv2_hiendmae.network import HiEndUNETR
+
+    arch = json.loads((V0_1 / "finetuned" / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    stored = torch.load(V0_1 / "finetuned" / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    network = HiEndUNETR(1, 4, (16, 32, 32), **arch["arch_kwargs"])
+    network.load_state_dict(stored)  # strict
+    loaded = network.state_dict()
+    renamed = {"out.seg_layers.0.weight": "out.conv.conv.weight", "out.seg_layers.0.bias": "out.conv.conv.bias"}
+    assert set(loaded) == {({v: k for k, v in renamed.items()}).get(k, k) for k in stored}
+    for key, value in loaded.items():
+        assert torch.equal(value, stored[renamed.get(key, key)]), key
+
+
 @pytest.mark.slow
 def test_a_model_fine_tuned_by_0_1_continues_validates_and_predicts(preprocessed_dataset, nnunet_dirs, tmp_path):
     trainer, plans = "nnUNetTrainerHiEndMAE_smoke", "nnUNetPlans_v01"
