@@ -123,7 +123,7 @@ def test_images_become_npz_files_a_table_and_a_skip_report(embedded, scans):
     assert "3 embedded (0 from an earlier run), 2 skipped" in proc.stdout
     assert "cases/s" in proc.stdout and "the encoder waited" in proc.stdout
     skipped = json.loads((out / "skipped.json").read_text())
-    assert skipped["scans__corrupt"]["reason"].startswith("unreadable")
+    assert skipped["scans__corrupt"]["reason"].startswith("not a readable NIfTI: truncated or corrupt")
     assert skipped["scans__multi__two"]["reason"] == "has 2 channels, the encoder 1"
     names = sorted(p.stem for p in out.glob("*.npz"))
     assert names == ["scans__pool_000", "scans__pool_001", "scans__pool_002"]

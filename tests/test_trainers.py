@@ -274,7 +274,7 @@ def test_staged_encoder_learns_only_after_stage_one_with_its_own_warmup(setup):
     assert optimised(trainer) == {id(p) for p in network.parameters()}
     assert not torch.equal(network.encoder.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])
     group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
-    block0, out = network.encoder.blocks[0].attn.qkv.weight, network.out.conv.conv.weight
+    block0, out = network.encoder.blocks[0].attn.qkv.weight, network.out.seg_layers[0].weight
     depth = network.encoder.depth
     assert group_of[id(out)]["lr"] == pytest.approx(lr)  # poly decay starts after the whole-net warm-up
     assert group_of[id(block0)]["lr"] == pytest.approx(lr * decay ** depth * 0.5)
