@@ -244,11 +244,16 @@ def status(study: Study, run: Run) -> str:
     return f"interrupted: continues from {checkpoint.name} with --c{aside}"
 
 
+def counted(items: Sequence, noun: str) -> str:
+    """``3 arms``, ``1 label budget``."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def listing(study: Study) -> str:
     """The ``--dry-run`` text: every run with its trainer and status, and the time left."""
     n_done = sum(study.finished(r) for r in study.runs)
     lines = [f"Study of {study.dataset}, {CONFIGURATION}, schedule {study.schedule}: {len(study.runs)} runs "
-             f"({len(study.arms)} arms x {len(study.budgets)} label budgets x {len(study.folds)} folds)",
+             f"({counted(study.arms, 'arm')} x {counted(study.budgets, 'label budget')} x {counted(study.folds, 'fold')})",
              f"plans {study.plans}: " + ("present, written for this checkpoint"
                                          if (study.preprocessed / f"{study.plans}.json").is_file()
                                          else f"to be written by nnUNetv2_hiendmae_plan -pt {study.checkpoint}"),

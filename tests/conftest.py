@@ -33,6 +33,9 @@ os.environ.setdefault("nnUNet_compile", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 DATASET_ID = 990  # labelled; 991 is the unlabelled pretraining pool
+# nnUNetv2_train in the tests: one augmentation worker (in the training process, the augmentation of a 2-core machine
+# is several times slower: docs/benchmarks.md), no torch.compile, one export process
+TRAIN_ENV = {"nnUNet_n_proc_DA": "1", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
 BIN = Path(sys.executable).parent
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_trainer, run_cli
+from conftest import TRAIN_ENV, make_trainer, run_cli
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.ext import ext_path
@@ -17,7 +17,6 @@ from nnunetv2_hiendmae.plans import main as plan_main
 from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_smoke
 
 V0_1 = Path(__file__).resolve().parent / "data" / "v0_1"
-TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
 
 
 def test_a_pretraining_checkpoint_of_0_1_reads_plans_and_fine_tunes(preprocessed_dataset):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import CROP, make_trainer, run_cli, write_checkpoint
+from conftest import CROP, TRAIN_ENV, make_trainer, run_cli, write_checkpoint
 
 from nnunetv2_hiendmae import trainers, variants
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict
@@ -25,7 +25,6 @@ from nnunetv2_hiendmae.vit import interpolate_pos_embed
 
 CFG = "3d_fullres"
 # For nnU-Net's training/predict subprocesses only: 0 DA workers crashes nnU-Net's planning.
-TRAIN_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "0", "nnUNet_def_n_proc": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +328,9 @@ def test_label_budget_cases_are_the_same_for_every_trainer_and_recorded(setup):
             chosen.setdefault(budget, set()).add(tuple(train))
     assert all(len(cases) == 1 for cases in chosen.values())  # one subset per budget, whatever the trainer
     assert set(next(iter(chosen[25]))) <= set(next(iter(chosen[50])))
+    full = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, folder, "T_tr")  # the whole fold: no record
+    assert list(full.do_split()[0]) == fold["train"]
+    assert not (Path(full.output_folder) / trainers.BUDGET_FILE).exists()
 
 
 @pytest.mark.slow
