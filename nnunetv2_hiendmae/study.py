@@ -252,8 +252,9 @@ def counted(items: Sequence, noun: str) -> str:
 def listing(study: Study) -> str:
     """The ``--dry-run`` text: every run with its trainer and status, and the time left."""
     n_done = sum(study.finished(r) for r in study.runs)
-    lines = [f"Study of {study.dataset}, {CONFIGURATION}, schedule {study.schedule}: {len(study.runs)} runs "
-             f"({counted(study.arms, 'arm')} x {counted(study.budgets, 'label budget')} x {counted(study.folds, 'fold')})",
+    shape = " x ".join(counted(items, noun) for items, noun in
+                       ((study.arms, "arm"), (study.budgets, "label budget"), (study.folds, "fold")))
+    lines = [f"Study of {study.dataset}, {CONFIGURATION}, schedule {study.schedule}: {len(study.runs)} runs ({shape})",
              f"plans {study.plans}: " + ("present, written for this checkpoint"
                                          if (study.preprocessed / f"{study.plans}.json").is_file()
                                          else f"to be written by nnUNetv2_hiendmae_plan -pt {study.checkpoint}"),
