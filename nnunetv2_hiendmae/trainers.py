@@ -53,6 +53,14 @@ class _Scheduled:
         self.num_iterations_per_epoch = self.schedule.iterations
         self.num_val_iterations_per_epoch = self.schedule.val_iterations
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's, then the schedule's test-time mirroring (saved in the checkpoint, so nnUNetv2_predict follows)."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.schedule.test_time_mirroring:
+            self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
 
 def bare_module(network: nn.Module) -> nn.Module:
     """The network without DDP / torch.compile wrappers (whose parameter names carry prefixes)."""

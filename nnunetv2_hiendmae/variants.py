@@ -25,19 +25,22 @@ BUDGET_SEED = 12345  # nnU-Net's own cross-validation seed, plus the fold
 
 @dataclass(frozen=True)
 class Schedule:
-    """Training length. ``warmup_epochs=None``: 50 epochs (nnU-Net's warm-up), at most 10% of a short run, min 1."""
+    """Training length. ``warmup_epochs=None``: 50 epochs (nnU-Net's warm-up), at most 10% of a short run, min 1.
+    ``test_time_mirroring=False``: validation and prediction without nnU-Net's mirrored passes (8 per tile in 3D),
+    training augmentation unchanged; for the seconds-long checks only."""
 
     epochs: int
     iterations: int = 250
     val_iterations: int = 50
     warmup_epochs: int | None = None
+    test_time_mirroring: bool = True
 
     def warmup(self) -> int:
         return self.warmup_epochs if self.warmup_epochs is not None else max(1, min(50, self.epochs // 10))
 
 
 DEFAULT = Schedule(epochs=1000)  # nnU-Net's default length
-SMOKE = Schedule(epochs=2, iterations=3, val_iterations=2, warmup_epochs=1)  # CPU tests
+SMOKE = Schedule(epochs=2, iterations=3, val_iterations=2, warmup_epochs=1, test_time_mirroring=False)  # CPU tests
 DEMO = Schedule(epochs=6, iterations=10, val_iterations=3)  # CPU demo: ~3 min per trainer on 2 cores
 
 
@@ -99,7 +102,7 @@ SCHEDULES = {
     "full": Option("", {"schedule": DEFAULT}, "1000 epochs", "nnU-Net's 1000 epochs"),
     "100epochs": Option("_100epochs", {"schedule": Schedule(epochs=100)}, "100 epochs", "100 epochs"),
     "250epochs": Option("_250epochs", {"schedule": Schedule(epochs=250)}, "250 epochs", "250 epochs"),
-    "smoke": Option("_smoke", {"schedule": SMOKE}, "smoke", "2 epochs x 3 iterations (tests)"),
+    "smoke": Option("_smoke", {"schedule": SMOKE}, "smoke", "2 epochs x 3 iterations, no test-time mirroring (tests)"),
     "demo": Option("_demo", {"schedule": DEMO}, "demo", "6 epochs x 10 iterations (the CPU demo)"),
 }
 # nnU-Net's own trainer of a schedule's length, the nnU-Net arm's trainer at the full label budget

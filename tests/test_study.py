@@ -21,7 +21,6 @@ from nnunetv2_hiendmae import study as st
 from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.compare import FG_COLUMN
 
-# one augmentation worker: nnU-Net augments in parallel with training (a smoke run takes 3-4x longer without one)
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 
 
@@ -173,20 +172,19 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 1500) -> None:
 
 @pytest.mark.slow
 def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnunet_dirs, tmp_path):
-    """2 folds x 2 arms (frozen pretrained ViT, nnU-Net default: the two kinds of plans) at the 50 % label budget on the
-    smoke schedule through the real nnUNetv2_train; SIGKILL once two runs are done and the third has a checkpoint; the
-    re-run redoes nothing finished, continues the interrupted run with --c, and reports what the summaries say
-    (the full budget's trainers, which write no label_budget.json: tests/test_trainers.py)."""
+    """2 folds x 2 label budgets x 3 arms (frozen pretrained ViT, ViT from scratch, nnU-Net default) on the smoke
+    schedule through the real nnUNetv2_train; SIGKILL once two runs are done and the third has a checkpoint; the
+    re-run redoes nothing finished, continues the interrupted run with --c, and reports what the summaries say."""
     folder = preprocessed_dataset["preprocessed"]
     ckpt = write_checkpoint(tmp_path / "pre.pth", folder)
     out = tmp_path / "study"
     # folds 1 and 2 validate on one case each (fold 0 on two): the cheapest two folds of dataset 990
-    args = ["-d", "990", "-pt", str(ckpt), "-p", "T_study", "-f", "1", "2", "--budgets", "50", "--arms",
-            "frozen", "nnunet", "--schedule", "smoke", "-device", "cpu", "-o", str(out)]
+    args = ["-d", "990", "-pt", str(ckpt), "-p", "T_study", "-f", "1", "2", "--budgets", "50", "100", "--arms",
+            "frozen", "scratch", "nnunet", "--schedule", "smoke", "-device", "cpu", "-o", str(out)]
 
     dry = run_cli("nnUNetv2_hiendmae_study", *args, "--dry-run", check=True)
-    assert "4 runs (2 arms x 1 label budget x 2 folds)" in dry.stdout and "to be written" in dry.stdout
-    assert dry.stdout.count("to do") == 4 and "no time estimate" in dry.stdout
+    assert "12 runs (3 arms x 2 label budgets x 2 folds)" in dry.stdout and "to be written" in dry.stdout
+    assert dry.stdout.count("to do") == 12 and "no time estimate" in dry.stdout
     assert not out.exists() and not (folder / "T_study.json").exists()  # a dry run writes nothing
 
     study = st.setup(st.build_parser().parse_args(args))
@@ -204,14 +202,14 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     assert interrupted.startswith("interrupted: continues from checkpoint_"), interrupted
 
     again = run_cli("nnUNetv2_hiendmae_study", *args, env=TRAIN_ENV, check=True, timeout=2400)
-    assert f"[1/4] {study.runs[0].title()}: done" in again.stdout
-    assert f"[2/4] {study.runs[1].title()}: done" in again.stdout
-    assert again.stdout.count("$ nnUNetv2_train") == 2  # the two finished runs are not redone
-    assert f"=== [3/4] {study.runs[2].title()} ({study.runs[2].trainer}): {interrupted}" in again.stdout
-    assert study.runs[2].arm == "frozen" and f"-tr {study.runs[2].trainer} -p T_study -device cpu --c\n" in again.stdout
+    assert f"[1/12] {study.runs[0].title()}: done" in again.stdout
+    assert f"[2/12] {study.runs[1].title()}: done" in again.stdout
+    assert again.stdout.count("$ nnUNetv2_train") == 10  # the two finished runs are not redone
+    assert f"=== [3/12] {study.runs[2].title()} ({study.runs[2].trainer}): {interrupted}" in again.stdout
+    assert f"-tr {study.runs[2].trainer} -p nnUNetPlans -device cpu --c\n" in again.stdout
     for run in study.runs[:2]:
         assert st.compare.summary_path(study.fold_dir(run)).stat().st_mtime_ns == finished[run.key]
-    assert all(study.finished(r) for r in study.runs) and len(study.times()) == 4
+    assert all(study.finished(r) for r in study.runs) and len(study.times()) == 12
     assert "$ nnUNetv2_hiendmae_plan" not in again.stdout  # the plans were written once, by the first run
 
     # the report holds what the fold summaries say
@@ -223,8 +221,8 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     for (arm, budget, fold), value in fg.items():
         assert float(dice[(arm, str(budget), str(fold))][FG_COLUMN]) == pytest.approx(value)
     differences = list(csv.DictReader((out / "study_differences.csv").open()))
-    for budget in (50,):
-        for reference in ("nnunet",):
+    for budget in (50, 100):
+        for reference in ("scratch", "nnunet"):
             d = np.array([fg[("frozen", budget, f)] - fg[(reference, budget, f)] for f in (1, 2)])
             half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / math.sqrt(2)
             row = next(r for r in differences if (r["budget_percent"], r["reference"], r["metric"]) ==
@@ -240,15 +238,16 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     for fold in (1, 2):
         records = [json.loads((study.fold_dir(r) / "label_budget.json").read_text())
                    for r in study.runs if r.budget == 50 and r.fold == fold]
-        assert len(records) == 2 and all(r["training_cases"] == records[0]["training_cases"] for r in records)
+        assert len(records) == 3 and all(r["training_cases"] == records[0]["training_cases"] for r in records)
         split = json.loads((folder / "splits_final.json").read_text())[fold]
         assert records[0]["training_cases"] == variants.budget_cases(split["train"], 50, fold)
+        assert not any((study.fold_dir(r) / "label_budget.json").exists() for r in study.runs if r.budget == 100)
 
     # the frozen run: its final encoder is the pretrained one, bit for bit
     from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_frozen_smoke
     from nnunetv2_hiendmae.weights import load_pretrained_encoder
 
-    frozen = next(r for r in study.runs if r.arm == "frozen" and r.fold == 1)
+    frozen = next(r for r in study.runs if r.arm == "frozen" and r.budget == 100 and r.fold == 1)
     final = torch.load(study.fold_dir(frozen) / "checkpoint_final.pth", weights_only=False)["network_weights"]
     plans = json.loads((folder / "T_study.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -308,6 +308,19 @@ def test_staged_resume_with_c_in_either_stage_continues_exactly(setup, tmp_path)
             [len(g["params"]) for g in run.optimizer.param_groups]
 
 
+def test_only_the_smoke_schedule_predicts_without_test_time_mirroring(setup):
+    """Mirroring stays in the training augmentation of every schedule; validation and nnUNetv2_predict (which reads
+    the axes from the checkpoint) skip the mirrored passes for the smoke schedule only."""
+    for cls, plans, mirrored in ((trainers.nnUNetTrainerHiEndMAE_smoke, "T_tr", False),
+                                 (trainers.nnUNetTrainerHiEndMAEBaseline_smoke, "nnUNetPlans", False),
+                                 (trainers.nnUNetTrainerHiEndMAE_demo, "T_tr", True),
+                                 (trainers.nnUNetTrainerHiEndMAE, "T_tr", True)):
+        trainer = make_trainer(cls, setup["folder"], plans)
+        mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3]
+        assert mirror_axes == (0, 1, 2), cls.__name__
+        assert trainer.inference_allowed_mirroring_axes == (mirror_axes if mirrored else None), cls.__name__
+
+
 def test_label_budget_cases_are_the_same_for_every_trainer_and_recorded(setup):
     folder = setup["folder"]
     chosen = {}
