@@ -71,6 +71,7 @@ def test_time_estimate_from_finished_runs_per_arm(tmp_path):
     assert st.estimate_left(study) == pytest.approx(90 + 2 * 40 + 3 * 220 / 3)
     assert st.status(study, study.runs[3]) == "done (80 s)" and st.status(study, study.runs[2]) == "to do"
     assert "3 of 9 runs done; about 6 min left" in st.listing(study)
+    assert ": 9 runs (3 arms x 1 label budget x 3 folds)" in st.listing(study)
 
 
 # per (arm, budget) and fold: (liver, tumor) Dice. pretrained beats scratch at both budgets in every fold by about
