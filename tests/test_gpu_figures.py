@@ -1,5 +1,6 @@
 """``benchmarks/gpu_figures.py`` rehearsed at CPU size: every command of a part runs, its figures are recorded as
-they come, and the report sets them against each other, so that a GPU session spends its minutes measuring."""
+they come, and the report sets them against each other, so that the script's run on a GPU measures instead of
+failing on a wiring error."""
 from __future__ import annotations
 
 import json
