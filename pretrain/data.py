@@ -68,6 +68,12 @@ def resolve_sources(datasets: list[str], plans: str = "nnUNetPlans", configurati
     return sources
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's message in one line of at most 120 characters, for messages that name a case."""
+    text = str(e).strip()
+    return text.splitlines()[0][:120] if text else ""
+
+
 class CaseReadError(UserError):
     """A preprocessed case that cannot be read (truncated or corrupt file)."""
 
@@ -99,7 +105,7 @@ def case_problem(source: PreprocessedData, dataset, identifier: str) -> str | No
             np.asarray(array[(slice(0, 1), *(slice(0, 1),) * 3)])
             np.asarray(array[(slice(-1, None), *(slice(n - 1, n) for n in array.shape[1:]))])
     except Exception as e:  # noqa: BLE001 - any failure means the case cannot be read
-        return f"unreadable ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+        return f"unreadable ({type(e).__name__}: {_first_line(e)})"
     return None
 
 
@@ -279,8 +285,7 @@ class PretrainCrops(Dataset):
                          for _ in range(count)]
                 out[name] = torch.from_numpy(np.stack(crops)).to(self.dtype)  # torch converts 2x faster than numpy
         except Exception as e:  # noqa: BLE001 - the case is named; the run stops on it (pretrain.train)
-            detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-            raise CaseReadError(f"cannot read {self.case_name(index)} ({type(e).__name__}: {detail})") from None
+            raise CaseReadError(f"cannot read {self.case_name(index)} ({type(e).__name__}: {_first_line(e)})") from None
         return out
 
     def _thresholds(self, s: int, j: int, data) -> np.ndarray:

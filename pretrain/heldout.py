@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def split_off(sources: Sequence[PreprocessedData], held_out: Sequence[str]) -> l
     for s in sources:
         own = [c for c in s.identifiers if f"{s.dataset_name}/{c}" in kept]
         if own:
-            parts.append(PreprocessedData(**{**s.__dict__, "identifiers": own}))
+            parts.append(replace(s, identifiers=own))
         s.identifiers[:] = [c for c in s.identifiers if f"{s.dataset_name}/{c}" not in kept]
     missing = kept - {f"{p.dataset_name}/{c}" for p in parts for c in p.identifiers}
     if missing:
@@ -81,7 +82,7 @@ class HeldOutLoss:
         self.views: list[dict[str, torch.Tensor]] = []
         for s in sources:
             for case in s.identifiers:
-                data = PretrainCrops([PreprocessedData(**{**s.__dict__, "identifiers": [case]})], views, 1,
+                data = PretrainCrops([replace(s, identifiers=[case])], views, 1,
                                      seed=seed + VIEW_SEED, dtype=dtype)
                 self.views.append(data[0])  # {name: [n, C, *size]}: one case's views, cut once
         self.seed = seed + MASK_SEED

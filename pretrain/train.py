@@ -240,10 +240,11 @@ class PretrainRun:
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
         self.views = cfg.views()
+        dtype = transfer_dtype(self.device, self.precision)
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                  world_size=self.world_size, dtype=transfer_dtype(self.device, self.precision))
+                                  world_size=self.world_size, dtype=dtype)
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
-        self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, transfer_dtype(self.device, self.precision))
+        self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, dtype)
                          if self.is_main and self.val_cases else None)
         self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
@@ -519,7 +520,7 @@ class PretrainRun:
             self.history.setdefault(key, [math.nan] * epochs).append(value)
 
     def _want_recon(self, epoch: int) -> bool:
-        return (epoch + 1) % max(1, self.cfg.recon_every) == 0 or epoch + 1 == self.cfg.epochs or epoch == 0
+        return self._due(epoch, self.cfg.recon_every) or epoch == 0
 
     def _reconstruction(self, x: torch.Tensor, epoch: int) -> None:
         was_training = self.model.training
