@@ -31,36 +31,29 @@ from pathlib import Path
 
 from context_phantoms import make_context_datasets
 
+from nnunetv2_hiendmae.commands import executable
+from nnunetv2_hiendmae.compare import t_interval
+
 DATASET = 520  # labelled; 521 is the pool
 FOLDS = (0, 1, 2)
 
 
 def run(cmd: list[str], env: dict, log: Path) -> None:
     """One real command, its output appended to ``log``; stops the benchmark if it fails."""
-    exe = Path(sys.executable).parent / cmd[0]
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run([executable(cmd[0]), *cmd[1:]], env=env, stdout=f, stderr=subprocess.STDOUT)
     print(f"{time.perf_counter() - t0:7.0f} s  {' '.join(cmd)}", flush=True)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Mean of ``b - a`` over folds and its 95 % paired t interval (scipy)."""
-    from scipy import stats
-
+    """Mean of ``b - a`` over folds and its 95 % paired t interval (nnunetv2_hiendmae.compare.t_interval)."""
     diffs = [y - x for x, y in zip(a, b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
-    half = stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
-    return mean, mean - half, mean + half
+    return sum(diffs) / len(diffs), *t_interval(diffs)
 
 
 def main() -> None:

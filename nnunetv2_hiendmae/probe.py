@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -59,6 +58,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
+from nnunetv2_hiendmae.compare import mean_std
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
 from nnunetv2_hiendmae.plans import check_patch, default_patch, to_dataset_axes
@@ -72,7 +72,7 @@ from nnunetv2_hiendmae.presets import (
     REFERENCE_PATCH,
     encoder_config,
 )
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder
+from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder, tokens_to_volume
 
 RANDOM_PREFIX = "random:"
 POINTS_PER_CLASS = 4096
@@ -250,7 +250,7 @@ def load_probe_data(dataset: str | int, fold: int, patch_size: Sequence[int], pl
         rng = np.random.default_rng([seed, 1, j])
         for i in range(crops_per_case):
             start = _crop_start(rng, i % 2 == 0, locations, offset, class_map.shape, patch)
-            window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+            window = _window(start, patch)
             fit_crops.append((case, tuple(s - o for s, o in zip(start, offset))))
             images.append(image[(slice(None), *window)])
             classes.append(class_map[window])
@@ -285,8 +285,7 @@ def token_grid(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The encoder's final normed tokens without CLS as a feature volume: ``[B, C, *patch]`` -> ``[B, E, *grid]``
     float32."""
     normed, _ = encoder(x)
-    tokens = normed[:, 1:].float()
-    return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], *encoder.grid(x.shape[2:]))
+    return tokens_to_volume(normed.float(), encoder.grid(x.shape[2:]))
 
 
 def features_at(grid: torch.Tensor, voxels: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
@@ -329,12 +328,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def _window(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(s, s + p) for s, p in zip(start, patch))
-
-
-def _nanmean(values) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: the mean is NaN, which is what we report
-        return float(np.nanmean(np.asarray(values, dtype=float))) if len(values) else math.nan
 
 
 def probe_score(encoder: nn.Module, data: ProbeData, device: torch.device | str | None = None, *,
@@ -409,8 +402,8 @@ def _probe(encoder: nn.Module, data: ProbeData, device: torch.device, batch_size
         denominator = counts.sum(0) + counts.sum(1)  # 2 tp + fp + fn
         dice.append([2 * tp[k].item() / denominator[k].item() if denominator[k] > 0 else math.nan
                      for k in range(1, num_classes)])
-    per_class = {label: _nanmean([d[k] for d in dice]) for k, label in enumerate(data.split.labels)}
-    return ProbeResult(_nanmean(list(per_class.values())), per_class, time.perf_counter() - start)
+    per_class = {label: mean_std([d[k] for d in dice])[0] for k, label in enumerate(data.split.labels)}
+    return ProbeResult(mean_std(per_class.values())[0], per_class, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------- encoders
