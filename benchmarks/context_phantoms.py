@@ -16,21 +16,20 @@ of the same kind. Fixed before any measurement with it (docs/benchmarks.md holds
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from nnunetv2_hiendmae.demo.synthetic import ellipsoid, write_image
+from nnunetv2_hiendmae.demo.synthetic import ellipsoid, make_datasets
 
 LABELS = {"background": 0, "left_of_landmark": 1, "right_of_landmark": 2}
 SPACING = (2.0, 2.0, 3.0)  # x, y, z in mm
 SHAPE = (40, 80, 96)  # z, y, x in voxels: 120 x 160 x 192 mm
 
 
-def make_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom: ``(image HU [z, y, x] float32, labels [z, y, x] uint8)`` at :data:`SPACING`."""
+def make_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """One phantom: ``(image HU [z, y, x] float32, labels [z, y, x] uint8, SPACING)``."""
     zz, yy, xx = np.meshgrid(*[(np.arange(n) - n / 2 + 0.5) * s for n, s in zip(SHAPE, SPACING[::-1])],
                              indexing="ij")  # mm from the centre
     img = np.full(SHAPE, -1000.0)
@@ -50,29 +49,15 @@ def make_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         seg[organ] = label
     texture = gaussian_filter(rng.normal(0, 1, SHAPE), sigma=1.2) * 30.0
     img = img + np.where(body, texture, 0.0) + rng.normal(0, 10, SHAPE)
-    return img.astype(np.float32), seg
+    return img.astype(np.float32), seg, SPACING
 
 
 def make_context_datasets(raw_root: Path, dataset_id: int, pool: Path, n_labelled: int, n_unlabelled: int,
                           n_test: int = 4, seed: int = 0, name: str = "ContextPhantoms") -> Path:
     """Write ``Dataset{id}_{name}`` (imagesTr/labelsTr, imagesTs/labelsTs) under ``raw_root`` and the unlabelled scans
-    ``pool/pool_XXX.nii.gz``; returns the dataset folder."""
-    rng = np.random.default_rng(seed)
-    folder = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for i in range(n_labelled + n_test):
-        img, seg = make_case(rng)
-        split = "Tr" if i < n_labelled else "Ts"
-        write_image(img, SPACING, folder / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
-        write_image(seg, SPACING, folder / f"labels{split}" / f"case_{i:03d}.nii.gz")
-    (folder / "dataset.json").write_text(json.dumps(
-        {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": n_labelled, "file_ending": ".nii.gz"},
-        indent=2))
-    pool.mkdir(parents=True, exist_ok=True)
-    for i in range(n_unlabelled):
-        write_image(make_case(rng)[0], SPACING, pool / f"pool_{i:03d}.nii.gz")
-    return folder
+    ``pool/pool_XXX.nii.gz`` (the demo's layout, :func:`make_datasets`); returns the dataset folder."""
+    return make_datasets(raw_root, dataset_id, name, n_labelled, n_unlabelled, n_test, seed, pool=pool,
+                         case=make_case, labels=LABELS)["labelled"]
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.nnunet_paths import crossval_splits, dataset_name, nnunet_folder
@@ -22,8 +23,14 @@ class PreprocessedData:
     identifiers: list[str]
     plans: dict  # plans_name, transpose_forward, foreground_intensity_properties_per_channel
     configuration: dict  # the resolved configuration (inheritance applied)
-    channel_names: dict
+    dataset_json: dict
     fold: int | None = None  # the cases are fold F's training cases (else all)
+    plans_manager: Any = field(default=None, repr=False, compare=False)  # nnU-Net's PlansManager, parsed once
+
+    @property
+    def channel_names(self) -> dict:
+        """dataset.json's ``channel_names`` (``{"0": "CT", ...}``)."""
+        return self.dataset_json["channel_names"]
 
 
 def fold_split(base: str | os.PathLike, identifiers: list[str], fold: int) -> tuple[list[str], list[str]]:
@@ -84,5 +91,5 @@ def find_preprocessed(dataset: str | int, plans: str = "nnUNetPlans", configurat
         dataset_name=name, folder=str(folder), identifiers=identifiers,
         plans={"plans_name": plans, "transpose_forward": manager.transpose_forward,
                "foreground_intensity_properties_per_channel": manager.foreground_intensity_properties_per_channel},
-        configuration=config, channel_names=json.loads((base / "dataset.json").read_text())["channel_names"],
+        configuration=config, dataset_json=json.loads((base / "dataset.json").read_text()), plans_manager=manager,
         fold=fold)

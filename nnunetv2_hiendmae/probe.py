@@ -50,10 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 from tqdm import tqdm
 
@@ -155,8 +154,7 @@ def probe_split(dataset: str | int, fold: int, plans: str = "nnUNetPlans",
     """
     source = find_preprocessed(dataset, plans, configuration)
     base = join(str(nnunet_folder("nnUNet_preprocessed")), source.dataset_name)
-    dataset_json = load_json(join(base, "dataset.json"))
-    manager = PlansManager(join(base, f"{plans}.json"))
+    dataset_json, manager = source.dataset_json, source.plans_manager
     label_manager = manager.get_label_manager(dataset_json)
     ignore = label_manager.ignore_label
     foreground = [int(v) for v in label_manager.foreground_labels if v != ignore]

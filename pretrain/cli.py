@@ -191,7 +191,7 @@ def _recipes() -> str:
     for name, m in methods.METHODS.items():
         r = m.recipe
         lr = f"{r.lr:g} x views per step / {r.lr_reference_batch}" if r.lr_reference_batch else f"{r.lr:g}"
-        lines.append(f"  {name}: lr {lr}, {r.warmup_epochs} warm-up epochs of {r.epochs}")
+        lines.append(f"  {name}: lr {lr}, {r.warmup_epochs} warm-up epochs of {r.epochs} ({r.source})")
     return "\n".join(lines)
 
 

@@ -23,6 +23,18 @@ CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "
                         "precision")
 
 
+def val_cases_value(given: str) -> float:
+    """``--val-cases`` as a number: a count (an integer >= 1) or a fraction in [0, 1). Raises :class:`UserError`
+    for anything else, before any data is read."""
+    try:
+        value = float(given)
+    except ValueError:
+        value = -1.0
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise UserError(f"--val-cases must be a count or a fraction such as 0.05, got {given!r}")
+    return value
+
+
 @dataclass
 class PretrainConfig:
     datasets: list[str]
@@ -100,12 +112,7 @@ class PretrainConfig:
                             f"{token[0]} of {self.arch} on every axis")
         settings.check(self.patch_size, token)
         if self.val_cases is not None:
-            try:
-                if float(self.val_cases) < 0:
-                    raise ValueError
-            except ValueError:
-                raise UserError(f"--val-cases must be a count or a fraction such as 0.05, got {self.val_cases!r}") \
-                    from None
+            val_cases_value(self.val_cases)
         if self.lr is None:
             world_size = int(os.environ.get("WORLD_SIZE", 1))
             self.lr = recipe.peak_lr(self.views_per_case() * self.batch_size * self.accum_steps * world_size)

@@ -19,6 +19,7 @@ import torch
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.preprocessed import PreprocessedData
+from pretrain.config import val_cases_value
 from pretrain.data import PretrainCrops
 
 MAX_CASES = 50
@@ -39,13 +40,8 @@ def held_out_count(given: str | None, num_cases: int) -> int:
     """``--val-cases``: an integer count or a fraction in (0, 1) of ``num_cases``; None: :func:`default_count`."""
     if given is None:
         return default_count(num_cases)
-    try:
-        value = float(given)
-    except ValueError:
-        raise UserError(f"--val-cases must be a count or a fraction such as 0.05, got {given!r}") from None
+    value = val_cases_value(given)
     count = math.ceil(value * num_cases) if 0 < value < 1 else int(value)
-    if value < 0 or (value >= 1 and value != int(value)):
-        raise UserError(f"--val-cases must be a count or a fraction such as 0.05, got {given!r}")
     if count >= num_cases:
         raise UserError(f"--val-cases {given} holds out {count} of the {num_cases} cases: at least one must be left "
                         f"to train on")

@@ -107,7 +107,7 @@ def test_a_registered_method_gets_its_flags_help_and_recipe(toy):
     parser, _ = build_parser()
     text = parser.format_help()
     assert "--method toy: SimMIM (throw-away test method)" in text and "--toy-weight" in text
-    assert "toy: lr 0.0003, 1 warm-up epochs of 5" in text
+    assert "toy: lr 0.0003, 1 warm-up epochs of 5 (a test)" in text  # the recipe's source cited
     given, mode = parse(["-d", "990", "-o", "out", "--method", "toy", "--toy-weight", "2", "--mask-ratio", "0.3"])
     cfg = PretrainConfig(**given)
     assert mode == "new" and isinstance(cfg.method_settings, ToySettings)

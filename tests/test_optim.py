@@ -32,6 +32,19 @@ def test_pretraining_groups_decay_all_but_biases_norms_tokens_and_position_embed
     assert got["encoder.pos_embed"][0] == got["mask_token"][0] == got["encoder.cls_token"][0] == 0.0
 
 
+@pytest.mark.parametrize("name, decayed", [("hiend_mae", False), ("gl_mae", False), ("mae", True), ("mim", True)])
+def test_each_method_decays_the_cls_and_mask_tokens_as_its_reference(name, decayed):
+    """MAE's and MiM's main_pretrain.py use timm's add_weight_decay without a skip list: their (1, 1, E) tokens are
+    decayed; Hi-End-MAE's intended groups (and GL-MAE, which follows it) exempt them. Biases and norms never decay."""
+    from pretrain.methods import make_settings, model_class
+
+    model = model_class(name)(encoder_config("vit_tiny"), make_settings(name, {}))
+    got = by_name(model, param_groups(model, 0.05))
+    assert got["encoder.cls_token"][0] == got["mask_token"][0] == (0.05 if decayed else 0.0)
+    assert got["encoder.norm.weight"][0] == got["encoder.blocks.0.attn.qkv.bias"][0] == 0.0
+    assert got["encoder.blocks.0.attn.qkv.weight"][0] == 0.05
+
+
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
 def test_finetuning_groups_scale_the_lr_by_encoder_layer(pos_embed):
     """BEiT/MAE layer ids: 0 for the embedding, CLS and position, i+1 for block i, depth+1 for the final norm and

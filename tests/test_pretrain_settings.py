@@ -119,7 +119,7 @@ def source(name: str, spacing=(1.0, 1.0, 1.0), schemes=("CTNormalization",), **i
     return PreprocessedData(name, "/nowhere", ["a"], {"plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
                                                        "foreground_intensity_properties_per_channel": {"0": ct}},
                             {"spacing": list(spacing), "normalization_schemes": list(schemes),
-                             "use_mask_for_norm": [False]}, {"0": "CT"})
+                             "use_mask_for_norm": [False]}, {"channel_names": {"0": "CT"}})
 
 
 def test_datasets_preprocessed_differently_from_the_first_are_named_with_what_differs():

@@ -9,6 +9,8 @@ pretraining data.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,28 +80,33 @@ def _dataset_json(folder: Path, labels: dict, n: int) -> None:
         {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n, "file_ending": ".nii.gz"}, indent=2))
 
 
+Case = tuple[np.ndarray, np.ndarray, tuple[float, float, float]]  # image [z,y,x], labels [z,y,x], spacing (x,y,z)
+
+
 def make_datasets(raw_root: Path, dataset_id: int, name: str = "HiEndDemo", n_labelled: int = 20,
                   n_unlabelled: int = 10, n_test: int = 4, seed: int = 0, scale: float = 1.0,
-                  pool: Path | None = None) -> dict[str, Path]:
+                  pool: Path | None = None, case: Callable[[np.random.Generator], Case] | None = None,
+                  labels: dict | None = None) -> dict[str, Path]:
     """Write ``Dataset{id}_{name}`` (labelled + imagesTs/labelsTs) under ``raw_root`` and, if ``n_unlabelled``, the
     unlabelled scans ``pool_XXX.nii.gz`` into ``pool`` (default: ``unlabelled_scans`` beside ``raw_root``).
-    Returns their folders."""
+    Cases come from ``case(rng)`` (default: :func:`make_case` at ``scale``, with :data:`LABELS`), drawn in that order
+    from one generator seeded with ``seed``. Returns their folders."""
     rng = np.random.default_rng(seed)
+    case = case or partial(make_case, scale=scale)
     out = {"labelled": raw_root / f"Dataset{dataset_id:03d}_{name}"}
     lab = out["labelled"]
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (lab / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n_labelled + n_test):
-        img, seg, sp = make_case(rng, scale)
+        img, seg, sp = case(rng)
         split = "Tr" if i < n_labelled else "Ts"
-        case = f"case_{i:03d}"
-        write_image(img, sp, lab / f"images{split}" / f"{case}_0000.nii.gz")
-        write_image(seg, sp, lab / f"labels{split}" / f"{case}.nii.gz")
-    _dataset_json(lab, LABELS, n_labelled)
+        write_image(img, sp, lab / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
+        write_image(seg, sp, lab / f"labels{split}" / f"case_{i:03d}.nii.gz")
+    _dataset_json(lab, labels or LABELS, n_labelled)
     if n_unlabelled:
         out["unlabelled"] = unl = pool or raw_root.parent / "unlabelled_scans"
         unl.mkdir(parents=True, exist_ok=True)
         for i in range(n_unlabelled):
-            img, _, sp = make_case(rng, scale)
+            img, _, sp = case(rng)
             write_image(img, sp, unl / f"pool_{i:03d}.nii.gz")
     return out

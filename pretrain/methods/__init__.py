@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nnunetv2_hiendmae.errors import UserError
 
@@ -173,8 +173,7 @@ class Method:
     small_patch: tuple[int, int, int] | None = None
 
 
-HI_END_MAE_RECIPE = Recipe(1e-4, 10, 1000, source="Hi-End-MAE's main.py: AdamW lr 1e-4 not scaled with the batch, "
-                                                  "10 warm-up epochs of 1000")
+HI_END_MAE_RECIPE = Recipe(1e-4, 10, 1000, source="Hi-End-MAE's main.py, the rate not scaled with the batch")
 
 METHODS: dict[str, Method] = {
     "hiend_mae": Method(MaskedCropsSettings, "pretrain.methods.hiend_mae:HiEndMAE",
@@ -182,15 +181,15 @@ METHODS: dict[str, Method] = {
                         small={"crops_per_volume": 4}),
     "mae": Method(MaskedCropsSettings, "pretrain.methods.mae:MAE", "MAE (He et al. 2022): plain Transformer decoder",
                   Recipe(1.5e-4, 40, 800, lr_reference_batch=256,
-                         source="MAE's pretraining recipe: base lr 1.5e-4 x batch / 256, 40 warm-up epochs of 800"),
+                         source="MAE's PRETRAIN.md, its base rate scaled with the batch"),
                   small={"crops_per_volume": 4}),
     "gl_mae": Method(GLMAESettings, "pretrain.methods.gl_mae:GLMAE",
                      "GL-MAE (Zhuang et al. 2025): global/local views, EMA teacher, global-guided consistency",
-                     HI_END_MAE_RECIPE, small={"global_views": 1, "local_views": 3}),
+                     replace(HI_END_MAE_RECIPE, source="none published: Hi-End-MAE's"),
+                     small={"global_views": 1, "local_views": 3}),
     "mim": Method(MiMSettings, "pretrain.methods.mim:MiM",
                   "MiM (Zhuang et al. 2025): mask in mask, three levels, cross-level alignment",
-                  Recipe(2e-4, 40, 800, source="MiM's published pretraining script: lr 2e-4 (blr 1e-4 x 512 / 256), "
-                                               "40 warm-up epochs of 800"),
+                  Recipe(2e-4, 40, 800, source="MiM's published pretraining script: blr 1e-4 x 512 / 256"),
                   small={"mid_samples": 2, "down_samples": 2}, small_patch=(32, 32, 32)),
 }
 

@@ -41,6 +41,8 @@ def consistency(student: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 
 class GLMAE(MAE):
+    decay_tokens = False  # no published pretraining code: Hi-End-MAE's groups, as its other unpublished settings
+
     def __init__(self, encoder: dict, settings, decoder: dict | None = None):
         super().__init__(encoder, settings, decoder)
         e = self.encoder.embed_dim

@@ -43,6 +43,7 @@ class MAE(MaskedAutoencoder):
     """Shared encoder + ``decoder_embed`` + ``mask_token`` + :class:`MAEDecoder`; ``forward`` on K masked crops."""
 
     decoder_presets = DECODER_PRESETS
+    decay_tokens = True  # MAE's main_pretrain.py: optim_factory.add_weight_decay(model, wd), no skip list
 
     def build_decoder(self) -> None:
         d = self.decoder_config

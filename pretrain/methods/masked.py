@@ -65,6 +65,9 @@ class MaskedAutoencoder(nn.Module):
     ``forward`` and ``figure_input`` (see :class:`~pretrain.methods.contract.PretrainingModel`)."""
 
     decoder_presets: dict[str, dict] = {}
+    # AdamW decays the CLS and mask tokens: the reference's groups (timm's add_weight_decay, no skip list) exempt only
+    # biases and 1-D parameters; False exempts them too (Hi-End-MAE's intended groups, timm ViT's convention)
+    decay_tokens: bool = False
 
     def __init__(self, encoder: dict, settings, decoder: dict | None = None):
         super().__init__()
@@ -92,7 +95,8 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token"}
+        names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()} | {"mask_token"}
+        return names - {"encoder.cls_token", "mask_token"} if self.decay_tokens else names
 
     # ---- the steps ---------------------------------------------------------------------------------------------
     @staticmethod

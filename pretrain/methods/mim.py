@@ -69,6 +69,8 @@ def mlp_head(dim: int) -> nn.Sequential:
 
 
 class MiM(MAE):
+    decay_tokens = True  # MiM's main_pretrain.py: timm's add_weight_decay with no skip list, as MAE
+
     def __init__(self, encoder: dict, settings, decoder: dict | None = None):
         super().__init__(encoder, settings, decoder)
         d = self.dec_dim
