@@ -34,8 +34,8 @@ from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dt
 from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import methods
 from pretrain.augment import augment_views
+from pretrain.build import share_cpu_with_workers
 from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources
-from pretrain.train import share_cpu_with_workers
 
 
 def measure(method: str, arch: str, settings, batches, device: torch.device, precision: str, compile_: bool,

@@ -57,7 +57,7 @@ def estimate(run: PretrainRun, steps: int = 5, warmup: int = 2, remaining_epochs
     epoch, the whole run's wall time and device-hours, peak memory (device, or the process's on a CPU), the size of
     one ``checkpoint_latest.pth`` and of the preprocessed data, and compilation's start-up."""
     cfg, device = run.cfg, run.device
-    loader = make_loader(run.data, cfg.batch_size, cfg.num_workers, device.type)
+    loader = make_loader(run.data.crops, cfg.batch_size, cfg.num_workers, device.type)
     source = iter(loader)
     t0 = time.perf_counter()
     batches = [next(source)]
@@ -86,13 +86,13 @@ def estimate(run: PretrainRun, steps: int = 5, warmup: int = 2, remaining_epochs
     compiled = run.compiled is not run.ddp
     compile_s = max(0.0, warm_s - warmup * step_s) if compiled else 0.0
     epochs = cfg.epochs if remaining_epochs is None else remaining_epochs
-    epoch_s = run.iters * max(step_s, batch_s)
+    epoch_s = run.data.iters * max(step_s, batch_s)
     run_s = epochs * epoch_s + compile_s
     crops = run.crops_per_step
     return {
         "method": cfg.method, "arch": cfg.arch, "device": str(device), "precision": run.precision,
         "ranks": run.world_size, "batch_size": cfg.batch_size, "crops_per_step": crops,
-        "iterations_per_epoch": run.iters, "epochs": epochs, "num_workers": cfg.num_workers,
+        "iterations_per_epoch": run.data.iters, "epochs": epochs, "num_workers": cfg.num_workers,
         "model_crops_per_s": crops / step_s, "model_s_per_step": step_s,
         "loader_crops_per_s": crops / batch_s, "loader_s_per_batch": batch_s, "loader_start_s": loader_start,
         "limited_by": "model" if step_s >= batch_s else "loader",

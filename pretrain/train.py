@@ -24,58 +24,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.leakage import pretraining_fingerprints
-from nnunetv2_hiendmae.optim import param_groups
-from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
-from nnunetv2_hiendmae.preprocessed import PreprocessedData
-from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
-from pretrain import methods
+from nnunetv2_hiendmae.precision import autocast
 from pretrain.augment import augment_views
+from pretrain.build import build_data, build_model, build_placement, build_signals
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 from pretrain.data import (
     CaseReadError,
-    PretrainCrops,
-    check_cases,
     device_batches,
     make_loader,
-    normalisation_differences,
-    pretrain_metadata,
-    resolve_sources,
 )
 from pretrain.figures import plot_progress, plot_reconstruction
-from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
 from pretrain.lock import RunLock
-from pretrain.methods.contract import PretrainingModel
 
 LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
 
-def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
-    """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
-    leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
-    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
-    found = {}
-    for s in sources:
-        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
-        found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
-    return found
-
-
 class NonFiniteLoss(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
-
-
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) under torchrun, (0, 0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -94,11 +66,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
     random.setstate(state["python"])
-
-
-def share_cpu_with_workers(num_workers: int) -> None:
-    """On CPU, leave the loader workers their cores: oversubscribed intra-op threads spin-wait (measured 30x slower)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
 
 
 @dataclass
@@ -211,65 +178,20 @@ class PretrainRun:
 
     def __init__(self, cfg: PretrainConfig, resume_from: dict | None = None, planned_ranks: int | None = None):
         self.cfg, self.resume_from = cfg, resume_from
-        self.rank, local_rank, self.world_size = _dist_info() if planned_ranks is None else (0, 0, planned_ranks)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        self.device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
-        if self.world_size > 1 and planned_ranks is None and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = True
-        else:
-            share_cpu_with_workers(cfg.num_workers)
-        self.precision = resolve_precision(self.device, cfg.precision)
-
+        place = build_placement(cfg, planned_ranks)
+        self.rank, self.world_size, self.device, self.precision = place.rank, place.world_size, place.device, \
+            place.precision
+        self.is_main = place.is_main
         self.out = Path(cfg.output_dir)
-        self.is_main = self.rank == 0
-        sources = resolve_sources(cfg.datasets, cfg.plans, cfg.configuration, cfg.fold)
-        probe_split = self._probe_split(len(sources[0].channel_names)) if cfg.probe_dataset is not None else None
-        stored = (resume_from or {}).get("pretrain", {})
-        self.val_cases = stored["val_cases"] if "val_cases" in stored else held_out_cases(
-            sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
-        val_sources = split_off(sources, self.val_cases)  # never in a training batch
-        progress = self.is_main and cfg.progress_bar
-        self.notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
-        self.notes += normalisation_differences(sources)
-        self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
-        self.num_cases = sum(len(s.identifiers) for s in sources)
-        self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
-        self.views = cfg.views()
-        dtype = transfer_dtype(self.device, self.precision)
-        self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                  world_size=self.world_size, dtype=dtype)
+        stored = (resume_from or {}).get("pretrain", {})  # what the run a resume continues decided
+        self.data = build_data(cfg, place, stored)
+        self.signals = build_signals(cfg, place, self.data, stored)
+        self.encoder_cfg, self.model, self.ddp, self.compiled, self.optimizer, self.scaler = build_model(
+            cfg, place, self.data.meta["in_channels"])
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
-        self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, dtype)
-                         if self.is_main and self.val_cases else None)
-        self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
-        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
-        if self.fingerprints is None and self.is_main:  # after every check of the input: the slowest step
-            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress)
-
-        token = token_size_3d(PRESETS[cfg.arch]["token_size"])
-        self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
-                                          [s // t for s, t in zip(cfg.patch_size, token)]
-                                          if cfg.pos_embed == "learned" else None)
-        torch.manual_seed(cfg.seed)
-        model = methods.model_class(cfg.method)(self.encoder_cfg, cfg.method_settings)
-        self.model: PretrainingModel = model.to(self.device)
-        self.ddp = (DistributedDataParallel(self.model,
-                                            device_ids=[self.device] if self.device.type == "cuda" else None)
-                    if dist.is_initialized() else self.model)
-        compile_ = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.compiled = torch.compile(self.ddp) if compile_ else self.ddp
-        torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                           fused=self.device.type == "cuda")
         self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
         self.t = 0.0  # where the run is, in epochs (the schedule's clock)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.start_epoch, self.start_iteration, self.global_step = 0, 0, 0
         self.partial: dict[str, float] = {}  # loss sums of the iterations of ``start_epoch`` done before a resume
         self.lock: RunLock | None = None
@@ -294,11 +216,12 @@ class PretrainRun:
         """The checkpoint after ``epochs_done`` epochs and ``iteration`` iterations of the next (whose loss sums so
         far are ``partial``); resumable when ``rng`` holds every rank's random state."""
         cfg = self.cfg
-        pretrain = dict(self.meta, patch_size=list(cfg.patch_size), token_size=list(self.model.token_size),
-                        views={k: [n, list(size)] for k, (n, size) in self.views.items()},
-                        epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.iters,
+        pretrain = dict(self.data.meta, patch_size=list(cfg.patch_size), token_size=list(self.model.token_size),
+                        views={k: [n, list(size)] for k, (n, size) in self.data.views.items()},
+                        epochs_done=epochs_done, epochs_planned=cfg.epochs, iters_per_epoch=self.data.iters,
                         batch_size=cfg.batch_size, world_size=self.world_size, lr=cfg.lr, seed=cfg.seed,
-                        val_cases=list(self.val_cases), case_fingerprints=self.fingerprints, history=self.history)
+                        val_cases=list(self.data.val_cases), case_fingerprints=self.signals.fingerprints,
+                        history=self.history)
         train_state = None
         if rng is not None:  # a resumable checkpoint
             train_state = {"optimizer": self.optimizer.state_dict(),
@@ -318,9 +241,9 @@ class PretrainRun:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
         self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
-        if self.start_iteration >= self.iters:  # fewer iterations per epoch now (more ranks): the epoch starts again
+        if self.start_iteration >= self.data.iters:  # fewer iterations per epoch now (more ranks): start it again
             self.start_iteration, self.partial = 0, {}
-        self.t = self.start_epoch + self.start_iteration / self.iters
+        self.t = self.start_epoch + self.start_iteration / self.data.iters
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
         self.best = max((v for v in self.history.get("probe_dice", []) if v == v), default=-math.inf)
         if self.rank < len(state["rng"]):
@@ -342,12 +265,12 @@ class PretrainRun:
             if stored[key] != getattr(cfg, key):
                 self.log(f"--{key.replace('_', '-')} {stored[key]} -> {getattr(cfg, key)} from epoch "
                          f"{self.start_epoch + 1} on")
-        if before["world_size"] != self.world_size or before["iters_per_epoch"] != self.iters:
+        if before["world_size"] != self.world_size or before["iters_per_epoch"] != self.data.iters:
             volumes = before["batch_size"] * before["world_size"]
             self.log(f"{before['world_size']} -> {self.world_size} rank(s): {volumes} -> "
                      f"{cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
-                     f"{before['iters_per_epoch']} -> {self.iters} iterations per epoch; the learning-rate schedule "
-                     f"counts epochs, so it continues as planned")
+                     f"{before['iters_per_epoch']} -> {self.data.iters} iterations per epoch; the learning-rate "
+                     f"schedule counts epochs, so it continues as planned")
 
     def _save_latest(self, epochs_done: int, last: bool) -> None:
         """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
@@ -408,20 +331,20 @@ class PretrainRun:
         loss sums of the iterations before ``start`` (a run resumed in the middle of the epoch)."""
         cfg = self.cfg
         self.model.train()
-        bar = tqdm(total=self.iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.data.iters, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not (self.is_main and cfg.progress_bar), dynamic_ncols=True, leave=False)
         sums: dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in (partial or {}).items()}
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
-        self.t = epoch + start / self.iters
+        self.t = epoch + start / self.data.iters
         self._set_lr()
-        for it in range(start, self.iters):
+        for it in range(start, self.data.iters):
             try:
                 batch = next(batches)
             except CaseReadError as e:
                 self._stop_unreadable(e, epoch, it, sums)
             views = augment_views(batch)
-            sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.iters
+            sync = (it + 1) % cfg.accum_steps == 0 or it + 1 == self.data.iters
             ctx = self.ddp.no_sync() if (self.world_size > 1 and not sync) else nullcontext()
             with ctx, autocast(self.device, self.precision):
                 losses = self.compiled(views)
@@ -430,10 +353,10 @@ class PretrainRun:
             scaled = loss / cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if sync:
-                self._step(epoch + (it + 1) / self.iters)
+                self._step(epoch + (it + 1) / self.data.iters)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
-            if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.iters:
+            if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.data.iters:
                 self._check_finite(first_bad, epoch)
                 if self.is_main and cfg.progress_bar:
                     rate = (it + 1 - start) * self.crops_per_step / (time.perf_counter() - t0)
@@ -442,7 +365,7 @@ class PretrainRun:
             if it == start and self.is_main and self._want_recon(epoch):
                 self._reconstruction(self.model.figure_input(views), epoch)
         bar.close()
-        means = torch.stack(list(sums.values())) / self.iters
+        means = torch.stack(list(sums.values())) / self.data.iters
         if self.world_size > 1:
             dist.all_reduce(means)
             means /= self.world_size
@@ -465,47 +388,27 @@ class PretrainRun:
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
 
-    def _probe_split(self, channels: int):
-        """The probe dataset's fold, checked before anything is read: an unknown dataset, a fold it does not have, no
-        labels or another channel count is one line (nothing written)."""
-        from nnunetv2_hiendmae.probe import probe_split
-
-        cfg = self.cfg
-        split = probe_split(cfg.probe_dataset, cfg.probe_fold)
-        if split.channels != channels:
-            raise UserError(f"--probe-dataset {cfg.probe_dataset}: {split.dataset_name} has {split.channels} "
-                            f"channel(s), the pretraining data {channels}")
-        return split
-
-    def _probe_data(self, split, first: PreprocessedData):
-        """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order."""
-        from nnunetv2_hiendmae.plans import to_dataset_axes
-        from nnunetv2_hiendmae.probe import load_probe_data
-
-        patch = to_dataset_axes(self.cfg.patch_size, first.plans["transpose_forward"], split.transpose_forward)
-        return load_probe_data(split.dataset_name, split.fold, patch, seed=self.cfg.seed)
-
     def _evaluate(self, epoch: int) -> dict[str, float]:
         """The held-out losses (every ``--val-every`` epochs and after the last) and the probe's score (every
         ``--probe-every`` epochs and after the last, keeping ``checkpoint_best.pth``), on rank 0."""
         cfg, figures = self.cfg, {}
-        if self.held_out is not None and self._due(epoch, cfg.val_every):
-            figures.update(self.held_out(self.model, self.device, self.precision, cfg.batch_size))
-        if self.probe is not None and self._due(epoch, cfg.probe_interval()):
+        if self.signals.held_out is not None and self._due(epoch, cfg.val_every):
+            figures.update(self.signals.held_out(self.model, self.device, self.precision, cfg.batch_size))
+        if self.signals.probe is not None and self._due(epoch, cfg.probe_interval()):
             from nnunetv2_hiendmae.probe import probe_score
 
-            result = probe_score(self.model.encoder, self.probe, self.device, batch_size=cfg.batch_size,
+            result = probe_score(self.model.encoder, self.signals.probe, self.device, batch_size=cfg.batch_size,
                                  precision=self.precision)
             figures["probe_dice"] = result.score
             if result.score > self.best:
                 self.best = result.score
                 best = self._checkpoint(epoch + 1)
+                split = self.signals.probe.split
                 best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
-                                            "probe_dataset": self.probe.split.dataset_name,
-                                            "probe_fold": self.probe.split.fold}
+                                            "probe_dataset": split.dataset_name, "probe_fold": split.fold}
                 self.writer.write(best, self.out / BEST)
-                self.log(f"probe: mean foreground Dice {result.score:.4f} on {self.probe.split.dataset_name} fold "
-                         f"{self.probe.split.fold}, the best so far: {self.out / BEST} ({result.seconds:.1f} s)")
+                self.log(f"probe: mean foreground Dice {result.score:.4f} on {split.dataset_name} fold {split.fold}, "
+                         f"the best so far: {self.out / BEST} ({result.seconds:.1f} s)")
             else:
                 self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
                          f"{result.seconds:.1f} s)")
@@ -533,7 +436,7 @@ class PretrainRun:
             torch.cuda.set_rng_state(state[1], self.device)
         self.model.train(was_training)
         plot_reconstruction(x, masked, recon, self.out / f"reconstruction_epoch_{epoch + 1:04d}.png",
-                            f"{self.cfg.method} {self.cfg.arch}, epoch {epoch + 1}", spacing=self.meta["spacing"])
+                            f"{self.cfg.method} {self.cfg.arch}, epoch {epoch + 1}", spacing=self.data.meta["spacing"])
 
     def _prepare_output(self) -> bool:
         """Check the output folder against the mode, take its lock and restore a resumed run. False: the run is
@@ -573,26 +476,27 @@ class PretrainRun:
 
     def _train(self, final: Path) -> Path:
         cfg = self.cfg
-        for note in self.notes:
+        for note in self.data.notes:
             self.log(f"note: {note}")
-        if self.val_cases:
-            self.log(f"held out of training, scored every {cfg.val_every} epoch(s): {len(self.val_cases)} cases "
-                     f"({', '.join(self.val_cases)})")
+        if self.data.val_cases:
+            self.log(f"held out of training, scored every {cfg.val_every} epoch(s): {len(self.data.val_cases)} cases "
+                     f"({', '.join(self.data.val_cases)})")
         if self.is_main and self.start_epoch == 0 and self.start_iteration == 0:
             n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             self.log(f"nnunetv2_hiendmae {__version__} pretraining, method {cfg.method}: {cfg.arch} "
-                     f"({n_params / 1e6:.1f}M trainable params), {self.num_cases} cases from "
-                     f"{', '.join(d['name'] for d in self.meta['datasets'])}, patch {cfg.patch_size}, views per case "
-                     f"{ {k: [n, list(s)] for k, (n, s) in self.views.items()} }, batch {cfg.batch_size}/rank, "
-                     f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
-        loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch,
+                     f"({n_params / 1e6:.1f}M trainable params), {self.data.num_cases} cases from "
+                     f"{', '.join(d['name'] for d in self.data.meta['datasets'])}, patch {cfg.patch_size}, "
+                     f"views per case "
+                     f"{ {k: [n, list(s)] for k, (n, s) in self.data.views.items()} }, batch {cfg.batch_size}/rank, "
+                     f"{self.data.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
+        loader = make_loader(self.data.crops, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch,
                              self.start_iteration)
         batches = device_batches(loader, self.device)
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
             start = self.start_iteration if epoch == self.start_epoch else 0
             losses = self.train_epoch(epoch, batches, start, self.partial if start else None)
-            crops = (self.iters - start) * self.crops_per_step * self.world_size
+            crops = (self.data.iters - start) * self.crops_per_step * self.world_size
             # an epoch's time runs from the end of the previous one, so its logging, figures and checkpoint count too
             epoch_time, t0 = time.perf_counter() - t0, time.perf_counter()
             throughput, lr = crops / epoch_time, self.schedule(self.t)

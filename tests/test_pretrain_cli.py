@@ -187,7 +187,7 @@ def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocess
     for iteration, expected, t in ((4, (1, 0, {}), 1.0), (2, (1, 2, {"loss": 2.0}), 1 + 2 / 3)):
         ckpt = one._checkpoint(1, one._rng_states(), iteration=iteration, partial={"loss": 2.0})
         two = PretrainRun(cfg, resume_from=ckpt, planned_ranks=2)
-        assert (one.iters, two.iters) == (5, 3)
+        assert (one.data.iters, two.data.iters) == (5, 3)
         two._restore(ckpt)
         assert (two.start_epoch, two.start_iteration, two.partial) == expected and two.t == pytest.approx(t)
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))

@@ -52,15 +52,15 @@ def test_held_out_cases_are_never_trained_on_and_score_the_same_twice(preprocess
                          val_cases="0.34", num_workers=0, device="cpu", progress_bar=False)
     run = PretrainRun(cfg)
     trained = {f"{s.dataset_name}/{c}" for s in run.data.sources for c in s.identifiers}
-    assert len(run.val_cases) == 4 and not trained & set(run.val_cases)  # ceil(0.34 x 9) held out of 9
+    assert len(run.data.val_cases) == 4 and not trained & set(run.data.val_cases)  # ceil(0.34 x 9) held out of 9
     assert len(trained) == 5
     state = torch.get_rng_state()
-    first = run.held_out(run.model, run.device, run.precision, 2)
+    first = run.signals.held_out(run.model, run.device, run.precision, 2)
     assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
-    assert first == run.held_out(run.model, run.device, run.precision, 2)  # fixed views and masks
+    assert first == run.signals.held_out(run.model, run.device, run.precision, 2)  # fixed views and masks
     assert set(first) == {"val_loss"} and first["val_loss"] > 0
     assert run.model.training
-    assert set(run.fingerprints) == trained | set(run.val_cases)  # the leakage guard sees the held-out cases too
+    assert set(run.signals.fingerprints) == trained | set(run.data.val_cases)  # the guard sees the held-out cases
 
 
 class CropMeans(torch.nn.Module):

@@ -1,0 +1,204 @@
+"""How a pretraining run is put together, one step a function, in the order :class:`~pretrain.train.PretrainRun` calls
+them: where it runs (:func:`build_placement`), what it reads (:func:`build_data`), what tells whether it is working
+(:func:`build_signals`, rank 0 only) and what it trains (:func:`build_model`).
+
+Each step checks its own input before the next one reads anything, so a user mistake (an unknown dataset, a probe
+dataset with another channel count, a broken case) is one line before any weights exist.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.leakage import pretraining_fingerprints
+from nnunetv2_hiendmae.optim import param_groups
+from nnunetv2_hiendmae.precision import resolve_precision, transfer_dtype
+from nnunetv2_hiendmae.preprocessed import PreprocessedData
+from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
+from pretrain import methods
+from pretrain.config import PretrainConfig
+from pretrain.data import PretrainCrops, check_cases, normalisation_differences, pretrain_metadata, resolve_sources
+from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
+from pretrain.methods.contract import PretrainingModel
+
+
+# ---- where the run executes -----------------------------------------------------------------------------------------
+@dataclass
+class Placement:
+    """This process's place in the run: its rank of ``world_size``, its device and the precision it computes in."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16 (``auto`` resolved for the device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def transfer_dtype(self) -> str:
+        """The dtype crops travel in from the loader workers to the device (:func:`~nnunetv2_hiendmae.precision.
+        transfer_dtype`)."""
+        return transfer_dtype(self.device, self.precision)
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) under torchrun, (0, 0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def share_cpu_with_workers(num_workers: int) -> None:
+    """On CPU, leave the loader workers their cores: oversubscribed intra-op threads spin-wait (measured 30x slower)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+
+
+def build_placement(cfg: PretrainConfig, planned_ranks: int | None = None) -> Placement:
+    """Rank and device from torchrun's environment (joining the process group: NCCL on CUDA, else gloo), or rank 0
+    of ``planned_ranks`` without starting them (``--estimate``). Raises :class:`UserError` for ``--device cuda``
+    without a GPU."""
+    rank, local_rank, world_size = dist_info() if planned_ranks is None else (0, 0, planned_ranks)
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    device = torch.device(name, local_rank) if name == "cuda" else torch.device(name)
+    if world_size > 1 and planned_ranks is None and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        share_cpu_with_workers(cfg.num_workers)
+    return Placement(rank, world_size, device, resolve_precision(device, cfg.precision))
+
+
+# ---- what the run reads ---------------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """The run's cases and how they are read: training sources (held-out cases removed), held-out sources, the notes
+    for the log, the pretraining metadata of the checkpoint, the iterations per epoch and this rank's crops."""
+
+    sources: list[PreprocessedData]
+    val_sources: list[PreprocessedData]
+    val_cases: list[str]  # "DatasetXXX_Name/case", never in a training batch
+    notes: list[str]
+    meta: dict  # pretrain_metadata: datasets, spacing, normalisation, in_channels, ...
+    num_cases: int  # training cases
+    iters: int  # iterations per epoch
+    views: dict  # {name: (count, size)}
+    crops: PretrainCrops  # this rank's items
+    probe_split: object | None  # nnunetv2_hiendmae.probe.ProbeSplit of --probe-dataset, checked
+
+
+def probe_split(cfg: PretrainConfig, channels: int):
+    """The probe dataset's fold, checked before anything is read: an unknown dataset, a fold it does not have, no
+    labels or another channel count than the pretraining data's ``channels`` is one line (nothing written)."""
+    from nnunetv2_hiendmae.probe import probe_split as split_of
+
+    split = split_of(cfg.probe_dataset, cfg.probe_fold)
+    if split.channels != channels:
+        raise UserError(f"--probe-dataset {cfg.probe_dataset}: {split.dataset_name} has {split.channels} "
+                        f"channel(s), the pretraining data {channels}")
+    return split
+
+
+def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
+    """Find the datasets, hold out ``--val-cases`` (those ``stored`` by the run a resume continues, else drawn with
+    the run's seed), check every case (:func:`~pretrain.data.check_cases`) and lay out this rank's crops: an epoch
+    is ``--iters-per-epoch`` or enough iterations for every training case once over all ranks."""
+    sources = resolve_sources(cfg.datasets, cfg.plans, cfg.configuration, cfg.fold)
+    split = probe_split(cfg, len(sources[0].channel_names)) if cfg.probe_dataset is not None else None
+    val_cases = stored["val_cases"] if "val_cases" in stored else held_out_cases(
+        sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
+    val_sources = split_off(sources, val_cases)
+    progress = place.is_main and cfg.progress_bar
+    notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
+    notes += normalisation_differences(sources)
+    num_cases = sum(len(s.identifiers) for s in sources)
+    iters = cfg.iters_per_epoch or max(1, math.ceil(num_cases / (cfg.batch_size * place.world_size)))
+    views = cfg.views()
+    crops = PretrainCrops(sources, views, iters * cfg.batch_size, seed=cfg.seed, rank=place.rank,
+                          world_size=place.world_size, dtype=place.transfer_dtype)
+    return RunData(sources, val_sources, list(val_cases), notes, pretrain_metadata(sources, cfg.plans,
+                   cfg.configuration), num_cases, iters, views, crops, split)
+
+
+# ---- what tells whether it is working -------------------------------------------------------------------------------
+@dataclass
+class Signals:
+    """Rank 0's measures beside the training loss: the held-out loss, the probe's data and the content fingerprints
+    of every case read (for the leakage guard). None where not asked for, and on every other rank."""
+
+    held_out: HeldOutLoss | None = None
+    probe: object | None = None  # nnunetv2_hiendmae.probe.ProbeData
+    fingerprints: dict[str, str] | None = None
+
+
+def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
+    """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
+    leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
+    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
+    found = {}
+    for s in sources:
+        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
+        found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
+    return found
+
+
+def build_signals(cfg: PretrainConfig, place: Placement, data: RunData, stored: dict) -> Signals:
+    """The held-out views (cut once), the probe's fixed crops at the run's patch size in the probe dataset's axis
+    order, and the fingerprints (``stored`` by the run a resume continues, else computed: the slowest step, last)."""
+    if not place.is_main:
+        return Signals()
+    held_out = HeldOutLoss(data.val_sources, data.views, cfg.seed, place.transfer_dtype) if data.val_cases else None
+    probe, split = None, data.probe_split
+    if split is not None:
+        from nnunetv2_hiendmae.plans import to_dataset_axes
+        from nnunetv2_hiendmae.probe import load_probe_data
+
+        patch = to_dataset_axes(cfg.patch_size, data.sources[0].plans["transpose_forward"], split.transpose_forward)
+        probe = load_probe_data(split.dataset_name, split.fold, patch, seed=cfg.seed)
+    fingerprints = stored.get("case_fingerprints")
+    if fingerprints is None:
+        fingerprints = case_fingerprints([*data.sources, *data.val_sources], max(1, cfg.num_workers),
+                                         cfg.progress_bar)
+    return Signals(held_out, probe, fingerprints)
+
+
+# ---- what it trains -------------------------------------------------------------------------------------------------
+class Model(NamedTuple):
+    """The method's model (same initial weights on every rank), its DDP wrapper and compiled form, AdamW over the
+    groups the model declares, and the loss scaler of fp16."""
+
+    encoder_cfg: dict
+    model: PretrainingModel
+    ddp: torch.nn.Module  # DistributedDataParallel(model) when ranks run together, else model
+    compiled: torch.nn.Module  # torch.compile(ddp) with --compile (default on CUDA), else ddp
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None
+
+
+def build_model(cfg: PretrainConfig, place: Placement, in_channels: int) -> Model:
+    """The model from ``--seed`` (so every rank starts from the same weights), then torch's generator reseeded per
+    rank (so every rank draws its own masks)."""
+    token = token_size_3d(PRESETS[cfg.arch]["token_size"])
+    grid = [s // t for s, t in zip(cfg.patch_size, token)] if cfg.pos_embed == "learned" else None
+    encoder_cfg = encoder_config(cfg.arch, in_channels, cfg.pos_embed, grid)
+    torch.manual_seed(cfg.seed)
+    model = methods.model_class(cfg.method)(encoder_cfg, cfg.method_settings).to(place.device)
+    ddp = (DistributedDataParallel(model, device_ids=[place.device] if place.device.type == "cuda" else None)
+           if dist.is_initialized() else model)
+    compile_ = cfg.compile if cfg.compile is not None else place.device.type == "cuda"
+    compiled = torch.compile(ddp) if compile_ else ddp
+    torch.manual_seed(cfg.seed + place.rank)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  fused=place.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if place.precision == "fp16" else None
+    return Model(encoder_cfg, model, ddp, compiled, optimizer, scaler)
