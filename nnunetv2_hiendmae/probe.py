@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.compare import mean_std
+from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
 from nnunetv2_hiendmae.plans import check_patch, default_patch, to_dataset_axes
@@ -72,7 +73,7 @@ from nnunetv2_hiendmae.presets import (
     REFERENCE_PATCH,
     encoder_config,
 )
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder, tokens_to_volume
+from nnunetv2_hiendmae.vit import tokens_to_volume
 
 RANDOM_PREFIX = "random:"
 POINTS_PER_CLASS = 4096
@@ -414,7 +415,7 @@ class ProbeEncoder:
     """An encoder to probe, from a checkpoint or ``random:ARCH``, with what the probe's report says about it."""
 
     name: str  # the -pt value
-    encoder: ViTEncoder3D  # on the CPU, in eval mode
+    encoder: Encoder  # on the CPU, in eval mode
     patch_size: list[int] | None  # the pretraining patch in the probe dataset's axis order; None for random:ARCH
     method: str  # the pretraining method, or "random init"
     epochs: int | None  # pretraining epochs done

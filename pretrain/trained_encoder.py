@@ -31,9 +31,9 @@ from nnunetv2_hiendmae.checkpoint import (
     read_torch_file,
     upgraded,
 )
+from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.presets import NETWORK_CLASS
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder
 from pretrain.unlabeled import Settings
 
 NNUNET_KEYS = ("network_weights", "init_args")  # what is read from nnU-Net's checkpoint
@@ -48,7 +48,7 @@ class TrainedEncoder:
     ``fingerprint`` is :func:`~nnunetv2_hiendmae.checkpoint.encoder_fingerprint` of its configuration and weights.
     """
 
-    encoder: ViTEncoder3D
+    encoder: Encoder
     settings: Settings
     fingerprint: str
     description: str
@@ -81,7 +81,7 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
                     f"reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import)")
 
 
-def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> ViTEncoder3D:
+def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> Encoder:
     encoder = build_encoder(config)
     try:
         encoder.load_state_dict(weights, strict=True)

@@ -103,14 +103,14 @@ def test_reconstruction_loss_is_the_normalised_mse_of_the_masked_tokens_of_every
 
 
 def test_the_pass_reports_the_encoders_normed_cls_token():
-    """``Masked.cls`` (GL-MAE's consistency reads it) is the CLS token of the encoder's final norm, not a patch
+    """``Masked.pooled`` (GL-MAE's consistency reads it) is the CLS token of the encoder's final norm, not a patch
     token."""
     model, settings = build("mae")
     normed = []
     model.encoder.norm.register_forward_hook(lambda m, i, o: normed.append(o))
     out = model.autoencode(structured(2, {"v": (1, PATCH)})["v"][:, 0], settings.mask_ratio)
     (tokens,) = normed
-    assert torch.equal(out.cls, tokens[:, 0])
+    assert torch.equal(out.pooled, tokens[:, 0])
 
 
 def test_decoder_features_are_put_back_in_raster_order():
