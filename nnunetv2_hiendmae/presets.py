@@ -10,7 +10,7 @@ PRESETS: dict[str, dict] = {
     "vit_b16": dict(embed_dim=768, depth=12, num_heads=12, token_size=16),
     "vit_l16": dict(embed_dim=1536, depth=12, num_heads=16, token_size=16),
     "vit_l12": dict(embed_dim=1536, depth=12, num_heads=16, token_size=12),  # the released Hi-End-MAE model
-    # Primus (Wald et al. 2025): dynamic-network-architectures' _PRIMUS_CONFIGS S/B/M/L, 8^3 tokens, LayerScale 0.1
+    # Primus (Wald et al. 2025): dynamic-network-architectures' _PRIMUS_CONFIGS S/B/M/L, 8^3 tokens
     "primus_tiny": dict(kind="primus", embed_dim=48, depth=4, num_heads=4, token_size=8),  # CPU tests
     "primus_s": dict(kind="primus", embed_dim=396, depth=12, num_heads=6, token_size=8),
     "primus_b": dict(kind="primus", embed_dim=792, depth=12, num_heads=12, token_size=8),
@@ -21,8 +21,9 @@ PRESETS: dict[str, dict] = {
 # Each encoder kind: its class (``module:Class``) and the constructor arguments its presets share.
 ENCODERS: dict[str, dict] = {
     "vit": dict(cls="nnunetv2_hiendmae.vit:ViTEncoder3D", defaults=dict(mlp_ratio=4.0), pos_embed="sincos"),
-    "primus": dict(cls="nnunetv2_hiendmae.primus:PrimusEncoder", defaults=dict(mlp_ratio=8 / 3, init_values=0.1),
-                   pos_embed="learned"),
+    # LayerScale 0.1 and drop-path 0.2: nnssl's Primus MAE (BaseEvaMAETrainer.py) and dna's PrimusV3 defaults
+    "primus": dict(cls="nnunetv2_hiendmae.primus:PrimusEncoder",
+                   defaults=dict(mlp_ratio=8 / 3, init_values=0.1, drop_path_rate=0.2), pos_embed="learned"),
 }
 
 REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only

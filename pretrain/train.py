@@ -265,8 +265,8 @@ class PretrainRun:
         compile_ = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.compiled = torch.compile(self.ddp) if compile_ else self.ddp
         torch.manual_seed(cfg.seed + self.rank)  # same initial weights everywhere, different masks on every rank
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
-                                           fused=self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=cfg.recipe().betas, fused=self.device.type == "cuda")
         self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
         self.t = 0.0  # where the run is, in epochs (the schedule's clock)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None

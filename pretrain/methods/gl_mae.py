@@ -47,8 +47,8 @@ class GLMAE(MAE):
         super().__init__(encoder, settings, decoder)
         e = self.encoder.embed_dim
         self.projector = projector(e, settings.proj_hidden_dim, settings.proj_dim)
-        self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()  # no drop-path, from the start
+        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> GLMAE:
         super().train(mode)
