@@ -18,13 +18,20 @@ PRESETS: dict[str, dict] = {
     "primus_l": dict(kind="primus", embed_dim=1056, depth=24, num_heads=16, token_size=8),
 }
 
-# Each encoder kind: its class (``module:Class``) and the constructor arguments its presets share.
+# The fine-tuning network of the ViT, as nnU-Net's plans name it (pydoc.locate resolves it; a test checks that it does).
+NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
+
+# Each encoder kind: its class (``module:Class``), the constructor arguments its presets share, its default position
+# embedding, and its fine-tuning network with the plans' arguments besides the encoder.
 ENCODERS: dict[str, dict] = {
-    "vit": dict(cls="nnunetv2_hiendmae.vit:ViTEncoder3D", defaults=dict(mlp_ratio=4.0), pos_embed="sincos"),
+    "vit": dict(cls="nnunetv2_hiendmae.vit:ViTEncoder3D", defaults=dict(mlp_ratio=4.0), pos_embed="sincos",
+                network=NETWORK_CLASS, network_kwargs=dict(feature_size=16)),
     # LayerScale 0.1 and drop-path 0.2: nnssl's Primus MAE (BaseEvaMAETrainer.py) and dna's PrimusV3 defaults
     "primus": dict(cls="nnunetv2_hiendmae.primus:PrimusEncoder",
-                   defaults=dict(mlp_ratio=8 / 3, init_values=0.1, drop_path_rate=0.2), pos_embed="learned"),
+                   defaults=dict(mlp_ratio=8 / 3, init_values=0.1, drop_path_rate=0.2), pos_embed="learned",
+                   network="nnunetv2_hiendmae.primus_network.PrimusNetwork", network_kwargs={}),
 }
+NETWORK_CLASSES = tuple(e["network"] for e in ENCODERS.values())
 
 REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
 
@@ -37,9 +44,6 @@ PROBE_MAX_CASES = 16
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
 
 CHECKPOINT_FORMAT = "nnunetv2_hiendmae.pretrain/1"  # the "format" entry of every pretraining checkpoint
-
-# The fine-tuning network, as nnU-Net's plans name it (pydoc.locate resolves it; a test checks that it does).
-NETWORK_CLASS = "nnunetv2_hiendmae.network.HiEndUNETR"
 
 Grid = tuple[int, int, int]
 

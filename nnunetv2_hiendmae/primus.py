@@ -34,6 +34,12 @@ from nnunetv2_hiendmae.presets import Grid, token_size_3d
 from nnunetv2_hiendmae.vit import PatchEmbed3D, interpolate_pos_embed, patchify, take_tokens, tap_indices
 
 
+def primus_group_matcher(prefix: str = "") -> dict:
+    """Layer ids for layer-wise lr decay (timm's convention) under Primus's names: stem and position embedding are
+    layer 0, block i is layer i+1; the final norm, like anything outside the encoder, falls into the last layer."""
+    return {"stem": rf"^{prefix}(?:down_projection|eva\.pos_embed)", "blocks": rf"^{prefix}eva\.blocks\.(\d+)"}
+
+
 class PrimusEncoder(nn.Module):
     """Primus's patch embedding and EVA encoder with the interface of :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D`.
 
@@ -46,6 +52,7 @@ class PrimusEncoder(nn.Module):
 
     num_prefix_tokens = 0
     pos_embed_type = "learned"
+    stem_weight_key, pos_embed_key = "down_projection.proj.weight", "eva.pos_embed"  # what fine-tuning adapts
 
     def __init__(self, in_channels: int, embed_dim: int, depth: int, num_heads: int,
                  pos_embed_grid: Sequence[int], token_size: int | Sequence[int] = 8, mlp_ratio: float = 8 / 3,
@@ -69,9 +76,7 @@ class PrimusEncoder(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
-        """Layer ids for layer-wise lr decay (timm's convention): stem and position embedding are layer 0, block i
-        is layer i+1; the final norm, like anything outside the encoder, falls into the last layer."""
-        return {"stem": rf"^{prefix}(?:down_projection|eva\.pos_embed)", "blocks": rf"^{prefix}eva\.blocks\.(\d+)"}
+        return primus_group_matcher(prefix)
 
     @property
     def taps(self) -> tuple[int, int, int]:

@@ -126,6 +126,7 @@ class ViTEncoder3D(nn.Module):
     """
 
     num_prefix_tokens = 1  # the CLS token, first
+    stem_weight_key, pos_embed_key = "patch_embed.proj.weight", "pos_embed"  # what fine-tuning adapts
 
     def __init__(
         self,
