@@ -1,8 +1,10 @@
 """A Primus pretrained by the real command goes through the real commands: nnUNetv2_hiendmae_plan writes plans whose
 network is dynamic-network-architectures' Primus, nnUNetv2_train loads every encoder tensor into it (reporting the
-adapted position embedding), nnUNetv2_predict segments with it, and nnU-Net's own ``Primus`` reads its weights."""
+adapted position embedding), nnUNetv2_predict segments with it, nnU-Net's own ``Primus`` reads its weights, and the
+fine-tuned encoder embeds; the probe ranks a Primus checkpoint against ``random:primus_tiny``."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -14,10 +16,16 @@ from dynamic_network_architectures.architectures.primus import Primus
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.ext import ext_path
-from nnunetv2_hiendmae.presets import PRESETS
+from nnunetv2_hiendmae.presets import PRESETS, encoder_config
+from pretrain.embed import embed_volume
+from pretrain.trained_encoder import load_trained_encoder
 
 CFG = "3d_fullres"
 PLANS = "T_primus"
+
+
+def source_keys(ckpt: dict) -> set[str]:
+    return set(encoder_state_dict(ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +58,10 @@ def test_a_primus_checkpoint_is_planned_trained_and_predicted_by_nnunet(preproce
     nnunet_primus = Primus(1, p["embed_dim"], (8, 8, 8), 4, eva_depth=p["depth"], eva_numheads=p["num_heads"],
                            input_shape=tuple(cfg["patch_size"]), init_values=0.1, scale_attn_inner=True)
     nnunet_primus.load_state_dict(weights, strict=True)  # the fine-tuned network is dna's Primus, key for key
+    fine_tuned = load_trained_encoder(fold / "checkpoint_final.pth").encoder  # what nnUNetv2_hiendmae_embed uses
+    assert fine_tuned.state_dict().keys() == source_keys(ckpt)
+    for key, value in fine_tuned.state_dict().items():
+        assert torch.equal(value, weights[key]), key
 
     images, out = preprocessed_dataset["raw"] / "imagesTs", tmp_path / "pred"
     run_cli("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "990", "-c", CFG, "-tr",
@@ -90,3 +102,26 @@ def test_every_encoder_tensor_loads_into_the_primus_network_with_the_two_adaptat
             assert torch.equal(state[key], value), key
     assert all(torch.equal(state[k], v) for k, v in decoder.items())
     assert set(net.no_weight_decay()) <= set(dict(net.named_parameters()))
+
+
+def test_the_probe_ranks_a_primus_checkpoint_against_random_primus(preprocessed_dataset, primus_checkpoint, tmp_path):
+    out = tmp_path / "probe"
+    run_cli("nnUNetv2_hiendmae_probe", "-d", "990", "-pt", "random:primus_tiny", str(primus_checkpoint), "-o",
+            str(out), "-device", "cpu", check=True, timeout=600, env={"OMP_NUM_THREADS": "1"})
+    with open(out / "probe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["checkpoint"] for r in rows] == ["random:primus_tiny", str(primus_checkpoint)]
+    assert [r["patch size"] for r in rows] == ["16x32x32"] * 2 and rows[1]["method"] == "mae"
+    assert all(0 <= float(r["mean fg Dice"]) <= 1 for r in rows)
+
+
+def test_an_embedding_without_cls_token_pools_each_window_by_its_mean_token():
+    """One window: the ``cls`` vector of a Primus is the mean of that window's normed tokens (the token map)."""
+    from nnunetv2_hiendmae.encoders import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(encoder_config("primus_tiny", pos_embed_grid=(2, 4, 4))).eval()
+    image = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens, cls = embed_volume(encoder, image, patch=(16, 32, 32), step_size=0.5, batch_size=1)
+    assert tokens.shape == (48, 2, 4, 4)
+    torch.testing.assert_close(cls, tokens.mean((1, 2, 3)))
