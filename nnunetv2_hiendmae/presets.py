@@ -86,3 +86,12 @@ def encoder_config(arch: str, in_channels: int = 1, pos_embed: str | None = None
                pos_embed=pos_embed or default_pos_embed(arch),
                pos_embed_grid=list(pos_embed_grid) if pos_embed_grid is not None else None)
     return {"arch": arch, **cfg}
+
+
+def encoder_config_for_patch(arch: str, patch_size: Sequence[int], in_channels: int = 1) -> dict:
+    """:func:`encoder_config` with the preset's default position embedding; a learned one (Primus) on the token grid of
+    ``patch_size``, as a pretraining run on that patch builds it."""
+    token = token_size_3d(PRESETS[arch]["token_size"])
+    learned = default_pos_embed(arch) == "learned"
+    return encoder_config(arch, in_channels, pos_embed_grid=[p // t for p, t in zip(patch_size, token)] if learned
+                          else None)

@@ -71,9 +71,7 @@ from nnunetv2_hiendmae.presets import (
     PROBE_MAX_CASES,
     PROBE_SEED,
     REFERENCE_PATCH,
-    default_pos_embed,
-    encoder_config,
-    token_size_3d,
+    encoder_config_for_patch,
 )
 from nnunetv2_hiendmae.vit import tokens_to_volume
 
@@ -423,17 +421,9 @@ class ProbeEncoder:
     epochs: int | None  # pretraining epochs done
 
 
-def random_encoder_config(arch: str, channels: int) -> dict:
-    """The configuration of ``random:ARCH``: the preset with its default position embedding; a learned one (Primus)
-    on the token grid of a 96^3 patch, the pretraining default, resized to the probe's grid like a checkpoint's."""
-    token = token_size_3d(PRESETS[arch]["token_size"])
-    learned = default_pos_embed(arch) == "learned"
-    return encoder_config(arch, channels, pos_embed_grid=[REFERENCE_PATCH // t for t in token] if learned else None)
-
-
 def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> ProbeEncoder:
     """``spec``: a pretraining checkpoint (:mod:`nnunetv2_hiendmae.checkpoint`) or ``random:ARCH`` (the preset's
-    encoder with its default positions, :func:`random_encoder_config`, initialised after ``torch.manual_seed(seed)``
+    encoder with its default positions, initialised after ``torch.manual_seed(seed)``
     as a pretraining run with that seed initialises it, without touching the global random state). Raises
     :class:`UserError` for an unknown architecture, an unreadable or foreign checkpoint, weights that do not fit their
     configuration, or a channel count other than ``split``'s."""
@@ -443,7 +433,8 @@ def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> 
             raise UserError(f"-pt {spec}: unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = build_encoder(random_encoder_config(arch, split.channels))
+            # a learned position embedding (Primus) on the pretraining default's 96^3 grid, resized like a checkpoint's
+            encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
         return ProbeEncoder(spec, encoder.eval(), None, "random init", 0)
     ckpt = load_checkpoint(spec)
     channels = int(ckpt["encoder"].get("in_channels", 1))

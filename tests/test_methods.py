@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.presets import PRESETS, default_pos_embed, encoder_config, token_size_3d
+from nnunetv2_hiendmae.presets import PRESETS, encoder_config_for_patch, token_size_3d
 from nnunetv2_hiendmae.vit import patchify, take_tokens
 from pretrain import methods
 from pretrain.methods.contract import PretrainingModel
@@ -25,12 +25,6 @@ ARCH = "vit_tiny"  # the encoder under test; tests/test_primus_methods.py runs t
 
 def token() -> tuple[int, int, int]:
     return token_size_3d(PRESETS[ARCH]["token_size"])
-
-
-def tiny_encoder() -> dict:
-    """The encoder configuration of ``ARCH`` for ``PATCH`` (Primus's learned position embedding on its grid)."""
-    learned = default_pos_embed(ARCH) == "learned"
-    return encoder_config(ARCH, pos_embed_grid=[p // t for p, t in zip(PATCH, token())] if learned else None)
 
 
 def summary(normed: torch.Tensor) -> torch.Tensor:
@@ -62,7 +56,7 @@ def build(name: str, **given):
     settings = methods.make_settings(name, {**methods.METHODS[name].small, **given})
     settings.check(PATCH, token())
     torch.manual_seed(0)
-    return methods.model_class(name)(tiny_encoder(), settings), settings
+    return methods.model_class(name)(encoder_config_for_patch(ARCH, PATCH), settings), settings
 
 
 def normalised_patches(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
