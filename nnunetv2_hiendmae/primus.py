@@ -45,7 +45,8 @@ class PrimusEncoder(nn.Module):
 
     ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, N, E]`` (no CLS) and the raw residual
     stream after every block (``depth`` tensors ``[B, N, E]``); ``keep``, ``replace`` and ``mask_token`` as for the
-    ViT. ``pos_embed_grid`` is the token grid of the learned position embedding (the pretraining patch / token);
+    ViT. ``pos_embed_grid`` is the token grid of the learned position embedding (the pretraining patch / token;
+    ValueError without it);
     ``init_values`` is LayerScale's initial value (None: no LayerScale), ``drop_path_rate`` the deepest block's
     stochastic-depth rate. Parameters are initialised as ``Primus`` initialises them.
     """
@@ -55,11 +56,13 @@ class PrimusEncoder(nn.Module):
     stem_weight_key, pos_embed_key = "down_projection.proj.weight", "eva.pos_embed"  # what fine-tuning adapts
 
     def __init__(self, in_channels: int, embed_dim: int, depth: int, num_heads: int,
-                 pos_embed_grid: Sequence[int], token_size: int | Sequence[int] = 8, mlp_ratio: float = 8 / 3,
+                 pos_embed_grid: Sequence[int] | None, token_size: int | Sequence[int] = 8, mlp_ratio: float = 8 / 3,
                  init_values: float | None = 0.1, drop_path_rate: float = 0.0, pos_embed: str = "learned"):
         super().__init__()
         if pos_embed != "learned":
             raise ValueError(f"Primus has a learned position embedding (with rotary embeddings), got {pos_embed!r}")
+        if pos_embed_grid is None:
+            raise ValueError("Primus's learned position embedding needs pos_embed_grid (the pretraining token grid)")
         self.token_size: Grid = token_size_3d(token_size)
         self.embed_dim, self.depth, self.in_channels = embed_dim, depth, in_channels
         self.pos_embed_grid: Grid = tuple(int(g) for g in pos_embed_grid)  # type: ignore[assignment]

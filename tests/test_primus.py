@@ -109,3 +109,5 @@ def test_a_primus_has_no_cls_token_and_pools_by_the_mean():
     torch.testing.assert_close(enc.pooled(tokens), tokens.mean(1))
     with pytest.raises(ValueError, match="learned"):
         build_encoder({**encoder_config("primus_tiny", pos_embed_grid=PRETRAIN_GRID), "pos_embed": "sincos"})
+    with pytest.raises(ValueError, match="needs pos_embed_grid"):
+        build_encoder(encoder_config("primus_tiny"))
