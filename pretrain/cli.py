@@ -154,8 +154,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
                        help="iterations per epoch (default: cases / (batch-size x GPUs), "
                             "i.e. each volume once per epoch)")
     optim.add_argument("--lr", type=float,
-                       help="peak learning rate of AdamW(0.9, 0.95), used as given (default: the method's recipe, "
-                            "below; for MAE scaled with the views per optimiser step over all GPUs)")
+                       help="peak learning rate of AdamW (betas 0.9/0.95; 0.9/0.98 on Primus), used as given "
+                            "(default: the method's recipe, below; for MAE scaled with the views per optimiser step "
+                            "over all GPUs)")
     optim.add_argument("--warmup-epochs", type=int,
                        help="linear warm-up epochs before the cosine decay (default: the method's recipe, below)")
     optim.add_argument("--weight-decay", type=float,
