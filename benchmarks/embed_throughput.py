@@ -27,8 +27,8 @@ import torch
 from make_scans import write_scans
 
 from nnunetv2_hiendmae.checkpoint import make_checkpoint, save_atomic
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.presets import PRESETS, ct_window_statistics, encoder_config
-from nnunetv2_hiendmae.vit import build_encoder
 
 COMMAND = Path(sys.executable).parent / "nnUNetv2_hiendmae_embed"
 RATE = re.compile(r"\((?P<cases>\d+) in (?P<s>[\d.]+) s\); the encoder waited (?P<wait>[\d.]+) s")

@@ -62,12 +62,13 @@ class Size:
     iters: int
     finetune: list[str]
     timeout_s: int
+    primus: str = "primus_m"  # the Primus measured next to ``arch`` (docs/primus.md)
 
 
 GPU = Size("cuda", "vit_b16", (96, 96, 96), 24, 20, 5, 32, 2.4, 15, 5, 60, [], 300)
 QUICK = Size("cpu", "vit_tiny", (32, 32, 32), 2, 2, 1, 3, 0.5, 1, 2, 3,
              ["--arch", "vit_tiny", "--primus", "S", "--patch-size", "32", "32", "32", "--batch-size", "1",
-              "--case-size", "48", "48", "48", "--steps", "1", "--warmup", "1"], 300)
+              "--case-size", "48", "48", "48", "--steps", "1", "--warmup", "1"], 300, "primus_tiny")
 
 
 class Steps:
@@ -181,6 +182,8 @@ def part_pretrain(steps: Steps, size: Size, work: Path, a: argparse.Namespace) -
                                                    if a.reference_pythonpath else [])]
     steps.run("model_only_eager", throughput(size, "hiend_mae", *reference), size.timeout_s, parse=last_json)
     steps.run("model_only_compiled", throughput(size, "hiend_mae", "--compile"), size.timeout_s, parse=last_json)
+    steps.run("model_only_compiled_primus", throughput(size, "hiend_mae", "--compile", "--arch", size.primus),
+              size.timeout_s, parse=last_json)
     make_pool(steps, size, work)
     run_dir = work / "run_hiend_mae"  # compiled on CUDA, as by default
     steps.run("cli_compiled", pretrain_cli(size, "hiend_mae", run_dir), size.timeout_s, parse=cli_history(run_dir))
@@ -213,11 +216,12 @@ def report(records: list[dict]) -> str:
     if first:
         lines = [f"Device: {first['device_name']}, torch {first['torch']}.", ""] + lines
     rows = []
-    for key, label in (("model_only_eager", "eager"), ("model_only_compiled", "compiled")):
+    for key, label in (("model_only_eager", "eager"), ("model_only_compiled", "compiled"),
+                       ("model_only_compiled_primus", "compiled, Primus")):
         if key in res:
             m = res[key]["model_only"]
-            rows.append(f"| Hi-End-MAE model only, {label} | {m['crops_per_s']} | {m['peak_mem_gib']} | "
-                        f"{m['gflops_per_crop']} | {m['mfu']} |")
+            rows.append(f"| Hi-End-MAE model only, {label} ({res[key]['arch']}) | {m['crops_per_s']} | "
+                        f"{m['peak_mem_gib']} | {m['gflops_per_crop']} | {m['mfu']} |")
     if "model_only_eager" in res and "reference" in res["model_only_eager"]:
         ref = res["model_only_eager"]["reference"]["model_only"]
         rows.append(f"| the reference code | {ref['crops_per_s']} | {ref.get('peak_mem_gib')} | | |")

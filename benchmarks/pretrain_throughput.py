@@ -31,19 +31,19 @@ from _measure import PeakMemory, Stopwatch, counted_flops, device_name, peak_tfl
 
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
-from nnunetv2_hiendmae.presets import encoder_config
+from nnunetv2_hiendmae.presets import encoder_config_for_patch
 from pretrain import methods
 from pretrain.augment import augment_views
 from pretrain.build import share_cpu_with_workers
 from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_sources
 
 
-def measure(method: str, arch: str, settings, batches, device: torch.device, precision: str, compile_: bool,
-            n_warmup: int, n_steps: int) -> dict:
+def measure(method: str, arch: str, patch: list[int], settings, batches, device: torch.device, precision: str,
+            compile_: bool, n_warmup: int, n_steps: int) -> dict:
     """Seconds per step over ``n_steps`` after ``n_warmup``, and peak memory from building the model to the end."""
     with PeakMemory(device) as mem:
         torch.manual_seed(0)
-        model = methods.model_class(method)(encoder_config(arch), settings).to(device)
+        model = methods.model_class(method)(encoder_config_for_patch(arch, patch), settings).to(device)
         params = sum(p.numel() for p in model.parameters())
         forward = torch.compile(model) if compile_ else model
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -66,11 +66,11 @@ def measure(method: str, arch: str, settings, batches, device: torch.device, pre
     return {"s_per_step": round(clock.s / n_steps, 4), "peak_mem_gib": mem.gib, "params": params}
 
 
-def flops_per_crop(method: str, arch: str, settings, views: dict, device: torch.device) -> float:
+def flops_per_crop(method: str, arch: str, patch: list[int], settings, views: dict, device: torch.device) -> float:
     """Forward + backward FLOPs of one step on one volume's views, per crop (every op is per sample, so the count
     per crop does not depend on the batch size)."""
     torch.manual_seed(0)
-    model = methods.model_class(method)(encoder_config(arch), settings).to(device)
+    model = methods.model_class(method)(encoder_config_for_patch(arch, patch), settings).to(device)
     one = next(synthetic(views, 1, 1, device))
     flops = counted_flops(lambda: model(one)["loss"].backward())
     return flops / sum(n for n, _ in views.values())
@@ -165,12 +165,12 @@ def main() -> None:
               "device": a.device, "device_name": device_name(device), "torch": torch.__version__,
               "precision": precision, "compile": a.compile, "threads": torch.get_num_threads()}
 
-    flops = flops_per_crop(a.method, a.arch, settings, views, device)
+    flops = flops_per_crop(a.method, a.arch, a.patch_size, settings, views, device)
     if device.type == "cuda":  # the models measured are freed now: start the next one from an empty cache
         torch.cuda.empty_cache()
     dtype = transfer_dtype(device, precision)
-    r = measure(a.method, a.arch, settings, synthetic(views, a.batch_size, 1, device, dtype), device, precision,
-                a.compile, a.warmup, a.steps)
+    r = measure(a.method, a.arch, a.patch_size, settings, synthetic(views, a.batch_size, 1, device, dtype), device,
+                precision, a.compile, a.warmup, a.steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak = peak_tflops(device, precision)
@@ -185,7 +185,7 @@ def main() -> None:
                              dtype=dtype)
         loader = make_loader(data, a.batch_size, a.num_workers, device.type)
         batches = device_batches(loader, device)  # the CLI's data path
-        r = measure(a.method, a.arch, settings, batches, device, precision, a.compile, a.warmup, a.steps)
+        r = measure(a.method, a.arch, a.patch_size, settings, batches, device, precision, a.compile, a.warmup, a.steps)
         result["end_to_end"] = {**r, "crops_per_s": round(crops / r["s_per_step"], 2), "num_workers": a.num_workers,
                                 "cases": sorted({data.case_name(i) for i in range(len(data))})}
         result["loader_alone"] = loader_alone(data, a.batch_size, a.num_workers, device.type, a.warmup + a.steps - 1)

@@ -31,8 +31,9 @@ from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.presets import token_size_3d
-from nnunetv2_hiendmae.vit import build_encoder, tokens_to_volume
+from nnunetv2_hiendmae.vit import tokens_to_volume
 
 NORM = "instance"
 

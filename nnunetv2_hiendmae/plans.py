@@ -27,13 +27,12 @@ from nnunetv2_hiendmae.ext import EXPORT_LINE
 from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
 from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
-from nnunetv2_hiendmae.presets import NETWORK_CLASS, PRESETS, encoder_config, token_size_3d
+from nnunetv2_hiendmae.presets import ENCODERS, PRESETS, encoder_config, encoder_kind, token_size_3d
 
 CONFIGURATION = "3d_fullres"
 DEFAULT_NAME = "nnUNetPlans_HiEndMAE"
 SCRATCH_PATCH = (96, 96, 96)  # the reference's fine-tuning crop, limit for from-scratch plans
 BATCH_SIZE = 2
-FEATURE_SIZE = 16
 NUM_PROCESSES = 4  # nnUNetv2_preprocess's default for 3d_fullres
 CT = "CTNormalization"
 # Everything nnU-Net's preprocessing depends on: equal values mean the same preprocessed data.
@@ -259,8 +258,16 @@ def plans_encoder_config(encoder: dict) -> dict:
     return {k: v for k, v in encoder.items() if k != "in_channels"}
 
 
+def network_architecture(encoder: dict) -> dict:
+    """The plans' ``architecture`` entry: the fine-tuning network of the encoder's kind (the ViT's UNETR, or
+    dynamic-network-architectures' Primus) and its arguments."""
+    network = ENCODERS[encoder_kind(encoder)]
+    return {"network_class_name": network["network"], "arch_kwargs": {"encoder": encoder, **network["network_kwargs"]},
+            "_kw_requires_import": []}
+
+
 def scratch_source(arch: str, ds: Dataset) -> Source:
-    encoder = plans_encoder_config(encoder_config(arch, pos_embed="sincos"))
+    encoder = plans_encoder_config(encoder_config(arch))
     return Source(encoder, {"checkpoint": None, "encoder_sha256": None, "arch": arch, "method": "scratch"})
 
 
@@ -327,9 +334,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     cfg = {k: v for k, v in ds.base_cfg.items() if k not in ("inherits_from", "previous_stage", "next_stage")}
     cfg.update(batch_size=BATCH_SIZE, patch_size=patch, median_image_size_in_voxels=median, spacing=spacing,
                normalization_schemes=list(schemes), use_mask_for_norm=list(masks),
-               architecture={"network_class_name": NETWORK_CLASS,
-                             "arch_kwargs": {"encoder": src.encoder, "feature_size": FEATURE_SIZE},
-                             "_kw_requires_import": []})
+               architecture=network_architecture(src.encoder))
     info = {**src.info, "spacing": spacing_mode, "normalization": norm_mode, "notes": notes}
     plans = {**ds.base, "plans_name": name, "experiment_planner_used": f"nnUNetv2_hiendmae_plan (from {args.base})",
              "foreground_intensity_properties_per_channel": props, "configurations": {CONFIGURATION: cfg},

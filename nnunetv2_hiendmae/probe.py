@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.compare import mean_std
+from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
 from nnunetv2_hiendmae.plans import check_patch, default_patch, to_dataset_axes
@@ -69,9 +70,9 @@ from nnunetv2_hiendmae.presets import (
     PROBE_MAX_CASES,
     PROBE_SEED,
     REFERENCE_PATCH,
-    encoder_config,
+    encoder_config_for_patch,
 )
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder, tokens_to_volume
+from nnunetv2_hiendmae.vit import tokens_to_volume
 
 RANDOM_PREFIX = "random:"
 POINTS_PER_CLASS = 4096
@@ -280,8 +281,8 @@ class ProbeResult:
 
 
 def token_grid(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The encoder's final normed tokens without CLS as a feature volume: ``[B, C, *patch]`` -> ``[B, E, *grid]``
-    float32."""
+    """The encoder's final normed tokens without CLS (Primus has none) as a feature volume: ``[B, C, *patch]`` ->
+    ``[B, E, *grid]`` float32."""
     normed, _ = encoder(x)
     return tokens_to_volume(normed.float(), encoder.grid(x.shape[2:]))
 
@@ -412,7 +413,7 @@ class ProbeEncoder:
     """An encoder to probe, from a checkpoint or ``random:ARCH``, with what the probe's report says about it."""
 
     name: str  # the -pt value
-    encoder: ViTEncoder3D  # on the CPU, in eval mode
+    encoder: Encoder  # on the CPU, in eval mode
     patch_size: list[int] | None  # the pretraining patch in the probe dataset's axis order; None for random:ARCH
     method: str  # the pretraining method, or "random init"
     epochs: int | None  # pretraining epochs done
@@ -420,17 +421,18 @@ class ProbeEncoder:
 
 def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> ProbeEncoder:
     """``spec``: a pretraining checkpoint (:mod:`nnunetv2_hiendmae.checkpoint`) or ``random:ARCH`` (the preset's
-    encoder with sin-cos positions, initialised after ``torch.manual_seed(seed)`` as a pretraining run with that seed
-    initialises it, without touching the global random state). Raises :class:`UserError` for an unknown
-    architecture, an unreadable or foreign checkpoint, weights that do not fit their configuration, or a channel
-    count other than ``split``'s."""
+    encoder with its default positions, initialised after ``torch.manual_seed(seed)``
+    as a pretraining run with that seed initialises it, without touching the global random state). Raises
+    :class:`UserError` for an unknown architecture, an unreadable or foreign checkpoint, weights that do not fit their
+    configuration, or a channel count other than ``split``'s."""
     if spec.startswith(RANDOM_PREFIX):
         arch = spec[len(RANDOM_PREFIX):]
         if arch not in PRESETS:
             raise UserError(f"-pt {spec}: unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            encoder = build_encoder(encoder_config(arch, split.channels))
+            # a learned position embedding (Primus) on the pretraining default's 96^3 grid, resized like a checkpoint's
+            encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
         return ProbeEncoder(spec, encoder.eval(), None, "random init", 0)
     ckpt = load_checkpoint(spec)
     channels = int(ckpt["encoder"].get("in_channels", 1))

@@ -1,4 +1,6 @@
-"""nnU-Net trainers that fine-tune the Hi-End-MAE ViT (as :class:`~nnunetv2_hiendmae.network.HiEndUNETR`).
+"""nnU-Net trainers that fine-tune the Hi-End-MAE ViT (as :class:`~nnunetv2_hiendmae.network.HiEndUNETR`) or a
+pretrained Primus (as dynamic-network-architectures' ``Primus``,
+:class:`~nnunetv2_hiendmae.primus_network.PrimusNetwork`): the plans' network class says which.
 
 Found by ``nnUNetv2_train``/``nnUNetv2_predict`` through ``nnUNet_extTrainer`` (see :mod:`nnunetv2_hiendmae.ext`).
 Every name starts with ``nnUNetTrainerHiEndMAE`` so it can never shadow, or be shadowed by, a built-in trainer.
@@ -13,6 +15,7 @@ is frozen in (``freezing``), ``recompute_full_resolution``, the ``schedule`` or 
 """
 from __future__ import annotations
 
+import pydoc
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,10 +33,9 @@ from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.checkpoint import read_torch_file
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write_json
-from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.optim import param_groups, split_param_groups
 from nnunetv2_hiendmae.precision import autocast
-from nnunetv2_hiendmae.presets import NETWORK_CLASS
+from nnunetv2_hiendmae.presets import NETWORK_CLASSES
 from nnunetv2_hiendmae.variants import DEFAULT, Freezing, Schedule
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
@@ -144,13 +146,14 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         """Random-init network from the plans (also what ``nnUNetv2_predict`` calls: never loads weights); a
         classmethod, so that a variant's ``recompute_full_resolution`` reaches the network wherever it is built."""
-        if configuration_manager.network_arch_class_name != NETWORK_CLASS:
+        name = configuration_manager.network_arch_class_name
+        if name not in NETWORK_CLASSES:
             raise UserError(
-                f"plans '{plans_manager.plans_name}' describe {configuration_manager.network_arch_class_name}, not "
-                f"{NETWORK_CLASS}: create plans with nnUNetv2_hiendmae_plan and pass their name with -p")
-        return HiEndUNETR(num_input_channels, num_output_channels, configuration_manager.patch_size,
-                          deep_supervision=False, recompute_full_resolution=cls.recompute_full_resolution,
-                          **configuration_manager.network_arch_init_kwargs)
+                f"plans '{plans_manager.plans_name}' describe {name}, not one of {', '.join(NETWORK_CLASSES)}: create "
+                "plans with nnUNetv2_hiendmae_plan and pass their name with -p")
+        return pydoc.locate(name)(num_input_channels, num_output_channels, configuration_manager.patch_size,
+                                  deep_supervision=False, recompute_full_resolution=cls.recompute_full_resolution,
+                                  **configuration_manager.network_arch_init_kwargs)
 
     def _pretrained_checkpoint(self) -> dict | None:
         """The verified pretraining checkpoint to start from, or None (scratch, or weights from --c/--val)."""

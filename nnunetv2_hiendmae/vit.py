@@ -68,8 +68,10 @@ def unpatchify(p: torch.Tensor, token_size: Sequence[int], grid: Sequence[int], 
 
 
 def tokens_to_volume(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """``[B, 1+N, E]`` (CLS first) -> ``[B, E, *grid]``: the CLS token has no position, so it is dropped."""
-    return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+    """``[B, P+N, E]`` -> ``[B, E, *grid]``: the last N = prod(grid) tokens laid out on the grid; the P prefix tokens
+    before them (the ViT's CLS, none for Primus) have no position, so they are dropped."""
+    n = grid[0] * grid[1] * grid[2]
+    return tokens[:, tokens.shape[1] - n:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
 
 
 def take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,9 @@ class ViTEncoder3D(nn.Module):
     (``[1, 1, E]``, owned by the method) the embeddings of the replaced tokens are the mask token, which then gets
     their position embedding, and all tokens enter the transformer (SimMIM's and BEiT's masking).
     """
+
+    num_prefix_tokens = 1  # the CLS token, first
+    stem_weight_key, pos_embed_key = "patch_embed.proj.weight", "pos_embed"  # what fine-tuning adapts
 
     def __init__(
         self,
@@ -190,6 +195,10 @@ class ViTEncoder3D(nn.Module):
             )
         return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
 
+    def pooled(self, normed: torch.Tensor) -> torch.Tensor:
+        """``[B, 1+N, E]`` -> ``[B, E]``: the normed CLS token, the summary of a volume the methods project."""
+        return normed[:, 0]
+
     def pos_embed_for(self, grid: Grid, device: torch.device) -> torch.Tensor:
         """``[1, L, E]`` positional embedding for a token grid (sin-cos built for it, learned interpolated)."""
         if self.pos_embed_type == "learned":
@@ -220,10 +229,3 @@ class ViTEncoder3D(nn.Module):
             x = blk(x)
             hidden.append(x)
         return self.norm(x), hidden
-
-
-def build_encoder(config: dict, **overrides) -> ViTEncoder3D:
-    """Build an encoder from :func:`~nnunetv2_hiendmae.presets.encoder_config` output (``arch`` is informational)."""
-    kwargs = {k: v for k, v in config.items() if k != "arch"}
-    kwargs.update(overrides)
-    return ViTEncoder3D(**kwargs)

@@ -1,4 +1,5 @@
-"""Loading a pretraining checkpoint's encoder into :class:`~nnunetv2_hiendmae.network.HiEndUNETR`.
+"""Loading a pretraining checkpoint's encoder into :class:`~nnunetv2_hiendmae.network.HiEndUNETR` or, for a Primus
+checkpoint, :class:`~nnunetv2_hiendmae.primus_network.PrimusNetwork`.
 
 The load is strict: every encoder tensor must come from the checkpoint, because a silently half-loaded encoder (the
 reference fine-tuning's ``strict=False``, never checked, in FengheTan9/Hi-End-MAE ``downstream/factory.py``) trains
@@ -11,14 +12,15 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from nnunetv2_hiendmae.checkpoint import encoder_fingerprint, encoder_state_dict, load_checkpoint
+from nnunetv2_hiendmae.encoders import encoder_class
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.presets import token_size_3d
 from nnunetv2_hiendmae.vit import interpolate_pos_embed
 
-ARCH_KEYS = ("embed_dim", "depth", "num_heads", "token_size", "mlp_ratio", "pos_embed")
+ARCH_KEYS = ("kind", "embed_dim", "depth", "num_heads", "token_size", "mlp_ratio", "pos_embed")
 
 
 @dataclass
@@ -49,6 +51,8 @@ def _normalised(key: str, value):
     """Config values compared as plain data: token sizes as 3-tuples, numbers as floats where that matters."""
     if key == "token_size":
         return token_size_3d(value)
+    if key == "kind":
+        return value or "vit"
     if key == "mlp_ratio":
         return float(value)
     return value
@@ -83,8 +87,9 @@ def adapt_pos_embed(pos_embed: torch.Tensor, ckpt_config: dict, net_config: dict
     return interpolate_pos_embed(pos_embed, old, new), f"token grid {old} -> {new}, trilinear interpolation"
 
 
-def load_pretrained_encoder(network: HiEndUNETR, ckpt: dict) -> LoadReport:
-    """Load the checkpoint's encoder into ``network.encoder`` strictly, with only the documented adaptations."""
+def load_pretrained_encoder(network: nn.Module, ckpt: dict) -> LoadReport:
+    """Load the checkpoint's encoder into ``network.encoder`` (a :class:`~nnunetv2_hiendmae.network.HiEndUNETR` or a
+    :class:`~nnunetv2_hiendmae.primus_network.PrimusNetwork`) strictly, with only the documented adaptations."""
     ckpt_config, net_config = ckpt["encoder"], network.encoder_config
     check_architecture(ckpt_config, net_config)
     source, target = encoder_state_dict(ckpt), network.encoder.state_dict()
@@ -92,12 +97,12 @@ def load_pretrained_encoder(network: HiEndUNETR, ckpt: dict) -> LoadReport:
     if missing or unexpected:
         raise UserError(f"the checkpoint's encoder weights do not match the network: missing {missing[:5]}, "
                         f"unexpected {unexpected[:5]}")
-    report, state = LoadReport(), {}
+    report, state, names = LoadReport(), {}, encoder_class(ckpt_config)
     for key, want in target.items():
         value, how = source[key], None
-        if key == "patch_embed.proj.weight":
+        if key == names.stem_weight_key:
             value, how = adapt_patch_embed(value, want.shape[1])
-        elif key == "pos_embed":
+        elif key == names.pos_embed_key:
             value, how = adapt_pos_embed(value, ckpt_config, net_config)
         if value.shape != want.shape:
             raise UserError(f"the checkpoint's encoder does not match the network: {key} has shape "

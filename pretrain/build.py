@@ -198,7 +198,7 @@ def build_model(cfg: PretrainConfig, place: Placement, in_channels: int) -> Mode
     compile_ = cfg.compile if cfg.compile is not None else place.device.type == "cuda"
     compiled = torch.compile(ddp) if compile_ else ddp
     torch.manual_seed(cfg.seed + place.rank)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.recipe().betas,
                                   fused=place.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if place.precision == "fp16" else None
     return Model(encoder_cfg, model, ddp, compiled, optimizer, scaler)

@@ -23,7 +23,7 @@ Reads $nnUNet_preprocessed/DatasetXXX_*/<plans>_<configuration>/ (nnUNetv2_plan_
 nnUNetv2_hiendmae_preprocess_unlabeled for image folders without labels). Writes into OUT_DIR: checkpoint_latest.pth
 (atomically, every --checkpoint-minutes and at the end), checkpoint_final.pth, training_log_*.txt, progress.png and
 reconstruction_epoch_*.png. Every method's checkpoint fine-tunes the same way (nnUNetv2_hiendmae_plan -pt ...).
-Each method's reference recipe (the defaults of --lr, --warmup-epochs and --epochs):
+Each method's reference recipe on the ViT (the defaults of --lr, --warmup-epochs and --epochs; AdamW betas 0.9/0.95):
 {recipes}
 {resume}
 """
@@ -141,19 +141,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=list(PRESETS),
                        help="encoder preset: vit_b16 (768/12/12, 16^3 tokens), vit_l16 (1536/12/16), "
-                            "vit_l12 (1536/12/16, 12^3 tokens, the released model), vit_tiny (CPU tests/demo) "
+                            "vit_l12 (1536/12/16, 12^3 tokens, the released model), vit_tiny (CPU tests/demo); "
+                            "Primus (EVA blocks, 8^3 tokens, nnU-Net's transformer): primus_s (396/12/6), primus_b "
+                            "(792/12/12), primus_m (864/16/12), primus_l (1056/24/16), primus_tiny (CPU tests) "
                             f"(default: {d('arch')})")
     model.add_argument("--pos-embed", choices=["sincos", "learned"],
-                       help="encoder position embedding: fixed 3D sin-cos (reference) or learned "
-                            f"(default: {d('pos_embed')})")
+                       help="ViT position embedding: fixed 3D sin-cos (reference) or learned (default: sincos for "
+                            "the ViT; Primus has only its learned one, with rotary embeddings)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, help="training epochs (default: the method's recipe, below)")
     optim.add_argument("--iters-per-epoch", type=int,
                        help="iterations per epoch (default: cases / (batch-size x GPUs), "
                             "i.e. each volume once per epoch)")
     optim.add_argument("--lr", type=float,
-                       help="peak learning rate of AdamW(0.9, 0.95), used as given (default: the method's recipe, "
-                            "below; for MAE scaled with the views per optimiser step over all GPUs)")
+                       help="peak learning rate of AdamW (betas 0.9/0.95; 0.9/0.98 on Primus), used as given "
+                            "(default: the method's recipe, below; for MAE scaled with the views per optimiser step "
+                            "over all GPUs)")
     optim.add_argument("--warmup-epochs", type=int,
                        help="linear warm-up epochs before the cosine decay (default: the method's recipe, below)")
     optim.add_argument("--weight-decay", type=float,
@@ -192,6 +195,9 @@ def _recipes() -> str:
         r = m.recipe
         lr = f"{r.lr:g} x views per step / {r.lr_reference_batch}" if r.lr_reference_batch else f"{r.lr:g}"
         lines.append(f"  {name}: lr {lr}, {r.warmup_epochs} warm-up epochs of {r.epochs} ({r.source})")
+    r = methods.PRIMUS_RECIPE
+    lines.append(f"  every method on a primus_* encoder: lr {r.lr:g}, {r.warmup_epochs} warm-up epochs of {r.epochs}, "
+                 f"AdamW betas {r.betas[0]}/{r.betas[1]} (nnssl's Primus MAE)")
     return "\n".join(lines)
 
 

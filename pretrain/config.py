@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, is_dataclass
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS, token_size_3d
+from nnunetv2_hiendmae.presets import PRECISIONS, PRESETS, default_pos_embed, encoder_kind, token_size_3d
 from pretrain import methods
 
 # How the run is executed, not what it computes (--skip-bad-cases: cases that became unreadable are left out); and
@@ -58,7 +58,7 @@ class PretrainConfig:
     compile: bool | None = None  # None: on for CUDA, off elsewhere
     grad_clip: float | None = None
     accum_steps: int = 1
-    pos_embed: str = "sincos"
+    pos_embed: str | None = None  # None: the preset's (sin-cos for the ViT, learned for Primus)
     seed: int = 41
     recon_every: int = 10
     checkpoint_minutes: float = 10.0
@@ -81,7 +81,9 @@ class PretrainConfig:
         elif not isinstance(settings, methods.method(self.method).settings):
             raise TypeError(f"method_settings is a {type(settings).__name__}, not the settings of {self.method}")
         self.method_settings = settings
-        recipe = methods.method(self.method).recipe
+        if self.arch not in PRESETS:
+            raise UserError(f"unknown --arch {self.arch!r}; choose from {', '.join(PRESETS)}")
+        recipe = self.recipe()
         if self.epochs is None:
             self.epochs = recipe.epochs
         if self.warmup_epochs is None:
@@ -100,8 +102,11 @@ class PretrainConfig:
             raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
         if self.checkpoint_minutes < 0:
             raise UserError(f"--checkpoint-minutes must not be negative, got {self.checkpoint_minutes}")
-        if self.arch not in PRESETS:
-            raise UserError(f"unknown --arch {self.arch!r}; choose from {', '.join(PRESETS)}")
+        if self.pos_embed is None:
+            self.pos_embed = default_pos_embed(self.arch)
+        elif self.pos_embed != default_pos_embed(self.arch) and encoder_kind(PRESETS[self.arch]) == "primus":
+            raise UserError(f"--pos-embed {self.pos_embed}: {self.arch} has a learned position embedding (with rotary "
+                            "embeddings) and no other")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserError(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -116,6 +121,10 @@ class PretrainConfig:
         if self.lr is None:
             world_size = int(os.environ.get("WORLD_SIZE", 1))
             self.lr = recipe.peak_lr(self.views_per_case() * self.batch_size * self.accum_steps * world_size)
+
+    def recipe(self) -> methods.Recipe:
+        """The method's recipe for this encoder (ViT or Primus)."""
+        return methods.method(self.method).recipe_for(encoder_kind(PRESETS[self.arch]))
 
     def views(self) -> dict:
         """``{name: (count, size)}``: the views of a case the method reads."""

@@ -13,7 +13,8 @@ channel's lowest value (air for CT, as the pretraining crops are padded). Per ca
 - ``mean``: the token map averaged over the **body**, each token weighted by the fraction of its voxels that are body
   (the body rule of the pretraining sampler, :func:`pretrain.unlabeled.body_mask`; padding is never body); a case
   without body voxels averages the tokens over the image instead;
-- ``cls``: the CLS token averaged over the windows;
+- ``cls``: the CLS token averaged over the windows (Primus has no CLS token: each window's mean normed token, the
+  summary GL-MAE's consistency reads there too, averaged over the windows);
 - with ``tokens``: the token map ``[E, *grid]`` in the axis order of the image as nnU-Net's reader returns it, with
   ``token_spacing`` and ``token_origin`` (mm, same axes; :func:`token_geometry` says what they mean) and
   ``token_body`` (the body fraction of each token).
@@ -84,7 +85,8 @@ def embed_volume(encoder: torch.nn.Module, image: torch.Tensor, patch: Sequence[
                  batch_size: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """``image [C, *S]`` (``S`` whole tokens and at least ``patch`` per axis) -> ``(tokens [E, *S / token],
     cls [E])``, float32 on the image's device: the final normed token features of every window, averaged where windows
-    overlap, and the CLS token averaged over the windows."""
+    overlap, and the CLS token averaged over the windows (Primus, without one: each window's mean normed token, what
+    GL-MAE's consistency reads there too)."""
     token = encoder.token_size
     grid = [s // t for s, t in zip(image.shape[1:], token)]
     patch_grid = [p // t for p, t in zip(patch, token)]
@@ -97,14 +99,14 @@ def embed_volume(encoder: torch.nn.Module, image: torch.Tensor, patch: Sequence[
         crops = torch.stack([image[(slice(None), *(slice(g * t, g * t + p) for g, t, p in zip(s, token, patch)))]
                              for s in batch])  # [B, C, *patch]
         with autocast(image.device, precision):
-            normed, _ = encoder(crops)  # [B, 1+N, E]
+            normed, _ = encoder(crops)  # [B, P+N, E], P = 1 (CLS) for the ViT, 0 for Primus
         normed = normed.float()
         features = tokens_to_volume(normed, patch_grid)  # [B, E, *patch_grid]
         for s, f in zip(batch, features):
             where = tuple(slice(g, g + p) for g, p in zip(s, patch_grid))
             total[(slice(None), *where)] += f
             count[where] += 1
-        cls += normed[:, 0].sum(0)
+        cls += encoder.pooled(normed).sum(0)
     return total / count, cls / len(starts)
 
 

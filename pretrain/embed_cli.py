@@ -51,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "nnU-Net's first reader for each file ending)")
     p.add_argument("-pt", "--checkpoint", required=True, metavar="CKPT",
                    help="a pretraining checkpoint (nnUNetv2_hiendmae_pretrain or _import) or the checkpoint_final.pth "
-                        "of nnUNetv2_train with an nnUNetTrainerHiEndMAE* trainer (its network's encoder is used)")
+                        "of nnUNetv2_train with an nnUNetTrainerHiEndMAE* trainer (its network's encoder: the ViT "
+                        "or Primus)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     p.add_argument("--pool", nargs="+", choices=("mean", "cls"), default=["mean", "cls"],
                    help="pooled vectors to keep: mean = the token features averaged over the body (each token "
-                        "weighted by its fraction of body voxels), cls = the CLS token averaged over the windows "
-                        "(default: mean cls)")
+                        "weighted by its fraction of body voxels), cls = the CLS token averaged over the windows; for "
+                        "Primus, which has none, each window's mean token averaged over the windows (default: mean "
+                        "cls)")
     p.add_argument("--tokens", action="store_true",
                    help="also keep the token feature map of each case with its spacing and origin, to lay it over "
                         "the image (E x grid floats per case: about 20 MB for ViT-B on a 300^3 voxel case)")

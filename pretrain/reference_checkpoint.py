@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, HoldsPythonObjects, make_checkpoint, read_torch_file, save_atomic
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import sha256
 from nnunetv2_hiendmae.presets import PRESETS, REFERENCE_PATCH, ct_window_statistics, encoder_config
-from nnunetv2_hiendmae.vit import build_encoder, sincos_pos_embed_3d
+from nnunetv2_hiendmae.vit import sincos_pos_embed_3d
 from pretrain.methods import MaskedCropsSettings
 from pretrain.methods.hiend_mae import DECODER_PRESETS
 

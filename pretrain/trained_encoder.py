@@ -31,9 +31,9 @@ from nnunetv2_hiendmae.checkpoint import (
     read_torch_file,
     upgraded,
 )
+from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.presets import NETWORK_CLASS
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder
+from nnunetv2_hiendmae.presets import NETWORK_CLASSES, encoder_kind
 from pretrain.unlabeled import Settings
 
 NNUNET_KEYS = ("network_weights", "init_args")  # what is read from nnU-Net's checkpoint
@@ -48,7 +48,7 @@ class TrainedEncoder:
     ``fingerprint`` is :func:`~nnunetv2_hiendmae.checkpoint.encoder_fingerprint` of its configuration and weights.
     """
 
-    encoder: ViTEncoder3D
+    encoder: Encoder
     settings: Settings
     fingerprint: str
     description: str
@@ -81,7 +81,7 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
                     f"reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import)")
 
 
-def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> ViTEncoder3D:
+def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> Encoder:
     encoder = build_encoder(config)
     try:
         encoder.load_state_dict(weights, strict=True)
@@ -120,14 +120,16 @@ def _from_nnunet(ckpt: dict, path: Path) -> TrainedEncoder:
     init, trainer = ckpt["init_args"], ckpt.get("trainer_name", "an unknown trainer")
     manager = PlansManager(init["plans"])
     configuration = manager.get_configuration(init["configuration"])
-    if configuration.network_arch_class_name != NETWORK_CLASS:
+    if configuration.network_arch_class_name not in NETWORK_CLASSES:
         raise UserError(f"{path} is an nnU-Net checkpoint of {trainer}, whose network is "
-                        f"{configuration.network_arch_class_name}: only a {NETWORK_CLASS} (trainers "
-                        f"nnUNetTrainerHiEndMAE*) has a ViT encoder to embed with")
+                        f"{configuration.network_arch_class_name}: only a {' or a '.join(NETWORK_CLASSES)} (trainers "
+                        f"nnUNetTrainerHiEndMAE*) has an encoder of ours to embed with")
     channels = len(init["dataset_json"]["channel_names"])  # nnU-Net's input channels (no cascade for these plans)
     patch = [int(s) for s in configuration.patch_size]
     config = network_encoder_config(configuration.network_arch_init_kwargs["encoder"], channels, patch)
     weights = {k.removeprefix("module."): v for k, v in ckpt["network_weights"].items()}
+    if encoder_kind(config) == "primus":  # dna's Primus holds the encoder's modules at its top level
+        weights = {f"encoder.{k}": v for k, v in weights.items() if k.startswith(("down_projection.", "eva."))}
     own = {"encoder": config, "weights": weights}
     encoder = _load(config, encoder_state_dict(own), path)
     settings = settings_from_plans(manager, init["configuration"], channels, patch, f"nnU-Net checkpoint {path}")

@@ -139,8 +139,8 @@ def write_checkpoint(path: Path, dataset_folder: Path, *, spacing=None, props=No
     import torch
 
     from nnunetv2_hiendmae.checkpoint import make_checkpoint, save_atomic
+    from nnunetv2_hiendmae.encoders import build_encoder
     from nnunetv2_hiendmae.presets import encoder_config
-    from nnunetv2_hiendmae.vit import build_encoder
 
     plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]

@@ -25,7 +25,9 @@ def rehearse(part: str, out: Path) -> dict[str, dict]:
 def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp_path):
     quick = benchmark_module("gpu_figures").QUICK
     res = rehearse("pretrain", tmp_path)
-    assert set(res) == {"model_only_eager", "model_only_compiled", "preprocess_unlabeled", "cli_compiled"}
+    assert set(res) == {"model_only_eager", "model_only_compiled", "model_only_compiled_primus",
+                        "preprocess_unlabeled", "cli_compiled"}
+    assert res["model_only_compiled_primus"]["arch"] == quick.primus
     assert res["model_only_eager"]["compile"] is False and res["model_only_compiled"]["compile"] is True
     assert res["model_only_compiled"]["arch"] == quick.arch and res["model_only_compiled"]["patch_size"] == [32] * 3
     assert res["preprocess_unlabeled"]["cases"] == quick.scans
@@ -38,7 +40,9 @@ def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp
     ratio = cli["steady_crops_per_s"] / res["model_only_compiled"]["model_only"]["crops_per_s"]
     assert f"| hiend_mae | {res['model_only_compiled']['model_only']['crops_per_s']} | " in report
     assert f"| {ratio:.2f} |" in report
-    assert "| Hi-End-MAE model only, eager |" in report and "| Hi-End-MAE model only, compiled |" in report
+    assert "| Hi-End-MAE model only, eager (vit_tiny) |" in report
+    assert "| Hi-End-MAE model only, compiled (vit_tiny) |" in report
+    assert "| Hi-End-MAE model only, compiled, Primus (primus_tiny) |" in report
     aug = res["model_only_compiled"]["augmentation"]
     assert f"The device augmentation by itself: {1000 * aug['s_per_step']:.2f} ms per step" in report
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint
-from nnunetv2_hiendmae.vit import build_encoder
+from nnunetv2_hiendmae.encoders import build_encoder
 from pretrain.import_reference import main
 
 E, DEPTH, HEADS, P, C = 96, 4, 4, 16, 1  # vit_tiny

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.network import HiEndUNETR
-from nnunetv2_hiendmae.vit import build_encoder, patchify, take_tokens, unpatchify
+from nnunetv2_hiendmae.vit import patchify, take_tokens, unpatchify
 from nnunetv2_hiendmae.weights import load_pretrained_encoder
 from pretrain import methods
 from pretrain.methods import Method, Recipe, setting

@@ -53,7 +53,7 @@ def test_deep_supervision_is_ignored():
 
 
 def test_encoder_keys_match_the_pretraining_encoder():
-    from nnunetv2_hiendmae.vit import build_encoder
+    from nnunetv2_hiendmae.encoders import build_encoder
 
     net = HiEndUNETR(3, 2, (16, 16, 16), TINY)
     expected = {f"encoder.{k}": v.shape for k, v in build_encoder(TINY, in_channels=3).state_dict().items()}

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from conftest import CROP, copy_preprocessed_dataset, run_cli, write_checkpoint
 
 from nnunetv2_hiendmae import probe, probe_cli
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.presets import PROBE_SEED, encoder_config
-from nnunetv2_hiendmae.vit import ViTEncoder3D, build_encoder, patchify
+from nnunetv2_hiendmae.vit import ViTEncoder3D, patchify
 
 PATCH = (32, 48, 48)  # dataset 990's median image (18 x 46 x 44) rounded up to whole 16-voxel tokens
 HU_EDGES = (52.0, 87.0, 140.0, 185.0)  # between soft tissue, liver, spleen, kidney and bone (demo/synthetic.py)

@@ -174,7 +174,7 @@ def test_pretrained_trainer_needs_a_checkpoint_in_the_plans(setup):
         make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr_scratch").initialize()
     with pytest.raises(UserError, match=r"not written by nnUNetv2_hiendmae_plan"):
         make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "nnUNetPlans").initialize()
-    with pytest.raises(UserError, match=r"describe .*PlainConvUNet, not nnunetv2_hiendmae.network.HiEndUNETR"):
+    with pytest.raises(UserError, match=r"describe .*PlainConvUNet, not one of nnunetv2_hiendmae.network.HiEndUNETR"):
         make_trainer(nnUNetTrainerHiEndMAE_scratch_smoke, setup["folder"], "nnUNetPlans").initialize()
 
 

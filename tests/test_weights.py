@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from nnunetv2_hiendmae.checkpoint import encoder_fingerprint, encoder_state_dict, make_checkpoint, save_atomic
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.network import HiEndUNETR
 from nnunetv2_hiendmae.presets import encoder_config
-from nnunetv2_hiendmae.vit import build_encoder, interpolate_pos_embed, patchify
+from nnunetv2_hiendmae.vit import interpolate_pos_embed, patchify
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
 
 PATCH = (32, 64, 48)

@@ -142,7 +142,8 @@ class MiMSettings:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method's reference optimisation: the defaults of ``--lr``, ``--warmup-epochs`` and ``--epochs``.
+    """A method's reference optimisation: the defaults of ``--lr``, ``--warmup-epochs`` and ``--epochs``, and AdamW's
+    betas.
 
     ``lr`` is the peak learning rate; with ``lr_reference_batch`` it is a *base* rate scaled linearly with the
     views an optimiser step sees over all ranks (MAE's ``blr * batch / 256``)."""
@@ -152,6 +153,7 @@ class Recipe:
     epochs: int
     lr_reference_batch: int | None = None
     source: str = ""
+    betas: tuple[float, float] = (0.9, 0.95)
 
     def peak_lr(self, views_per_step: int) -> float:
         """The peak learning rate for an optimiser step over ``views_per_step`` views (all ranks together)."""
@@ -162,8 +164,9 @@ class Recipe:
 class Method:
     """One registry entry.
 
-    ``model``: ``module:Class`` (importable module path) of the model; ``small``: settings for the CPU demo and tests
-    (few, small views) and ``small_patch`` their patch size (None: the demo's default)."""
+    ``model``: ``module:Class`` (importable module path) of the model; ``recipe`` its optimisation on the ViT and
+    ``primus_recipe`` on a Primus encoder; ``small``: settings for the CPU demo and tests (few, small views) and
+    ``small_patch`` their patch size (None: the demo's default)."""
 
     settings: type
     model: str
@@ -171,8 +174,20 @@ class Method:
     recipe: Recipe
     small: dict = field(default_factory=dict)
     small_patch: tuple[int, int, int] | None = None
+    primus_recipe: Recipe = field(default_factory=lambda: PRIMUS_RECIPE)
+
+    def recipe_for(self, encoder_kind: str) -> Recipe:
+        """The recipe for an encoder kind (``vit`` or ``primus``, :data:`nnunetv2_hiendmae.presets.ENCODERS`)."""
+        return self.primus_recipe if encoder_kind == "primus" else self.recipe
 
 
+# nnssl's Primus-M MAE (MIC-DKFZ/nnssl, src/nnssl/training/nnsslTrainer/masked_image_modeling/BaseEvaMAETrainer.py):
+# AdamW 3e-4 (not scaled with the batch), betas 0.9/0.98, 50 linear warm-up epochs of nnssl's 1000 (its LayerScale 0.1
+# and drop-path 0.2 are encoder settings: the primus_* presets' init_values and drop_path_rate). No published recipe
+# pretrains Primus with the other methods: they take this one, the only one tuned for Primus.
+PRIMUS_RECIPE = Recipe(3e-4, 50, 1000, betas=(0.9, 0.98),
+                       source="nnssl's BaseEvaMAETrainer (Primus-M MAE): AdamW 3e-4, betas 0.9/0.98, drop-path 0.2, "
+                              "50 warm-up epochs of 1000")
 HI_END_MAE_RECIPE = Recipe(1e-4, 10, 1000, source="Hi-End-MAE's main.py, the rate not scaled with the batch")
 
 METHODS: dict[str, Method] = {

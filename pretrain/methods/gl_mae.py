@@ -4,7 +4,9 @@ Per case, ``p`` global views (a larger region, 5/3 of the patch by default, resi
 ``q`` local views (the patch) are masked; the student (:class:`~pretrain.methods.mae.MAE`) reconstructs all of them.
 An EMA teacher (encoder + projector, no gradient) encodes the **unmasked** global views: their projected CLS tokens
 are the anchors. The student's projected CLS tokens of the masked global and local views are pulled towards the
-anchors of the same case (global-to-global, global-to-local), with ``2 - 2 cos`` (BYOL's form of the loss).
+anchors of the same case (global-to-global, global-to-local), with ``2 - 2 cos`` (BYOL's form of the loss). Primus has
+no CLS token: there, the mean of the encoder's normed tokens takes its place (the student's: of the visible tokens),
+the global average pooling EVA models use for their image embedding.
 
     loss = rec(global) + rec(local) + global_weight * cons(global, anchors) + local_weight * cons(local, anchors)
 
@@ -47,8 +49,8 @@ class GLMAE(MAE):
         super().__init__(encoder, settings, decoder)
         e = self.encoder.embed_dim
         self.projector = projector(e, settings.proj_hidden_dim, settings.proj_dim)
-        self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False).eval()  # no drop-path, from the start
+        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> GLMAE:
         super().train(mode)
@@ -63,9 +65,10 @@ class GLMAE(MAE):
         glob = F.interpolate(views["global"].flatten(0, 1).float(), size=tuple(patch), mode="trilinear",
                              align_corners=False)  # [B*p, C, *patch]
         student = self.autoencode(torch.cat([glob.to(local.dtype), local.flatten(0, 1)]), self.settings.mask_ratio)
-        embedded = self.projector(student.cls)  # [B*(p+q), d]
+        embedded = self.projector(student.pooled)  # [B*(p+q), d]
         with torch.no_grad():
-            anchors = self.teacher_projector(self.teacher_encoder(glob.to(local.dtype))[0][:, 0]).view(b, p, -1)
+            teacher = self.teacher_encoder
+            anchors = self.teacher_projector(teacher.pooled(teacher(glob.to(local.dtype))[0])).view(b, p, -1)
         rec_global, rec_local = student.loss[:b * p].mean(), student.loss[b * p:].mean()
         cons_global = consistency(embedded[:b * p].view(b, p, -1), anchors)
         cons_local = consistency(embedded[b * p:].view(b, q, -1), anchors)

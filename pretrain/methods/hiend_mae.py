@@ -21,12 +21,18 @@ from nnunetv2_hiendmae.vit import init_linear_and_norm
 from pretrain.methods.mae import MAE
 from pretrain.methods.masked import norm_layer
 
-# Decoder width/heads per encoder preset (reference: 384/12 for ViT-B, 528/16 for the 1536-wide models).
+# Decoder width/heads per encoder preset (reference: 384/12 for ViT-B, 528/16 for the 1536-wide models); for Primus,
+# half the encoder's width as for ViT-B, with the encoder's heads (a width divisible by 6 for the sin-cos position).
 DECODER_PRESETS: dict[str, dict] = {
     "vit_tiny": dict(embed_dim=48, num_heads=4, self_depth=2, cross_depth=3),
     "vit_b16": dict(embed_dim=384, num_heads=12, self_depth=2, cross_depth=3),
     "vit_l16": dict(embed_dim=528, num_heads=16, self_depth=2, cross_depth=3),
     "vit_l12": dict(embed_dim=528, num_heads=16, self_depth=2, cross_depth=3),
+    "primus_tiny": dict(embed_dim=48, num_heads=4, self_depth=2, cross_depth=3),
+    "primus_s": dict(embed_dim=198, num_heads=6, self_depth=2, cross_depth=3),
+    "primus_b": dict(embed_dim=396, num_heads=12, self_depth=2, cross_depth=3),
+    "primus_m": dict(embed_dim=432, num_heads=12, self_depth=2, cross_depth=3),
+    "primus_l": dict(embed_dim=528, num_heads=16, self_depth=2, cross_depth=3),
 }
 
 

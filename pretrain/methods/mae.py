@@ -4,7 +4,8 @@ The steps (masking, encoding the visible tokens, decoding in shuffled order, the
 shared :class:`~pretrain.methods.masked.MaskedAutoencoder`'s; this file adds MAE's decoder and its ``forward``.
 
 Decoder per encoder preset (data, below): MAE's decoder is 512 wide, 8 blocks, 16 heads for every ViT size; a 3D
-sin-cos position embedding needs a width divisible by 6, so we take 576 (MiM's decoder width, 16 heads of 36).
+sin-cos position embedding needs a width divisible by 6, so we take 576 (MiM's decoder width, 16 heads of 36), for
+the Primus presets too.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ DECODER_PRESETS: dict[str, dict] = {
     "vit_b16": dict(embed_dim=576, depth=8, num_heads=16),
     "vit_l16": dict(embed_dim=576, depth=8, num_heads=16),
     "vit_l12": dict(embed_dim=576, depth=8, num_heads=16),
+    "primus_tiny": dict(embed_dim=48, depth=2, num_heads=4),
+    "primus_s": dict(embed_dim=576, depth=8, num_heads=16),
+    "primus_b": dict(embed_dim=576, depth=8, num_heads=16),
+    "primus_m": dict(embed_dim=576, depth=8, num_heads=16),
+    "primus_l": dict(embed_dim=576, depth=8, num_heads=16),
 }
 
 

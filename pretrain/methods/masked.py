@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.presets import Grid
-from nnunetv2_hiendmae.vit import build_encoder, patchify, sincos_pos_embed_3d, take_tokens, unpatchify
+from nnunetv2_hiendmae.vit import patchify, sincos_pos_embed_3d, take_tokens, unpatchify
 
 norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
@@ -33,8 +34,9 @@ class Masked:
     loss: torch.Tensor  # [N] reconstruction loss per volume
     pred: torch.Tensor  # [N, n_masked, p³C] predicted (normalised) voxels of the masked tokens
     shuffle: torch.Tensor  # [N, L] token permutation; the first L - n_masked are the visible tokens
-    features: torch.Tensor  # [N, 1+L, D] decoder features after its final norm, CLS first, shuffled order
-    cls: torch.Tensor  # [N, E] the encoder's normed CLS token
+    features: torch.Tensor  # [N, P+L, D] decoder features after its final norm, the encoder's P prefix tokens (the
+    # ViT's CLS; none for Primus) first, then the tokens in shuffled order
+    pooled: torch.Tensor  # [N, E] the encoder's summary of the view: its normed CLS token, for Primus the mean token
 
 
 def per_patch_mse(pred: torch.Tensor, patches: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -53,9 +55,14 @@ def pairwise_cosine(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
         return torch.einsum("nkd,ncd->nkc", q, c)
 
 
+def token_features(features: torch.Tensor, shuffle: torch.Tensor) -> torch.Tensor:
+    """Decoder features ``[N, P+L, D]`` -> ``[N, L, D]``: the tokens' (shuffled order), prefix tokens dropped."""
+    return features[:, features.shape[1] - shuffle.shape[1]:]
+
+
 def in_raster_order(features: torch.Tensor, shuffle: torch.Tensor) -> torch.Tensor:
-    """Decoder features ``[N, 1+L, D]`` in shuffled order -> ``[N, L, D]`` in raster token order (CLS dropped)."""
-    return take_tokens(features[:, 1:], shuffle.argsort(dim=1))
+    """Decoder features ``[N, P+L, D]`` in shuffled order -> ``[N, L, D]`` in raster token order (prefix dropped)."""
+    return take_tokens(token_features(features, shuffle), shuffle.argsort(dim=1))
 
 
 class MaskedAutoencoder(nn.Module):
@@ -86,11 +93,11 @@ class MaskedAutoencoder(nn.Module):
         raise NotImplementedError
 
     def embed_for_decoder(self, normed: torch.Tensor) -> torch.Tensor:
-        """The encoder's normed output ``[B, 1+N, E]`` projected to the decoder width."""
+        """The encoder's normed output ``[B, P+N, E]`` projected to the decoder width."""
         raise NotImplementedError
 
     def decode(self, queries: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """Decoder features ``[B, 1+L, D]`` after the decoder's final norm (``hidden``: the encoder's block outputs)."""
+        """Decoder features ``[B, P+L, D]`` after the decoder's final norm (``hidden``: the encoder's block outputs)."""
         return self.decoder(queries)
 
     @torch.jit.ignore
@@ -109,12 +116,14 @@ class MaskedAutoencoder(nn.Module):
         return torch.rand(batch, num_tokens, device=device).argsort(dim=1)
 
     def decoder_queries(self, normed: torch.Tensor, shuffle: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """``[B, 1+L, D]``: projected CLS + visible tokens, then mask tokens; decoder sin-cos position added to every
-        token but the CLS, taken in shuffled order (each token gets its own position)."""
-        b, n_masked = normed.shape[0], shuffle.shape[1] - (normed.shape[1] - 1)
+        """``[B, P+L, D]``: the projected prefix (the ViT's CLS; Primus has none) and visible tokens, then mask
+        tokens; decoder sin-cos position added to every token but the prefix, taken in shuffled order (each token gets
+        its own position)."""
+        p = self.encoder.num_prefix_tokens
+        b, n_masked = normed.shape[0], shuffle.shape[1] - (normed.shape[1] - p)
         query = torch.cat([self.embed_for_decoder(normed), self.mask_token.expand(b, n_masked, -1)], dim=1)
         pos = take_tokens(sincos_pos_embed_3d(grid, self.dec_dim, device=normed.device).to(query.dtype), shuffle)
-        return torch.cat([query[:, :1], query[:, 1:] + pos], dim=1)
+        return torch.cat([query[:, :p], query[:, p:] + pos], dim=1)
 
     def masked_autoencode(self, x: torch.Tensor, shuffle: torch.Tensor, n_visible: int) -> Masked:
         """Encode the first ``n_visible`` tokens of ``shuffle`` of the volumes ``x [N, C, *S]``, decode all, and
@@ -125,7 +134,8 @@ class MaskedAutoencoder(nn.Module):
         features = self.decode(self.decoder_queries(normed, shuffle, grid), hidden)
         n_masked = shuffle.shape[1] - n_visible
         pred = self.decoder.head(features[:, -n_masked:])  # the head only where the loss reads
-        return Masked(per_patch_mse(pred, patches, shuffle[:, n_visible:]), pred, shuffle, features, normed[:, 0])
+        return Masked(per_patch_mse(pred, patches, shuffle[:, n_visible:]), pred, shuffle, features,
+                      self.encoder.pooled(normed))
 
     def autoencode(self, x: torch.Tensor, mask_ratio: float) -> Masked:
         """:meth:`masked_autoencode` with a fresh random mask of ``mask_ratio`` per volume."""

@@ -35,7 +35,7 @@ from torch import nn
 from nnunetv2_hiendmae.presets import Grid
 from nnunetv2_hiendmae.vit import init_linear_and_norm, patchify, take_tokens, unpatchify
 from pretrain.methods.mae import MAE
-from pretrain.methods.masked import in_raster_order, pairwise_cosine
+from pretrain.methods.masked import in_raster_order, pairwise_cosine, token_features
 
 
 def token_octants(grid: Grid) -> torch.Tensor:
@@ -110,11 +110,11 @@ class MiM(MAE):
         down = self.autoencode(fine_x, s.mask_ratio_down)
 
         up_groups = self.octant_means(in_raster_order(up.features, up.shuffle).detach(), grid)  # [B, 8, D]
-        align_up_mid = self.align(self.align_mid(mid.features[:, 1:].mean(1)).view(b, -1, self.dec_dim),
-                                  self.align_up(up_groups), chosen)
+        mid_means = token_features(mid.features, mid.shuffle).mean(1)  # [B*m, D]
+        align_up_mid = self.align(self.align_mid(mid_means).view(b, -1, self.dec_dim), self.align_up(up_groups), chosen)
         mid_tokens = self.align_mid_tokens(in_raster_order(mid.features, mid.shuffle).detach())  # [B*m, L, D]
-        align_mid_down = self.align(self.align_down(down.features[:, 1:].mean(1)).view(b * chosen.shape[1], -1,
-                                                                                         self.dec_dim),
+        down_means = token_features(down.features, down.shuffle).mean(1)
+        align_mid_down = self.align(self.align_down(down_means).view(b * chosen.shape[1], -1, self.dec_dim),
                                     mid_tokens, picked)
         rec_up, rec_mid, rec_down = up.loss.mean(), mid.loss.mean(), down.loss.mean()
         loss = rec_up + rec_mid + rec_down + s.align_weight * (align_up_mid + align_mid_down)
