@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
-from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.errors import Interrupted, UserError
 from nnunetv2_hiendmae.leakage import pretraining_fingerprints
 from nnunetv2_hiendmae.optim import param_groups
 from nnunetv2_hiendmae.precision import autocast, resolve_precision, transfer_dtype
@@ -52,6 +52,7 @@ from pretrain.figures import plot_progress, plot_reconstruction
 from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
 from pretrain.lock import RunLock
 from pretrain.methods.contract import PretrainingModel
+from pretrain.stop import StopSignals
 
 LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
@@ -71,6 +72,32 @@ def case_fingerprints(sources: list[PreprocessedData], processes: int, progress:
 
 class NonFiniteLoss(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
+
+
+class CheckpointNotWritten(UserError):
+    """A checkpoint could not be written (disk full, file too large, ...): the run stops; the file written before it
+    is kept, since every checkpoint goes to a temporary file first."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating system's error behind ``error``: torch.save reports a failed write as a RuntimeError of its
+    zip writer, raised while handling the file's OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    """:func:`~nnunetv2_hiendmae.checkpoint.save_atomic`; a write the system refuses raises
+    :class:`CheckpointNotWritten` naming the file and the cause (``No space left on device``, ``File too large``)."""
+    try:
+        save_atomic(ckpt, path)
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise CheckpointNotWritten(f"cannot write {path}: {cause.strerror or cause}; {kept}") from None
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -129,17 +156,21 @@ class Logger:
         t = datetime.now()
         self.path = out_dir / f"training_log_{t.year}_{t.month}_{t.day}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}.txt"
 
-    def __call__(self, *msg: object) -> None:
+    def __call__(self, *msg: object, echo: bool = True) -> None:
+        """Append the line to the log and print it (``echo=False``: the log only, for a line the command prints
+        itself)."""
         if not self.enabled:
             return
         line = " ".join(str(m) for m in msg)
         with open(self.path, "a") as f:
             f.write(f"{datetime.now()}: {line}\n")
-        tqdm.write(line)
+        if echo:
+            tqdm.write(line)
 
 
 class CheckpointWriter:
-    """Writes checkpoints in a background thread (one at a time), so the GPU does not wait for the disk."""
+    """Writes checkpoints in a background thread (one at a time), so the GPU does not wait for the disk; a failed
+    write is raised in the training thread by the next :meth:`wait` or :meth:`check`."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
@@ -150,7 +181,7 @@ class CheckpointWriter:
 
         def run() -> None:
             try:
-                save_atomic(ckpt, path)
+                save_checkpoint(ckpt, path)
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
                 self._error = e
 
@@ -164,6 +195,11 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def check(self) -> None:
+        """Raise the error of a write that has finished, without waiting for one that runs."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
 
 def _on_cpu(obj):
@@ -276,6 +312,7 @@ class PretrainRun:
         self.history: dict[str, list[float]] = {}
         self.log = Logger(self.out, self.is_main)
         self.writer = CheckpointWriter()
+        self.stop = StopSignals()  # Ctrl-C and SIGTERM stop a one-process run at its next step (run())
         self.last_save = time.monotonic()
         self.last_plot = -math.inf
 
@@ -416,6 +453,8 @@ class PretrainRun:
         self.t = epoch + start / self.iters
         self._set_lr()
         for it in range(start, self.iters):
+            if self.stop.requested is not None and it % cfg.accum_steps == 0:
+                self._stop_interrupted(epoch, it, sums)
             try:
                 batch = next(batches)
             except CaseReadError as e:
@@ -435,6 +474,7 @@ class PretrainRun:
                 sums[k] = sums.get(k, 0) + v.detach().float()
             if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.iters:
                 self._check_finite(first_bad, epoch)
+                self.writer.check()
                 if self.is_main and cfg.progress_bar:
                     rate = (it + 1 - start) * self.crops_per_step / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{loss.item():.4f}", crops_s=f"{rate:.1f}")
@@ -455,12 +495,27 @@ class PretrainRun:
         said = str(error).strip().splitlines()[-1].split(f"{CaseReadError.__name__}: ", 1)[-1]
         kept = "the last checkpoint kept"
         if self.world_size == 1 and it % self.cfg.accum_steps == 0:
-            self.writer.wait()
-            partial = {k: float(v) for k, v in sums.items()}
-            save_atomic(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
-            kept = f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}"
+            kept = self._save_step(epoch, it, sums)
         raise CaseReadError(f"{said}; stopped ({kept}): preprocess that case again, or continue without it: "
                             f"nnUNetv2_hiendmae_pretrain --resume -o {self.out} --skip-bad-cases") from None
+
+    def _stop_interrupted(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
+        """Ctrl-C or SIGTERM: ``checkpoint_latest.pth`` of the last finished step, then one line saying where the run
+        stopped, what was saved and the command that continues it (the lock is released by :meth:`run`)."""
+        signum = self.stop.requested
+        kept = self._save_step(epoch, it, sums)
+        raise Interrupted(f"{signum.name} at epoch {epoch + 1}, iteration {it + 1} of {self.iters}: stopped after the "
+                          f"last finished step; {kept}; continue with: nnUNetv2_hiendmae_pretrain --resume -o "
+                          f"{self.out}", signum)
+
+    def _save_step(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> str:
+        """``checkpoint_latest.pth`` after ``it`` iterations of epoch ``epoch`` (0-based), whose loss sums so far are
+        ``sums``; resumable when called between optimiser steps of a one-process run. Returns what it holds."""
+        self.writer.wait()
+        partial = {k: float(v) for k, v in sums.items()}
+        save_checkpoint(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
+        return (f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}" if it else
+                f"{self.out / LATEST} holds {epoch} finished epoch(s)")
 
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
@@ -560,13 +615,28 @@ class PretrainRun:
         return True
 
     def run(self) -> Path:
+        """Train, or continue, the run. Whatever stops it once its folder is taken (an interruption, a NaN, a case or
+        a checkpoint that cannot be read or written) is written to its log as the line the command prints, and the
+        lock is released."""
         final = self.out / FINAL
         try:
-            if not self._prepare_output():
-                if self.is_main:
-                    print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); nothing to do")
-                return final
-            return self._train(final)
+            with self.stop if self.world_size == 1 else nullcontext():
+                if not self._prepare_output():
+                    if self.is_main:
+                        print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); "
+                              "nothing to do")
+                    return final
+                return self._train(final)
+        except CheckpointNotWritten as e:
+            resume = (f"nnUNetv2_hiendmae_pretrain --resume -o {self.out}" if (self.out / LATEST).exists() else
+                      "start the run again")
+            stopped = CheckpointNotWritten(f"{e}; once {self.out} has room for it, continue: {resume}")
+            self.log(f"stopped: {stopped}", echo=False)
+            raise stopped from None
+        except (UserError, Interrupted) as e:
+            if self.lock is not None:
+                self.log(f"stopped: {e}", echo=False)
+            raise
         finally:
             if self.lock is not None:
                 self.lock.__exit__(None, None, None)
@@ -608,7 +678,7 @@ class PretrainRun:
             self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs)
         if self.is_main:
             self.writer.wait()
-            save_atomic(self._checkpoint(cfg.epochs), final)
+            save_checkpoint(self._checkpoint(cfg.epochs), final)
             self.log(f"done: {final}")
         return final
 
