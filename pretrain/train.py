@@ -57,6 +57,11 @@ from pretrain.stop import StopSignals
 LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
+# A run that diverges slowly climbs for epochs before its loss becomes NaN. An epoch whose mean loss is LOSS_RISE_KEEP
+# times the run's lowest epoch mean does not replace checkpoint_latest.pth (the run keeps one from before the rise);
+# at LOSS_RISE_STOP times it stops, before the NaN, with the advice to continue from that checkpoint at a lower lr.
+LOSS_RISE_KEEP = 2.0
+LOSS_RISE_STOP = 10.0
 
 
 def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
@@ -72,6 +77,10 @@ def case_fingerprints(sources: list[PreprocessedData], processes: int, progress:
 
 class NonFiniteLoss(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
+
+
+class Diverged(UserError):
+    """The loss rose far above the run's own level (:data:`LOSS_RISE_STOP`): the run stops before it becomes NaN."""
 
 
 class CheckpointNotWritten(UserError):
@@ -314,6 +323,7 @@ class PretrainRun:
         self.writer = CheckpointWriter()
         self.stop = StopSignals()  # Ctrl-C and SIGTERM stop a one-process run at its next step (run())
         self.last_save = time.monotonic()
+        self.saved_epochs: int | None = None  # epochs done in the checkpoint_latest.pth this run wrote or resumed
         self.last_plot = -math.inf
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -354,6 +364,7 @@ class PretrainRun:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.saved_epochs = self.start_epoch
         self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
         if self.start_iteration >= self.iters:  # fewer iterations per epoch now (more ranks): the epoch starts again
             self.start_iteration, self.partial = 0, {}
@@ -386,8 +397,21 @@ class PretrainRun:
                      f"{before['iters_per_epoch']} -> {self.iters} iterations per epoch; the learning-rate schedule "
                      f"counts epochs, so it continues as planned")
 
-    def _save_latest(self, epochs_done: int, last: bool) -> None:
-        """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
+    def _loss_rise(self, loss: float) -> tuple[float, float]:
+        """``(rise, level)``: an epoch's mean ``loss`` over the lowest epoch mean of the run before it (1 for the
+        first epoch), and that lowest mean."""
+        earlier = [v for v in self.history.get("loss", [])[:-1] if math.isfinite(v)]
+        level = min(earlier, default=loss)
+        return (loss / level if level > 0 else 1.0), level
+
+    def _save_latest(self, epochs_done: int, last: bool, rise: float = 1.0) -> None:
+        """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch; not after an
+        epoch whose loss rose to :data:`LOSS_RISE_KEEP` times the run's level (``rise``), unless it is the last."""
+        if rise >= LOSS_RISE_KEEP and not last:
+            if self.saved_epochs is not None:
+                self.log(f"the loss is {rise:.1f}x the run's lowest: {LATEST} keeps epoch {self.saved_epochs}, "
+                         "from before the rise")
+            return
         due = last or time.monotonic() - self.last_save >= 60 * self.cfg.checkpoint_minutes
         if self.world_size > 1:  # every rank must agree (the RNG gather is a collective)
             flag = torch.tensor([float(due)], device=self.device if self.device.type == "cuda" else "cpu")
@@ -398,7 +422,7 @@ class PretrainRun:
         rng = self._rng_states()
         if self.is_main:
             self.writer.write(self._checkpoint(epochs_done, rng), self.out / LATEST)
-        self.last_save = time.monotonic()
+        self.last_save, self.saved_epochs = time.monotonic(), epochs_done
 
     # ---- training --------------------------------------------------------------------------------------------------
     def _set_lr(self) -> None:
@@ -498,6 +522,21 @@ class PretrainRun:
             kept = self._save_step(epoch, it, sums)
         raise CaseReadError(f"{said}; stopped ({kept}): preprocess that case again, or continue without it: "
                             f"nnUNetv2_hiendmae_pretrain --resume -o {self.out} --skip-bad-cases") from None
+
+    def _stop_diverged(self, epoch: int, loss: float, rise: float, level: float) -> None:
+        """The loss rose :data:`LOSS_RISE_STOP` times above the run's level: stop before the NaN, nothing of this
+        epoch kept; advise continuing from the checkpoint of before the rise at half the ``--lr``, or, where none was
+        written, starting again."""
+        self.writer.wait()
+        lr = f"{self.cfg.lr / 2:g}"
+        if self.saved_epochs is not None and (self.out / LATEST).exists():
+            advice = (f"{LATEST} holds epoch {self.saved_epochs}, from before the rise: continue it with a lower "
+                      f"--lr: nnUNetv2_hiendmae_pretrain --resume -o {self.out} --lr {lr}")
+        else:
+            advice = (f"no checkpoint from before the rise was written: start the run again with a lower --lr "
+                      f"(--lr {lr}), with --checkpoint-minutes small enough to keep one")
+        raise Diverged(f"the loss rose to {loss:.4g} at epoch {epoch + 1}, {rise:.0f}x the run's lowest epoch mean "
+                       f"({level:.4g}): the run diverges; stopped before the loss becomes NaN; {advice}")
 
     def _stop_interrupted(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
         """Ctrl-C or SIGTERM: ``checkpoint_latest.pth`` of the last finished step, then one line saying where the run
@@ -675,7 +714,10 @@ class PretrainRun:
                 if epoch + 1 == cfg.epochs or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
                     plot_progress(self.history, self.out / "progress.png")
                     self.last_plot = time.monotonic()
-            self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs)
+            rise, level = self._loss_rise(losses["loss"])
+            if rise >= LOSS_RISE_STOP:
+                self._stop_diverged(epoch, losses["loss"], rise, level)
+            self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs, rise=rise)
         if self.is_main:
             self.writer.wait()
             save_checkpoint(self._checkpoint(cfg.epochs), final)

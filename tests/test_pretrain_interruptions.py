@@ -3,12 +3,16 @@ says in one line how to continue; a checkpoint the disk refuses stops the run in
 the previous one."""
 from __future__ import annotations
 
+import errno
+import io
+import os
 import shlex
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 from conftest import console_script, pretrain_args, run_cli
 
 from nnunetv2_hiendmae.checkpoint import load_checkpoint
@@ -30,8 +34,6 @@ def start_and_signal(args: list[str], out, signum: int, tmp_path) -> tuple[int, 
         while proc.poll() is None and "epoch 1/" not in log_of(out) and time.time() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
-        import os
-
         os.killpg(proc.pid, signum)
         code = proc.wait(timeout=300)
     return code, stderr.read_text()
@@ -57,3 +59,82 @@ def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to
     resumed = run_cli(*command, check=True)
     assert f"resumed from {out / 'checkpoint_latest.pth'}" in resumed.stdout
     assert len(load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["loss"]) == 3
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after ``room`` bytes: the next write fails as the OS fails it."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_line_keeping_the_previous_one(
+        preprocessed_dataset, tmp_path, monkeypatch):
+    """The second checkpoint_latest.pth (after epoch 2 of 3) meets a full disk: the run stops naming the file and the
+    cause, in its log too, with epoch 1's checkpoint intact, no temporary file left and the lock released; the
+    printed command then finishes the run."""
+    from nnunetv2_hiendmae.fileio import atomic_write
+    from pretrain import train
+    from pretrain.config import PretrainConfig
+    from pretrain.train import CheckpointNotWritten, PretrainRun, pretrain_from_flags
+
+    real, calls = train.save_atomic, []
+
+    def save_atomic(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real(obj, path)
+        return atomic_write(path, lambda f: torch.save(obj, FullDisk(f, 1 << 20)))
+
+    monkeypatch.setattr(train, "save_atomic", save_atomic)
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=3,
+                         iters_per_epoch=1, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0,
+                         recon_every=100)
+    with pytest.raises(CheckpointNotWritten) as e:
+        PretrainRun(cfg).run()
+    latest = out / "checkpoint_latest.pth"
+    assert str(e.value) == (f"cannot write {latest}: No space left on device; the previous checkpoint_latest.pth is "
+                            f"kept; once {out} has room for it, continue: nnUNetv2_hiendmae_pretrain --resume -o {out}")
+    assert f"stopped: {e.value}" in log_of(out)
+    assert load_checkpoint(latest)["train_state"]["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".tmp", ".pth", ".lock")) == [latest.name]
+
+    monkeypatch.setattr(train, "save_atomic", real)  # room again: the advice, followed
+    assert shlex.split(str(e.value).split("continue: ", 1)[1]) == ["nnUNetv2_hiendmae_pretrain", "--resume", "-o",
+                                                                   str(out)]
+    pretrain_from_flags({"output_dir": str(out)}, "resume")
+    assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 3
+
+
+def test_a_file_too_large_for_the_system_is_one_line_and_the_run_starts_again(preprocessed_dataset, tmp_path):
+    """A real refusal by the OS (a file size limit of 2 MB: EFBIG): one line on stderr naming the file and the cause,
+    the same line in the log, the lock released; without the limit, the command as printed ('start the run again')
+    runs."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    out = tmp_path / "run"
+    args = pretrain_args(preprocessed_dataset, out, 1, 1)
+    proc = subprocess.run([console_script(args[0]), *args[1:]], capture_output=True, text=True,
+                          preexec_fn=limit_file_size, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"error: cannot write {out / 'checkpoint_latest.pth'}: File too large; no "
+                        f"checkpoint_latest.pth was written; once {out} has room for it, continue: start the run again")
+    assert f"stopped: {lines[0].removeprefix('error: ')}" in log_of(out)
+    assert not (out / LOCK).exists() and not list(out.glob("*.tmp")) and not list(out.glob("*.pth"))
+    run_cli(*args, check=True)
