@@ -296,6 +296,7 @@ class PretrainRun:
         self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
         if self.fingerprints is None and self.is_main:  # after every check of the input: the slowest step
             self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress)
+        self.probe_leakage = self._probe_leakage() if self.probe is not None else []
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
@@ -571,6 +572,21 @@ class PretrainRun:
                             f"channel(s), the pretraining data {channels}")
         return split
 
+    def _probe_leakage(self) -> list[str]:
+        """The leakage guard on the probe's validation cases (:func:`~nnunetv2_hiendmae.leakage.check_checkpoint`,
+        as for a checkpoint of this run): warning lines, kept for the log and ``checkpoint_best.pth``; with
+        ``--strict``, a :class:`UserError` before anything is written."""
+        from nnunetv2_hiendmae.leakage import check_checkpoint
+
+        split = self.probe.split
+        record = {"case_fingerprints": self.fingerprints, "datasets": self.meta["datasets"], "fold": self.cfg.fold}
+        try:
+            warnings, _ = check_checkpoint(record, split.dataset_name, self.cfg.probe_strict,
+                                           max(1, self.cfg.num_workers), scored_fold=split.fold)
+        except UserError as e:
+            raise UserError(f"--probe-dataset {self.cfg.probe_dataset}: {e}") from None
+        return warnings
+
     def _probe_data(self, split, first: PreprocessedData):
         """The probe's fixed crops and validation cases, at the run's patch size in the probe dataset's axis order."""
         from nnunetv2_hiendmae.plans import to_dataset_axes
@@ -591,18 +607,20 @@ class PretrainRun:
             result = probe_score(self.model.encoder, self.probe, self.device, batch_size=cfg.batch_size,
                                  precision=self.precision)
             figures["probe_dice"] = result.score
+            seen = " (on validation cases the pretraining saw: see the warning above)" if self.probe_leakage else ""
             if result.score > self.best:
                 self.best = result.score
                 best = self._checkpoint(epoch + 1)
                 best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
                                             "probe_dataset": self.probe.split.dataset_name,
-                                            "probe_fold": self.probe.split.fold}
+                                            "probe_fold": self.probe.split.fold,
+                                            "probe_leakage": self.probe_leakage}
                 self.writer.write(best, self.out / BEST)
                 self.log(f"probe: mean foreground Dice {result.score:.4f} on {self.probe.split.dataset_name} fold "
-                         f"{self.probe.split.fold}, the best so far: {self.out / BEST} ({result.seconds:.1f} s)")
+                         f"{self.probe.split.fold}, the best so far: {self.out / BEST} ({result.seconds:.1f} s){seen}")
             else:
                 self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
-                         f"{result.seconds:.1f} s)")
+                         f"{result.seconds:.1f} s){seen}")
         return figures
 
     def _record(self, record: dict[str, float]) -> None:
@@ -684,6 +702,8 @@ class PretrainRun:
         cfg = self.cfg
         for note in self.notes:
             self.log(f"note: {note}")
+        for line in self.probe_leakage:
+            self.log(f"warning: probe: {line.strip()}")
         if self.val_cases:
             self.log(f"held out of training, scored every {cfg.val_every} epoch(s): {len(self.val_cases)} cases "
                      f"({', '.join(self.val_cases)})")
