@@ -64,15 +64,28 @@ LOSS_RISE_KEEP = 2.0
 LOSS_RISE_STOP = 10.0
 
 
-def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
+def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True,
+                      known: dict[str, str] | None = None) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
-    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
-    found = {}
+    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out.
+    ``known``: the fingerprints a resumed run recorded; they are kept (the run trained on those cases) and only the
+    cases they lack, such as scans added to the pool since, are looked up."""
+    found = dict(known or {})
     for s in sources:
-        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
+        missing = [case for case in s.identifiers if f"{s.dataset_name}/{case}" not in found]
+        own = (pretraining_fingerprints(s.dataset_name, missing, processes, progress) or {}) if missing else {}
         found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
     return found
+
+
+def data_changes(before: list[dict], now: list[dict]) -> list[str]:
+    """What differs between the training cases of each dataset when a resumed run last saved (its checkpoint's
+    ``datasets`` record) and now, e.g. scans added to the pool."""
+    old, new = ({d["name"]: d["num_cases"] for d in record} for record in (before, now))
+    return [f"the data changed since the checkpoint: {name} has {new.get(name, 0)} training cases, "
+            f"{old.get(name, 0)} when it was written; the run continues on the cases there are now"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 
 
 class NonFiniteLoss(UserError):
@@ -293,9 +306,11 @@ class PretrainRun:
                          if self.is_main and self.val_cases else None)
         self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
-        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
-        if self.fingerprints is None and self.is_main:  # after every check of the input: the slowest step
-            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress)
+        self.notes += data_changes(stored["datasets"], self.meta["datasets"]) if "datasets" in stored else []
+        self.fingerprints = None
+        if self.is_main:  # after every check of the input: the slowest step (a resumed run reads only new cases)
+            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress,
+                                                  known=stored.get("case_fingerprints"))
         self.probe_leakage = self._probe_leakage() if self.probe is not None else []
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])

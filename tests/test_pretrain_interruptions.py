@@ -1,22 +1,29 @@
 """Interrupted pretrainings keep their work: Ctrl-C or SIGTERM saves the last finished step, releases the lock and
 says in one line how to continue; a checkpoint the disk refuses stops the run in one line (also in its log), keeping
-the previous one."""
+the previous one; a run resumed on a pool that grew says so and fingerprints the new scans."""
 from __future__ import annotations
 
 import errno
 import io
+import json
 import os
+import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
-from conftest import console_script, pretrain_args, run_cli
+from conftest import console_script, copy_preprocessed_dataset, pretrain_args, run_cli
 
 from nnunetv2_hiendmae.checkpoint import load_checkpoint
+from nnunetv2_hiendmae.fileio import atomic_write
+from pretrain import train
+from pretrain.config import PretrainConfig
 from pretrain.lock import LOCK
+from pretrain.train import CheckpointNotWritten, PretrainRun, pretrain_from_flags
 
 
 def log_of(out) -> str:
@@ -82,11 +89,6 @@ def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_line_keeping_the_pre
     """The second checkpoint_latest.pth (after epoch 2 of 3) meets a full disk: the run stops naming the file and the
     cause, in its log too, with epoch 1's checkpoint intact, no temporary file left and the lock released; the
     printed command then finishes the run."""
-    from nnunetv2_hiendmae.fileio import atomic_write
-    from pretrain import train
-    from pretrain.config import PretrainConfig
-    from pretrain.train import CheckpointNotWritten, PretrainRun, pretrain_from_flags
-
     real, calls = train.save_atomic, []
 
     def save_atomic(obj, path):
@@ -121,8 +123,6 @@ def test_a_file_too_large_for_the_system_is_one_line_and_the_run_starts_again(pr
     """A real refusal by the OS (a file size limit of 2 MB: EFBIG): one line on stderr naming the file and the cause,
     the same line in the log, the lock released; without the limit, the command as printed ('start the run again')
     runs."""
-    import resource
-
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
@@ -138,3 +138,33 @@ def test_a_file_too_large_for_the_system_is_one_line_and_the_run_starts_again(pr
     assert f"stopped: {lines[0].removeprefix('error: ')}" in log_of(out)
     assert not (out / LOCK).exists() and not list(out.glob("*.tmp")) and not list(out.glob("*.pth"))
     run_cli(*args, check=True)
+
+
+def test_resuming_after_scans_were_added_says_so_and_fingerprints_every_case(preprocessed_dataset, tmp_path,
+                                                                              monkeypatch):
+    """A pool of 3 scans gets a 4th between the run's epochs 1 and 2: the resumed run says what changed, and its
+    final checkpoint holds the new scan's fingerprint (the leakage guard would otherwise miss copies of it)."""
+    root = tmp_path / "preprocessed"
+    pool = copy_preprocessed_dataset(preprocessed_dataset["unlabelled_preprocessed"], root, 991, "Pool")
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=["991"], output_dir=str(out), arch="vit_tiny", patch_size=[16, 32, 32],
+                         batch_size=2, method_settings={"crops_per_volume": 1}, epochs=1, iters_per_epoch=1,
+                         num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0, recon_every=100)
+    PretrainRun(cfg).run()
+    first = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["case_fingerprints"]
+    assert len(first) == 3
+
+    data = pool / "nnUNetPlans_3d_fullres"
+    case = sorted(p.stem for p in data.glob("*.pkl"))[0]
+    for path in data.glob(f"{case}.*"):  # a new scan, preprocessed as the others were
+        shutil.copy(path, data / path.name.replace(case, "added_scan"))
+    stored = json.loads((pool / "content_fingerprints.json").read_text())
+    (pool / "content_fingerprints.json").write_text(json.dumps({**stored, "added_scan": "f" * 64}))
+
+    pretrain_from_flags({"output_dir": str(out), "epochs": 2}, "resume")
+    assert ("note: the data changed since the checkpoint: Dataset991_Pool has 4 training cases, 3 when it was "
+            "written; the run continues on the cases there are now") in log_of(out)
+    final = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]
+    assert final["case_fingerprints"] == {**first, "Dataset991_Pool/added_scan": "f" * 64}
+    assert final["datasets"][0]["num_cases"] == 4
