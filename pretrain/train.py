@@ -597,7 +597,8 @@ class PretrainRun:
         record = {"case_fingerprints": self.fingerprints, "datasets": self.meta["datasets"], "fold": self.cfg.fold}
         try:
             warnings, _ = check_checkpoint(record, split.dataset_name, self.cfg.probe_strict,
-                                           max(1, self.cfg.num_workers), scored_fold=split.fold)
+                                           max(1, self.cfg.num_workers), scored_fold=split.fold,
+                                           progress=self.cfg.progress_bar)
         except UserError as e:
             raise UserError(f"--probe-dataset {self.cfg.probe_dataset}: {e}") from None
         return warnings

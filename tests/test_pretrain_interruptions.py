@@ -157,8 +157,9 @@ def test_resuming_after_scans_were_added_says_so_and_fingerprints_every_case(pre
 
     data = pool / "nnUNetPlans_3d_fullres"
     case = sorted(p.stem for p in data.glob("*.pkl"))[0]
-    for path in data.glob(f"{case}.*"):  # a new scan, preprocessed as the others were
-        shutil.copy(path, data / path.name.replace(case, "added_scan"))
+    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):  # a new scan, preprocessed as the others were
+        if (data / f"{case}{suffix}").exists():
+            shutil.copy(data / f"{case}{suffix}", data / f"added_scan{suffix}")
     stored = json.loads((pool / "content_fingerprints.json").read_text())
     (pool / "content_fingerprints.json").write_text(json.dumps({**stored, "added_scan": "f" * 64}))
 
