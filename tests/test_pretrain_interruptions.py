@@ -46,11 +46,12 @@ def start_and_signal(args: list[str], out, signum: int, tmp_path) -> tuple[int, 
     return code, stderr.read_text()
 
 
-@pytest.mark.parametrize("signum,workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "0")])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to_continue(
-        preprocessed_dataset, tmp_path, signum, workers):
+        preprocessed_dataset, tmp_path, signum):
     out = tmp_path / "run"
-    args = pretrain_args(preprocessed_dataset, out, 3, 6, "--checkpoint-minutes", "60", "--num-workers", workers)
+    # a loader worker, as real runs have: the signal reaches it too, and it must not die with a traceback of its own
+    args = pretrain_args(preprocessed_dataset, out, 3, 6, "--checkpoint-minutes", "60", "--num-workers", "1")
     code, stderr = start_and_signal(args, out, signum, tmp_path)
     lines = stderr.strip().splitlines()
     assert code == 128 + signum and len(lines) == 1, stderr

@@ -77,7 +77,7 @@ def test_the_probe_warns_about_scored_cases_its_checkpoint_saw_and_strict_refuse
     ckpt = leaking_checkpoint(tmp_path / "leaky.pth", two_folds["folder"], seen)
     args = ["nnUNetv2_hiendmae_probe", "-d", "990", "-pt", str(ckpt), *FAST_PROBE]
     strict = run_cli(*args, "-f", "1", "--strict", env=two_folds["env"])
-    lines = [line for line in strict.stderr.strip().splitlines() if "content fingerprints of" not in line]  # bars
+    lines = [line for line in strict.stderr.splitlines() if line.strip() and "content fingerprints of" not in line]
     assert strict.returncode == 2 and lines == [lines[-1]], strict.stderr
     assert lines[0].startswith(f"error: -pt {ckpt}: the pretraining saw 1 validation or test case(s) of "
                                "Dataset990_HiEndTest (--strict): fold 1 validation: " + seen)
