@@ -17,7 +17,10 @@ def one_error_line(proc) -> str:
     return lines[0]
 
 
-def test_resume_without_a_run_advises_leaving_out_resume_which_starts_it(preprocessed_dataset, tmp_path):
+def test_resume_without_a_run_and_a_new_run_on_a_folder_holding_one_advise_what_works(preprocessed_dataset,
+                                                                                      tmp_path):
+    """--resume on an empty folder: 'leave out --resume' starts the run; the same command again on the folder that now
+    holds it: 'pass --resume' continues it."""
     out = tmp_path / "run"
     args = pretrain_args(preprocessed_dataset, out, 1, 1)
     line = one_error_line(run_cli(*args, "--resume"))
@@ -25,10 +28,6 @@ def test_resume_without_a_run_advises_leaving_out_resume_which_starts_it(preproc
     run_cli(*args, check=True)  # --resume left out
     assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
 
-
-def test_a_folder_holding_a_run_advises_resume_which_continues_it(preprocessed_dataset, tmp_path):
-    out = tmp_path / "run"
-    run_cli(*pretrain_args(preprocessed_dataset, out, 1, 1), check=True)
     longer = pretrain_args(preprocessed_dataset, out, 2, 1)
     line = one_error_line(run_cli(*longer))
     assert "pass --resume to continue it or choose another -o" in line
