@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 from nnunetv2_hiendmae import variants
 from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.fileio import atomic_write_bytes
-from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import crossval_folds, dataset_name, nnunet_folder
 
 DEFAULT_CONFIGURATION = "3d_fullres"
 FG_COLUMN = "mean fg Dice"
@@ -95,6 +96,7 @@ class Comparison:
     out_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # short names for figures (entry_labels); set by __post_init__
+    split_source: str | None = None  # the dataset's splits_final.json the folds were checked against, if it has one
 
     def __post_init__(self) -> None:
         self.labels = self.labels or entry_labels([e.name for e in self.entries])
@@ -424,7 +426,8 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
     entry, mean fg Dice per fold, notes."""
     ref = comp.entries[0]
     lines = [f"# Validation Dice: {comp.dataset}, {comp.configuration}", "",
-             "Mean ± sample std over folds (nnU-Net `fold_<f>/validation/summary.json`). "
+             "Mean ± sample std over folds (nnU-Net `fold_<f>/validation/summary.json`"
+             + (f", folds of `{comp.split_source}`" if comp.split_source else "") + "). "
              f"Δ = paired difference to {ref.name} over the folds both have.", ""]
     header = ["arm", "entry", "folds", *[comp.column_name(c) for c in comp.classes], FG_COLUMN, f"Δ {FG_COLUMN}"]
     rows = []
@@ -569,7 +572,9 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
     """Load every entry's fold summaries, compute the table and (if ``write``) save CSV, Markdown and PNG.
 
     ``entries`` are ``TRAINER__PLANS`` strings; the first one is the reference for paired differences.
-    ``folds`` restricts the folds (default: every ``fold_<f>`` folder found). ``out_dir`` defaults to
+    ``folds`` restricts the folds (default: every fold of the dataset's ``splits_final.json`` in
+    ``$nnUNet_preprocessed``, where it has one, else every ``fold_<f>`` folder found; a fold the file lacks is refused:
+    nnU-Net made a random split of its own for it). ``out_dir`` defaults to
     ``$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>``. Raises UserError on bad input before
     anything is written.
     """
@@ -589,6 +594,10 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
             raise UserError("-f needs one or more non-negative fold numbers, e.g. -f 0 1 2 3 4")
     dataset_dir = results_dataset_folder(str(dataset))
     name = dataset_dir.name
+    preprocessed = os.environ.get("nnUNet_preprocessed")  # results copied to another machine may come without it
+    split_source = None
+    if preprocessed and (Path(preprocessed) / name / "splits_final.json").is_file():
+        folds, split_source = crossval_folds(Path(preprocessed) / name, folds)
     folders = [entry_folder(dataset_dir, e, configuration) for e in entries]
     labels = load_label_names(folders)
 
@@ -602,7 +611,8 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
 
     keys = set().union(*(r.class_dice for e in loaded for r in e.folds.values()))
     classes = sorted(keys)
-    comp = Comparison(name, configuration, classes, class_display_names(classes, labels), loaded, warnings)
+    comp = Comparison(name, configuration, classes, class_display_names(classes, labels), loaded, warnings,
+                      split_source=split_source)
 
     if write:
         target = Path(out_dir) if out_dir is not None else dataset_dir / f"hiendmae_compare_{configuration}"
@@ -645,8 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnUNetTrainer__nnUNetPlans nnUNetTrainer__nnUNetResEncUNetMPlans; the first one is the "
                         "reference for the paired differences")
     p.add_argument("-f", "--folds", nargs="+", type=int, metavar="F",
-                   help="only use these folds, e.g. -f 0 1 2 3 4 (default: every fold_<f> folder found; "
-                        "fold_all is never used because it validates on its own training data)")
+                   help="only use these folds, e.g. -f 0 1 2 3 4 (default: every fold of the dataset's "
+                        "splits_final.json in $nnUNet_preprocessed, and a fold it lacks is refused; without that file, "
+                        "every fold_<f> folder found; fold_all is never used because it validates on its own "
+                        "training data)")
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
                    help="where to write comparison.csv/.md/.png (default: "
                         "$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>)")

@@ -17,8 +17,18 @@ class UserError(Exception):
     """A mistake in the user's input (paths, flags, data). Reported as one line, exit code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal after saving its work; the message says what was saved and how to continue.
+    Exits with 128 + the signal's number, as the shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def cli_entry(fn: F) -> F:
-    """Wrap a console-script ``main`` so that a :class:`UserError` prints ``error: ...`` and exits with 2."""
+    """Wrap a console-script ``main`` so that a :class:`UserError` prints ``error: ...`` and exits with 2, and an
+    interruption prints one line (:class:`Interrupted`'s, or ``interrupted``) and exits with 130 or its own code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,6 +37,9 @@ def cli_entry(fn: F) -> F:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as e:
+            print(f"interrupted: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

@@ -168,16 +168,16 @@ def _preprocessed_identifiers(dataset: str) -> list[str]:
 
 
 def leaked_cases(pretrain_fingerprints: dict[str, str], dataset: str | int, folds: Sequence[int] | None = None,
-                 processes: int = 4) -> Leaks | None:
+                 processes: int = 4, progress: bool = True) -> Leaks | None:
     """The validation cases of nnU-Net's ``folds`` (default: every fold of its splits_final.json, else of nnU-Net's
     default 5-fold split) and the ``imagesTs`` cases of a labelled dataset whose content, read from ``$nnUNet_raw``
     (:func:`dataset_fingerprints`), is among ``pretrain_fingerprints`` (pretraining case -> fingerprint); ``None``
     when nnUNet_raw does not hold the dataset."""
     name = dataset_name(dataset)
-    train = dataset_fingerprints(name, "imagesTr", processes)
+    train = dataset_fingerprints(name, "imagesTr", processes, progress)
     if train is None:
         return None
-    test = dataset_fingerprints(name, "imagesTs", processes) or {}
+    test = dataset_fingerprints(name, "imagesTs", processes, progress) or {}
     leaks = _no_leaks(name, sorted(train), folds)
     leaks.add(_matches(pretrain_fingerprints, train))
     leaks.test, leaks.compared = _matches(pretrain_fingerprints, test), len(train) + len(test)
@@ -213,11 +213,12 @@ def _pretrained_on(pretrain: dict, dataset: str) -> bool:
     return dataset in [d if isinstance(d, str) else d.get("name") for d in pretrain.get("datasets") or []]
 
 
-def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False,
-                     processes: int = 4) -> tuple[list[str], list[str]]:
+def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, processes: int = 4,
+                     scored_fold: int | None = None, progress: bool = True) -> tuple[list[str], list[str]]:
     """The leakage guard of ``nnUNetv2_hiendmae_plan``: ``(warnings, notes)`` about the validation and imagesTs
     cases of the target ``dataset`` (``DatasetXXX_Name``) that a checkpoint's pretraining (its ``pretrain`` block)
-    saw; with ``strict``, UserError when it saw any.
+    saw; with ``strict``, UserError when it saw any. ``scored_fold``: only the validation cases of that fold, those a
+    command scores (the linear probe), are checked. ``progress``: a bar while the dataset's images are read.
 
     By content (:func:`leaked_cases`) when the checkpoint records ``case_fingerprints`` and nnUNet_raw holds the
     dataset; by name where the pretraining read the dataset itself (``datasets``): all its cases, or, with a recorded
@@ -228,8 +229,10 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False,
     fingerprints = pretrain.get("case_fingerprints") or {}
     own = _pretrained_on(pretrain, dataset)
     fold = pretrain.get("fold") if own else None
-    folds = None if fold is None else [fold]
-    leaks = leaked_cases(fingerprints, dataset, folds, processes) if fingerprints else None
+    folds = [scored_fold] if scored_fold is not None else None if fold is None else [fold]
+    leaks = leaked_cases(fingerprints, dataset, folds, processes, progress) if fingerprints else None
+    if leaks is not None and scored_fold is not None:
+        leaks.test = {}
     notes = []
     if not fingerprints:
         notes.append("the checkpoint records no content fingerprints of its pretraining cases: whether it saw this "
@@ -244,12 +247,12 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False,
         in_fold = fold is not None and 0 <= fold < len(leaks.splits)
         cases = leaks.splits[fold]["train"] if in_fold else leaks.splits[0]["train"] + leaks.splits[0]["val"]
         leaks.add({case: [f"{dataset}/{case}"] for case in cases})
-        if fold is not None:
+        if fold is not None and scored_fold is None:
             notes.append(f"pretrained on the training cases of fold {fold} of {dataset}: use these plans for fold "
                          f"{fold} only (the other folds validate on cases the encoder saw)")
     warnings = leakage_warning(leaks, strict)
     if not warnings and leaks.compared:
-        notes.append(f"leakage guard: no validation case of fold(s) {', '.join(map(str, leaks.folds))} and no "
-                     f"imagesTs case of {dataset} is among the {len(fingerprints)} pretraining cases (compared by "
-                     "content)")
+        test = "" if scored_fold is not None else " and no imagesTs case"
+        notes.append(f"leakage guard: no validation case of fold(s) {', '.join(map(str, leaks.folds))}{test} of "
+                     f"{dataset} is among the {len(fingerprints)} pretraining cases (compared by content)")
     return warnings, notes

@@ -44,6 +44,26 @@ def dataset_id(name: str) -> int:
     return int(name[len("Dataset"):len("Dataset") + 3])
 
 
+DEFAULT_SPLIT = "nnU-Net's default 5-fold split"
+
+
+def crossval_folds(preprocessed: str | os.PathLike, folds: Sequence[int] | None = None) -> tuple[list[int], str]:
+    """The folds a command runs over and the split they come from: ``folds`` (default: every fold of the dataset's
+    ``splits_final.json`` in its preprocessed folder, else nnU-Net's default 5, which its first training writes to
+    that file). A fold the split lacks is a :class:`UserError`: for it nnU-Net would make a random split of its own,
+    whose validation cases overlap the other folds'."""
+    splits_file = Path(preprocessed) / "splits_final.json"
+    available, source = ((list(range(len(json.loads(splits_file.read_text())))), str(splits_file))
+                         if splits_file.is_file() else (list(range(5)), DEFAULT_SPLIT))
+    if folds is None:
+        return available, source
+    lacking = [f for f in folds if f not in available]
+    if lacking:
+        raise UserError(f"fold {lacking[0]} is not in {source}, which has {len(available)} fold(s) "
+                        f"({' '.join(map(str, available))}): choose among them, or leave out -f to run them all")
+    return list(folds), source
+
+
 def crossval_splits(preprocessed: str | os.PathLike, identifiers: Sequence[str]) -> tuple[list[dict], str]:
     """nnU-Net's cross-validation folds of a dataset, ``([{"train": [...], "val": [...]}, ...], where from)``: its
     ``splits_final.json`` in the preprocessed folder if there is one, else the 5-fold split that nnU-Net's trainer
@@ -53,4 +73,4 @@ def crossval_splits(preprocessed: str | os.PathLike, identifiers: Sequence[str])
         return json.loads(splits_file.read_text()), str(splits_file)
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    return generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), "nnU-Net's default split"
+    return generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5), DEFAULT_SPLIT

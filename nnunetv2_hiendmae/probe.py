@@ -60,7 +60,7 @@ from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.compare import mean_std
 from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import crossval_folds, nnunet_folder
 from nnunetv2_hiendmae.plans import check_patch, default_patch, to_dataset_axes
 from nnunetv2_hiendmae.precision import autocast
 from nnunetv2_hiendmae.preprocessed import find_preprocessed, fold_split
@@ -102,6 +102,7 @@ class ProbeSplit:
     channels: int
     transpose_forward: list[int]
     median_shape: list[float]  # the configuration's median image size in voxels (transposed axis order)
+    split_source: str  # the splits_final.json the fold comes from, or nnU-Net's default split
 
 
 @dataclass
@@ -169,7 +170,8 @@ def probe_split(dataset: str | int, fold: int, plans: str = "nnUNetPlans",
         folder=source.folder, train_cases=train, val_cases=val,
         labels={v: names.get(v, f"label {v}") for v in foreground}, ignore_label=ignore,
         channels=len(source.channel_names), transpose_forward=[int(a) for a in manager.transpose_forward],
-        median_shape=[float(m) for m in source.configuration["median_image_size_in_voxels"]])
+        median_shape=[float(m) for m in source.configuration["median_image_size_in_voxels"]],
+        split_source=crossval_folds(base)[1])
 
 
 def _class_map(split: ProbeSplit, seg: np.ndarray) -> np.ndarray:
@@ -417,6 +419,7 @@ class ProbeEncoder:
     patch_size: list[int] | None  # the pretraining patch in the probe dataset's axis order; None for random:ARCH
     method: str  # the pretraining method, or "random init"
     epochs: int | None  # pretraining epochs done
+    pretrain: dict | None  # the checkpoint's pretraining record (its case fingerprints: the leakage guard)
 
 
 def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> ProbeEncoder:
@@ -433,7 +436,7 @@ def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> 
             torch.manual_seed(seed)
             # a learned position embedding (Primus) on the pretraining default's 96^3 grid, resized like a checkpoint's
             encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
-        return ProbeEncoder(spec, encoder.eval(), None, "random init", 0)
+        return ProbeEncoder(spec, encoder.eval(), None, "random init", 0, None)
     ckpt = load_checkpoint(spec)
     channels = int(ckpt["encoder"].get("in_channels", 1))
     if channels != split.channels:
@@ -453,7 +456,7 @@ def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> 
                                                  split.transpose_forward)]
     epochs = pretrain.get("epochs_done")
     return ProbeEncoder(spec, encoder.eval(), patch, str(ckpt.get("method")),
-                        int(epochs) if epochs is not None else None)
+                        int(epochs) if epochs is not None else None, pretrain)
 
 
 def probe_patch(token_size: Sequence[int], split: ProbeSplit, own: Sequence[int] | None = None,

@@ -1,7 +1,8 @@
 """``nnUNetv2_hiendmae_probe``: rank pretraining checkpoints by the linear probe on a labelled nnU-Net dataset.
 
 Every input is checked before anything is written: the dataset and fold, every ``-pt`` value (each checkpoint is
-loaded and its encoder built, then released), every patch size, the output folder. Then each encoder is probed
+loaded and its encoder built, then released; the leakage guard compares the fold's validation cases with the
+checkpoint's pretraining cases), every patch size, the output folder. Then each encoder is probed
 (:mod:`nnunetv2_hiendmae.probe`) and its row printed; ``probe.csv`` and ``probe.md`` are rewritten atomically after
 each row, so an interrupted run leaves the rows done so far.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops-per-case", type=int, default=PROBE_CROPS_PER_CASE,
                    help="fit crops per training case, every other one centred on a foreground voxel (default: "
                         f"{PROBE_CROPS_PER_CASE})")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a checkpoint whose pretraining saw a validation case of the fold (compared by "
+                        "content, as nnUNetv2_hiendmae_plan does) instead of warning and noting it in probe.md")
     p.add_argument("--max-cases", type=int, default=PROBE_MAX_CASES,
                    help="at most this many training cases give fit crops and at most this many validation cases are "
                         f"scored, a seeded subset of each (default: {PROBE_MAX_CASES})")
@@ -113,10 +118,12 @@ def markdown_rows(labels: dict[int, str], rows: list[ProbeRow]) -> list[str]:
     return markdown_table(columns(labels), [_cells(r, _dice4) for r in rows])
 
 
-def render_markdown(data, rows: list[ProbeRow], device: str) -> str:
-    """The table, with what was measured how and how to read it (``data``: the :class:`ProbeData` of the run)."""
+def render_markdown(data, rows: list[ProbeRow], device: str, guard: list[str]) -> str:
+    """The table, with what was measured how and how to read it (``data``: the :class:`ProbeData` of the run), and
+    what the leakage guard said about each checkpoint (``guard``)."""
     split = data.split
     lines = [f"# Linear probe: {split.dataset_name}, fold {split.fold} ({split.plans}, {split.configuration})", "",
+             f"Fold {split.fold} of {split.split_source}.", "",
              f"One linear layer on each frozen encoder's final normed token features, fitted on "
              f"{len(data.fit_crops)} fixed crops from {len(data.fit_cases)} of the fold's {len(split.train_cases)} "
              f"training cases; Dice of its upsampled predictions on {len(data.val)} of the fold's "
@@ -124,7 +131,9 @@ def render_markdown(data, rows: list[ProbeRow], device: str) -> str:
              f"device {device}.", "",
              "A checkpoint must beat random:ARCH, the same encoder at its initial weights. A linear probe ranks "
              "encoders; it is not the Dice of a fine-tuned network (docs/probe.md).", ""]
-    return "\n".join(lines + markdown_rows(split.labels, rows)) + "\n"
+    checked = ["", f"Leakage guard (fold {split.fold}'s validation cases against each checkpoint's pretraining cases, "
+                   "by content):", "", *[f"- {line}" for line in guard]] if guard else []
+    return "\n".join(lines + markdown_rows(split.labels, rows) + checked) + "\n"
 
 
 @cli_entry
@@ -139,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from nnunetv2_hiendmae import probe
     from nnunetv2_hiendmae.compare import prepare_out_dir, write_files
+    from nnunetv2_hiendmae.leakage import check_checkpoint
     from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,17 +156,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     split = probe.probe_split(args.dataset, args.fold, args.plans, args.configuration)
     checked = []  # (pretraining patch, token size) of each -pt value; its encoder is built here, then released
+    guard = []  # what the leakage guard says about each checkpoint, for the report
     for spec in args.pretrained:
         subject = probe.load_probe_encoder(spec, split, args.seed)
         checked.append((subject.patch_size, subject.encoder.token_size))
+        if subject.pretrain is not None:
+            try:
+                warnings, notes = check_checkpoint(subject.pretrain, split.dataset_name, args.strict,
+                                                   scored_fold=split.fold)
+            except UserError as e:
+                raise UserError(f"-pt {spec}: {e}") from None
+            said = ([f"{spec}: {' '.join(line.strip() for line in warnings[:2])}"] if warnings else
+                    [f"{spec}: {note}" for note in notes])
+            guard += said
+            for line in warnings:
+                print(f"warning: {spec}: {line}", file=sys.stderr)
+            for note in notes:
+                print(f"note: {spec}: {note}")
     del subject
     first = next((own for own, _ in checked if own is not None), None)
     patches = [probe.probe_patch(token, split, own, args.patch_size, first) for own, token in checked]
-    out = args.output_dir or (nnunet_folder("nnUNet_results") / split.dataset_name
+    out = args.output_dir or (nnunet_folder("nnUNet_results", must_exist=False) / split.dataset_name
                               / f"hiendmae_probe_{args.plans}_{args.configuration}_fold_{split.fold}")
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
 
+    print(f"{split.dataset_name} fold {split.fold} of {split.split_source}")
     table = markdown_rows(split.labels, [])
     print("\n".join(table), flush=True)
     datasets, rows = {}, []
@@ -173,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(markdown_rows(split.labels, rows[-1:])[-1], flush=True)
         prepare_out_dir(out)
         write_files({out / "probe.csv": render_csv(split.labels, rows).encode("utf-8"),
-                     out / "probe.md": render_markdown(data, rows, device.type).encode("utf-8")})
+                     out / "probe.md": render_markdown(data, rows, device.type, guard).encode("utf-8")})
     print(f"\nwrote probe.csv and probe.md to {out}")
 
 

@@ -31,6 +31,7 @@ from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import ENV as EXT_ENV
 from nnunetv2_hiendmae.ext import ext_path
 from nnunetv2_hiendmae.fileio import atomic_write_json
+from nnunetv2_hiendmae.nnunet_paths import DEFAULT_SPLIT
 from nnunetv2_hiendmae.plans import CONFIGURATION, DEFAULT_NAME
 
 ARMS_DEFAULT = ("pretrained", "scratch", variants.NNUNET_ARM)
@@ -102,6 +103,7 @@ class Study:
     preprocessed: Path  # $nnUNet_preprocessed/DatasetXXX_Name
     out_dir: Path
     runs: list[Run] = field(default_factory=list)
+    split_source: str = DEFAULT_SPLIT  # the splits_final.json the folds come from
 
     def fold_dir(self, run: Run) -> Path:
         return self.results / f"{run.entry}__{CONFIGURATION}" / f"fold_{run.fold}"
@@ -159,11 +161,9 @@ def existing_plans_for(path: Path, checkpoint: Path) -> bool:
 
 def setup(args: argparse.Namespace) -> Study:
     """Check the arguments and the nnU-Net folders; writes nothing. UserError on anything wrong."""
-    from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
+    from nnunetv2_hiendmae.nnunet_paths import crossval_folds, dataset_name, nnunet_folder
 
-    folds = _unique(args.folds, "-f")
-    if any(f < 0 for f in folds):
-        raise UserError("-f needs non-negative fold numbers, e.g. -f 0 1 2 3 4")
+    folds = None if args.folds is None else _unique(args.folds, "-f")
     budgets, arms = _unique(args.budgets, "--budgets"), _unique(args.arms, "--arms")
     checkpoint = Path(args.checkpoint).expanduser().resolve()
     if not checkpoint.is_file():
@@ -179,14 +179,15 @@ def setup(args: argparse.Namespace) -> Study:
                         "with --nnunet-plans)")
     if args.plans == args.nnunet_plans:
         raise UserError(f"-p {args.plans} would be nnU-Net's own plans: the ViT needs plans of its own")
+    folds, split_source = crossval_folds(preprocessed, folds)
     existing_plans_for(preprocessed / f"{args.plans}.json", checkpoint)
-    results = nnunet_folder("nnUNet_results") / name
+    results = nnunet_folder("nnUNet_results", must_exist=False) / name  # nnUNetv2_train creates it
     out_dir = args.output_dir or results / f"hiendmae_study_{args.schedule}"
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} exists and is not a folder")
     runs = plan_runs(arms, budgets, folds, args.schedule, args.plans, args.nnunet_plans, args.recompute)
     return Study(name, checkpoint, args.plans, args.nnunet_plans, args.schedule, folds, budgets, arms, args.device,
-                 results, preprocessed, Path(out_dir), runs)
+                 results, preprocessed, Path(out_dir), runs, split_source)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -258,7 +259,7 @@ def listing(study: Study) -> str:
              f"plans {study.plans}: " + ("present, written for this checkpoint"
                                          if (study.preprocessed / f"{study.plans}.json").is_file()
                                          else f"to be written by nnUNetv2_hiendmae_plan -pt {study.checkpoint}"),
-             f"report: {study.out_dir}", ""]
+             f"folds from {study.split_source}", f"report: {study.out_dir}", ""]
     rows = [("#", "arm", "budget", "fold", "trainer", "plans", "status")]
     rows += [(str(i), variants.ARM_LABELS[r.arm], f"{r.budget} %", str(r.fold), r.trainer, r.plans, status(study, r))
              for i, r in enumerate(study.runs, 1)]
@@ -413,7 +414,7 @@ def render_markdown(report: Report) -> str:
     lines = [f"# Does pretraining help? {study.dataset}, {CONFIGURATION}, schedule {study.schedule}", "",
              f"Pretrained encoder `{study.checkpoint}`, fine-tuning plans `{study.plans}`"
              + (f"; nnU-Net's default: `{nnunet.entry}`" if nnunet else "") + ". "
-             f"Folds {' '.join(map(str, study.folds))}; label budgets "
+             f"Folds {' '.join(map(str, study.folds))} of {study.split_source}; label budgets "
              f"{', '.join(f'{b} %' for b in study.budgets)} of each fold's training cases (nested subsets, the same "
              "for every arm, listed in each fold folder's `label_budget.json`); validation always on the fold's "
              "whole validation set (nnU-Net's `fold_<f>/validation/summary.json`). Mean ± sample std over folds.", "",
@@ -544,8 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the pretraining checkpoint (nnUNetv2_hiendmae_pretrain or nnUNetv2_hiendmae_import output); "
                         "its fine-tuning plans are written once with nnUNetv2_hiendmae_plan, or reused if -p names "
                         "plans written for it")
-    p.add_argument("-f", "--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="F",
-                   help="folds of nnU-Net's cross-validation (default: 0 1 2 3 4)")
+    p.add_argument("-f", "--folds", nargs="+", type=int, metavar="F",
+                   help="folds of nnU-Net's cross-validation, of the dataset's splits_final.json (default: every fold "
+                        "it has, or nnU-Net's default 0 1 2 3 4 where there is none; a fold it lacks is refused)")
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS_DEFAULT),
                    choices=[*variants.BUDGETS, variants.FULL_BUDGET], metavar="PERCENT",
                    help="label budgets, percent of each fold's training cases: "

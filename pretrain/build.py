@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -109,10 +109,20 @@ def probe_split(cfg: PretrainConfig, channels: int):
     return split
 
 
+def data_changes(before: list[dict], now: list[dict]) -> list[str]:
+    """What differs between the training cases of each dataset when a resumed run last saved (its checkpoint's
+    ``datasets`` record) and now, e.g. scans added to the pool."""
+    old, new = ({d["name"]: d["num_cases"] for d in record} for record in (before, now))
+    return [f"the data changed since the checkpoint: {name} has {new.get(name, 0)} training cases, "
+            f"{old.get(name, 0)} when it was written; the run continues on the cases there are now"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+
+
 def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
     """Find the datasets, hold out ``--val-cases`` (those ``stored`` by the run a resume continues, else drawn with
     the run's seed), check every case (:func:`~pretrain.data.check_cases`) and lay out this rank's crops: an epoch
-    is ``--iters-per-epoch`` or enough iterations for every training case once over all ranks."""
+    is ``--iters-per-epoch`` or enough iterations for every training case once over all ranks. The notes say what
+    was dropped, what was preprocessed differently and, on a resume, how the data changed since."""
     sources = resolve_sources(cfg.datasets, cfg.plans, cfg.configuration, cfg.fold)
     split = probe_split(cfg, len(sources[0].channel_names)) if cfg.probe_dataset is not None else None
     val_cases = stored["val_cases"] if "val_cases" in stored else held_out_cases(
@@ -121,13 +131,14 @@ def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
     progress = place.is_main and cfg.progress_bar
     notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
     notes += normalisation_differences(sources)
+    meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
+    notes += data_changes(stored["datasets"], meta["datasets"]) if "datasets" in stored else []
     num_cases = sum(len(s.identifiers) for s in sources)
     iters = cfg.iters_per_epoch or max(1, math.ceil(num_cases / (cfg.batch_size * place.world_size)))
     views = cfg.views()
     crops = PretrainCrops(sources, views, iters * cfg.batch_size, seed=cfg.seed, rank=place.rank,
                           world_size=place.world_size, dtype=place.transfer_dtype)
-    return RunData(sources, val_sources, list(val_cases), notes, pretrain_metadata(sources, cfg.plans,
-                   cfg.configuration), num_cases, iters, views, crops, split)
+    return RunData(sources, val_sources, list(val_cases), notes, meta, num_cases, iters, views, crops, split)
 
 
 # ---- what tells whether it is working -------------------------------------------------------------------------------
@@ -139,22 +150,43 @@ class Signals:
     held_out: HeldOutLoss | None = None
     probe: object | None = None  # nnunetv2_hiendmae.probe.ProbeData
     fingerprints: dict[str, str] | None = None
+    probe_leakage: list[str] = field(default_factory=list)  # the guard's warnings on the probe's validation cases
 
 
-def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
+def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True,
+                      known: dict[str, str] | None = None) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
-    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
-    found = {}
+    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out.
+    ``known``: the fingerprints a resumed run recorded; they are kept (the run trained on those cases) and only the
+    cases they lack, such as scans added to the pool since, are looked up."""
+    found = dict(known or {})
     for s in sources:
-        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
+        missing = [case for case in s.identifiers if f"{s.dataset_name}/{case}" not in found]
+        own = (pretraining_fingerprints(s.dataset_name, missing, processes, progress) or {}) if missing else {}
         found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
     return found
 
 
+def probe_leakage(cfg: PretrainConfig, split, fingerprints: dict[str, str] | None, meta: dict) -> list[str]:
+    """The leakage guard on the probe's validation cases (:func:`~nnunetv2_hiendmae.leakage.check_checkpoint`, as
+    for a checkpoint of this run): warning lines, kept for the log and ``checkpoint_best.pth``; with
+    ``--probe-strict``, a :class:`UserError` before anything is written."""
+    from nnunetv2_hiendmae.leakage import check_checkpoint
+
+    record = {"case_fingerprints": fingerprints, "datasets": meta["datasets"], "fold": cfg.fold}
+    try:
+        warnings, _ = check_checkpoint(record, split.dataset_name, cfg.probe_strict, max(1, cfg.num_workers),
+                                       scored_fold=split.fold, progress=cfg.progress_bar)
+    except UserError as e:
+        raise UserError(f"--probe-dataset {cfg.probe_dataset}: {e}") from None
+    return warnings
+
+
 def build_signals(cfg: PretrainConfig, place: Placement, data: RunData, stored: dict) -> Signals:
     """The held-out views (cut once), the probe's fixed crops at the run's patch size in the probe dataset's axis
-    order, and the fingerprints (``stored`` by the run a resume continues, else computed: the slowest step, last)."""
+    order, the fingerprints (those ``stored`` by the run a resume continues kept, the others computed) and the leakage
+    guard's warnings on the probe's validation cases."""
     if not place.is_main:
         return Signals()
     held_out = HeldOutLoss(data.val_sources, data.views, cfg.seed, place.transfer_dtype) if data.val_cases else None
@@ -165,11 +197,11 @@ def build_signals(cfg: PretrainConfig, place: Placement, data: RunData, stored: 
 
         patch = to_dataset_axes(cfg.patch_size, data.sources[0].plans["transpose_forward"], split.transpose_forward)
         probe = load_probe_data(split.dataset_name, split.fold, patch, seed=cfg.seed)
-    fingerprints = stored.get("case_fingerprints")
-    if fingerprints is None:
-        fingerprints = case_fingerprints([*data.sources, *data.val_sources], max(1, cfg.num_workers),
-                                         cfg.progress_bar)
-    return Signals(held_out, probe, fingerprints)
+    # the slowest step, last; a resumed run reads only the cases its checkpoint does not fingerprint (scans added since)
+    fingerprints = case_fingerprints([*data.sources, *data.val_sources], max(1, cfg.num_workers), cfg.progress_bar,
+                                     known=stored.get("case_fingerprints"))
+    leakage = probe_leakage(cfg, split, fingerprints, data.meta) if probe is not None else []
+    return Signals(held_out, probe, fingerprints, leakage)
 
 
 # ---- what it trains -------------------------------------------------------------------------------------------------

@@ -135,6 +135,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     evaluation.add_argument("--probe-fold", type=int,
                             help=f"nnU-Net fold of --probe-dataset whose training cases fit the probe and whose "
                                  f"validation cases score it (default: {d('probe_fold')})")
+    evaluation.add_argument("--strict", action="store_true", dest="probe_strict",
+                            help="refuse to start when a validation case of the probe's fold is among the pretraining "
+                                 "cases (compared by content, as nnUNetv2_hiendmae_plan does); without it, a warning "
+                                 "in the log and in checkpoint_best.pth")
     evaluation.add_argument("--probe-every", type=int,
                             help="probe every N epochs and after the last (default: 10 %% of --epochs, at least every "
                                  "50 epochs)")

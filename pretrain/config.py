@@ -19,8 +19,8 @@ from pretrain import methods
 # what a run that diverged needs to continue: --epochs may grow to extend a run and --lr change (the schedule is
 # re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
-                        "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "epochs", "lr", "grad_clip",
-                        "precision")
+                        "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "probe_strict", "epochs",
+                        "lr", "grad_clip", "precision")
 
 
 def val_cases_value(given: str) -> float:
@@ -69,6 +69,7 @@ class PretrainConfig:
     probe_dataset: str | None = None  # a labelled dataset for the downstream linear probe
     probe_fold: int = 0
     probe_every: int | None = None  # None: 10 % of the run, at least every 50 epochs
+    probe_strict: bool = False  # refuse a probe whose validation cases are among the pretraining cases
 
     def probe_interval(self) -> int:
         """Epochs between probes (and one after the last epoch)."""

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.preprocessed import PreprocessedData, find_preprocessed
+from pretrain.stop import ignore_stop_signals
 
 CT_BODY_MIN_HU = -500.0
 BODY_EPS = 1e-3
@@ -352,11 +353,13 @@ class RunSampler(Sampler):
         return itertools.count(self.start)
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a loader worker from torch's per-worker seed (the crops use their own RNG)."""
+def init_worker(worker_id: int) -> None:
+    """A loader worker: numpy and random seeded from torch's per-worker seed (the crops use their own RNG), and
+    Ctrl-C and SIGTERM left to the training process (:mod:`pretrain.stop`)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    ignore_stop_signals()
 
 
 def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, device_type: str,
@@ -373,7 +376,7 @@ def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, devic
     return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(start),
                       num_workers=num_workers, pin_memory=device_type == "cuda", drop_last=False,
                       prefetch_factor=4 if num_workers > 0 else None,
-                      worker_init_fn=seed_worker if num_workers > 0 else None,
+                      worker_init_fn=init_worker if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(dataset.seed))
 
 

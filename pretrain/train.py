@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
-from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.errors import Interrupted, UserError
 from nnunetv2_hiendmae.precision import autocast
 from pretrain.augment import augment_views
 from pretrain.build import build_data, build_model, build_placement, build_signals
@@ -40,14 +40,50 @@ from pretrain.data import (
 )
 from pretrain.figures import plot_progress, plot_reconstruction
 from pretrain.lock import RunLock
+from pretrain.stop import StopSignals
 
 LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
+# A run that diverges slowly climbs for epochs before its loss becomes NaN. An epoch whose mean loss is LOSS_RISE_KEEP
+# times the run's lowest epoch mean does not replace checkpoint_latest.pth (the run keeps one from before the rise);
+# at LOSS_RISE_STOP times it stops, before the NaN, with the advice to continue from that checkpoint at a lower lr.
+LOSS_RISE_KEEP = 2.0
+LOSS_RISE_STOP = 10.0
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
+
+
+class Diverged(UserError):
+    """The loss rose far above the run's own level (:data:`LOSS_RISE_STOP`): the run stops before it becomes NaN."""
+
+
+class CheckpointNotWritten(UserError):
+    """A checkpoint could not be written (disk full, file too large, ...): the run stops; the file written before it
+    is kept, since every checkpoint goes to a temporary file first."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The operating system's error behind ``error``: torch.save reports a failed write as a RuntimeError of its
+    zip writer, raised while handling the file's OSError."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def save_checkpoint(ckpt: dict, path: Path) -> None:
+    """:func:`~nnunetv2_hiendmae.checkpoint.save_atomic`; a write the system refuses raises
+    :class:`CheckpointNotWritten` naming the file and the cause (``No space left on device``, ``File too large``)."""
+    try:
+        save_atomic(ckpt, path)
+    except Exception as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise CheckpointNotWritten(f"cannot write {path}: {cause.strerror or cause}; {kept}") from None
 
 
 def rng_state(device: torch.device) -> dict:
@@ -96,17 +132,21 @@ class Logger:
         t = datetime.now()
         self.path = out_dir / f"training_log_{t.year}_{t.month}_{t.day}_{t.hour:02d}_{t.minute:02d}_{t.second:02d}.txt"
 
-    def __call__(self, *msg: object) -> None:
+    def __call__(self, *msg: object, echo: bool = True) -> None:
+        """Append the line to the log and print it (``echo=False``: the log only, for a line the command prints
+        itself)."""
         if not self.enabled:
             return
         line = " ".join(str(m) for m in msg)
         with open(self.path, "a") as f:
             f.write(f"{datetime.now()}: {line}\n")
-        tqdm.write(line)
+        if echo:
+            tqdm.write(line)
 
 
 class CheckpointWriter:
-    """Writes checkpoints in a background thread (one at a time), so the GPU does not wait for the disk."""
+    """Writes checkpoints in a background thread (one at a time), so the GPU does not wait for the disk; a failed
+    write is raised in the training thread by the next :meth:`wait` or :meth:`check`."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
@@ -117,7 +157,7 @@ class CheckpointWriter:
 
         def run() -> None:
             try:
-                save_atomic(ckpt, path)
+                save_checkpoint(ckpt, path)
             except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
                 self._error = e
 
@@ -131,6 +171,11 @@ class CheckpointWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def check(self) -> None:
+        """Raise the error of a write that has finished, without waiting for one that runs."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
 
 def _on_cpu(obj):
@@ -198,7 +243,9 @@ class PretrainRun:
         self.history: dict[str, list[float]] = {}
         self.log = Logger(self.out, self.is_main)
         self.writer = CheckpointWriter()
+        self.stop = StopSignals()  # Ctrl-C and SIGTERM stop a one-process run at its next step (run())
         self.last_save = time.monotonic()
+        self.saved_epochs: int | None = None  # epochs done in the checkpoint_latest.pth this run wrote or resumed
         self.last_plot = -math.inf
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -240,6 +287,7 @@ class PretrainRun:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.saved_epochs = self.start_epoch
         self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
         if self.start_iteration >= self.data.iters:  # fewer iterations per epoch now (more ranks): start it again
             self.start_iteration, self.partial = 0, {}
@@ -272,8 +320,21 @@ class PretrainRun:
                      f"{before['iters_per_epoch']} -> {self.data.iters} iterations per epoch; the learning-rate "
                      f"schedule counts epochs, so it continues as planned")
 
-    def _save_latest(self, epochs_done: int, last: bool) -> None:
-        """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
+    def _loss_rise(self, loss: float) -> tuple[float, float]:
+        """``(rise, level)``: an epoch's mean ``loss`` over the lowest epoch mean of the run before it (1 for the
+        first epoch), and that lowest mean."""
+        earlier = [v for v in self.history.get("loss", [])[:-1] if math.isfinite(v)]
+        level = min(earlier, default=loss)
+        return (loss / level if level > 0 else 1.0), level
+
+    def _save_latest(self, epochs_done: int, last: bool, rise: float = 1.0) -> None:
+        """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch; not after an
+        epoch whose loss rose to :data:`LOSS_RISE_KEEP` times the run's level (``rise``), unless it is the last."""
+        if rise >= LOSS_RISE_KEEP and not last:
+            if self.saved_epochs is not None:
+                self.log(f"the loss is {rise:.1f}x the run's lowest: {LATEST} keeps epoch {self.saved_epochs}, "
+                         "from before the rise")
+            return
         due = last or time.monotonic() - self.last_save >= 60 * self.cfg.checkpoint_minutes
         if self.world_size > 1:  # every rank must agree (the RNG gather is a collective)
             flag = torch.tensor([float(due)], device=self.device if self.device.type == "cuda" else "cpu")
@@ -284,7 +345,7 @@ class PretrainRun:
         rng = self._rng_states()
         if self.is_main:
             self.writer.write(self._checkpoint(epochs_done, rng), self.out / LATEST)
-        self.last_save = time.monotonic()
+        self.last_save, self.saved_epochs = time.monotonic(), epochs_done
 
     # ---- training --------------------------------------------------------------------------------------------------
     def _set_lr(self) -> None:
@@ -339,6 +400,8 @@ class PretrainRun:
         self.t = epoch + start / self.data.iters
         self._set_lr()
         for it in range(start, self.data.iters):
+            if self.stop.requested is not None and it % cfg.accum_steps == 0:
+                self._stop_interrupted(epoch, it, sums)
             try:
                 batch = next(batches)
             except CaseReadError as e:
@@ -358,6 +421,7 @@ class PretrainRun:
                 sums[k] = sums.get(k, 0) + v.detach().float()
             if (it + 1) % SYNC_EVERY == 0 or it + 1 == self.data.iters:
                 self._check_finite(first_bad, epoch)
+                self.writer.check()
                 if self.is_main and cfg.progress_bar:
                     rate = (it + 1 - start) * self.crops_per_step / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{loss.item():.4f}", crops_s=f"{rate:.1f}")
@@ -378,12 +442,42 @@ class PretrainRun:
         said = str(error).strip().splitlines()[-1].split(f"{CaseReadError.__name__}: ", 1)[-1]
         kept = "the last checkpoint kept"
         if self.world_size == 1 and it % self.cfg.accum_steps == 0:
-            self.writer.wait()
-            partial = {k: float(v) for k, v in sums.items()}
-            save_atomic(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
-            kept = f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}"
+            kept = self._save_step(epoch, it, sums)
         raise CaseReadError(f"{said}; stopped ({kept}): preprocess that case again, or continue without it: "
                             f"nnUNetv2_hiendmae_pretrain --resume -o {self.out} --skip-bad-cases") from None
+
+    def _stop_diverged(self, epoch: int, loss: float, rise: float, level: float) -> None:
+        """The loss rose :data:`LOSS_RISE_STOP` times above the run's level: stop before the NaN, nothing of this
+        epoch kept; advise continuing from the checkpoint of before the rise at half the ``--lr``, or, where none was
+        written, starting again."""
+        self.writer.wait()
+        lr = f"{self.cfg.lr / 2:g}"
+        if self.saved_epochs is not None and (self.out / LATEST).exists():
+            advice = (f"{LATEST} holds epoch {self.saved_epochs}, from before the rise: continue it with a lower "
+                      f"--lr: nnUNetv2_hiendmae_pretrain --resume -o {self.out} --lr {lr}")
+        else:
+            advice = (f"no checkpoint from before the rise was written: start the run again with a lower --lr "
+                      f"(--lr {lr}), with --checkpoint-minutes small enough to keep one")
+        raise Diverged(f"the loss rose to {loss:.4g} at epoch {epoch + 1}, {rise:.0f}x the run's lowest epoch mean "
+                       f"({level:.4g}): the run diverges; stopped before the loss becomes NaN; {advice}")
+
+    def _stop_interrupted(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
+        """Ctrl-C or SIGTERM: ``checkpoint_latest.pth`` of the last finished step, then one line saying where the run
+        stopped, what was saved and the command that continues it (the lock is released by :meth:`run`)."""
+        signum = self.stop.requested
+        kept = self._save_step(epoch, it, sums)
+        raise Interrupted(f"{signum.name} at epoch {epoch + 1}, iteration {it + 1} of {self.data.iters}: stopped "
+                          f"after the last finished step; {kept}; continue with: nnUNetv2_hiendmae_pretrain --resume "
+                          f"-o {self.out}", signum)
+
+    def _save_step(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> str:
+        """``checkpoint_latest.pth`` after ``it`` iterations of epoch ``epoch`` (0-based), whose loss sums so far are
+        ``sums``; resumable when called between optimiser steps of a one-process run. Returns what it holds."""
+        self.writer.wait()
+        partial = {k: float(v) for k, v in sums.items()}
+        save_checkpoint(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
+        return (f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}" if it else
+                f"{self.out / LATEST} holds {epoch} finished epoch(s)")
 
     def _due(self, epoch: int, every: int) -> bool:
         return (epoch + 1) % max(1, every) == 0 or epoch + 1 == self.cfg.epochs
@@ -400,18 +494,21 @@ class PretrainRun:
             result = probe_score(self.model.encoder, self.signals.probe, self.device, batch_size=cfg.batch_size,
                                  precision=self.precision)
             figures["probe_dice"] = result.score
+            seen = (" (on validation cases the pretraining saw: see the warning above)"
+                    if self.signals.probe_leakage else "")
             if result.score > self.best:
                 self.best = result.score
                 best = self._checkpoint(epoch + 1)
                 split = self.signals.probe.split
                 best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
-                                            "probe_dataset": split.dataset_name, "probe_fold": split.fold}
+                                            "probe_dataset": split.dataset_name, "probe_fold": split.fold,
+                                            "probe_leakage": self.signals.probe_leakage}
                 self.writer.write(best, self.out / BEST)
                 self.log(f"probe: mean foreground Dice {result.score:.4f} on {split.dataset_name} fold {split.fold}, "
-                         f"the best so far: {self.out / BEST} ({result.seconds:.1f} s)")
+                         f"the best so far: {self.out / BEST} ({result.seconds:.1f} s){seen}")
             else:
                 self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
-                         f"{result.seconds:.1f} s)")
+                         f"{result.seconds:.1f} s){seen}")
         return figures
 
     def _record(self, record: dict[str, float]) -> None:
@@ -463,13 +560,28 @@ class PretrainRun:
         return True
 
     def run(self) -> Path:
+        """Train, or continue, the run. Whatever stops it once its folder is taken (an interruption, a NaN, a case or
+        a checkpoint that cannot be read or written) is written to its log as the line the command prints, and the
+        lock is released."""
         final = self.out / FINAL
         try:
-            if not self._prepare_output():
-                if self.is_main:
-                    print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); nothing to do")
-                return final
-            return self._train(final)
+            with self.stop if self.world_size == 1 else nullcontext():
+                if not self._prepare_output():
+                    if self.is_main:
+                        print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); "
+                              "nothing to do")
+                    return final
+                return self._train(final)
+        except CheckpointNotWritten as e:
+            resume = (f"nnUNetv2_hiendmae_pretrain --resume -o {self.out}" if (self.out / LATEST).exists() else
+                      "start the run again")
+            stopped = CheckpointNotWritten(f"{e}; once {self.out} has room for it, continue: {resume}")
+            self.log(f"stopped: {stopped}", echo=False)
+            raise stopped from None
+        except (UserError, Interrupted) as e:
+            if self.lock is not None:
+                self.log(f"stopped: {e}", echo=False)
+            raise
         finally:
             if self.lock is not None:
                 self.lock.__exit__(None, None, None)
@@ -478,6 +590,8 @@ class PretrainRun:
         cfg = self.cfg
         for note in self.data.notes:
             self.log(f"note: {note}")
+        for line in self.signals.probe_leakage:
+            self.log(f"warning: probe: {line.strip()}")
         if self.data.val_cases:
             self.log(f"held out of training, scored every {cfg.val_every} epoch(s): {len(self.data.val_cases)} cases "
                      f"({', '.join(self.data.val_cases)})")
@@ -509,10 +623,13 @@ class PretrainRun:
                 if epoch + 1 == cfg.epochs or time.monotonic() - self.last_plot >= PLOT_EVERY_S:
                     plot_progress(self.history, self.out / "progress.png")
                     self.last_plot = time.monotonic()
-            self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs)
+            rise, level = self._loss_rise(losses["loss"])
+            if rise >= LOSS_RISE_STOP:
+                self._stop_diverged(epoch, losses["loss"], rise, level)
+            self._save_latest(epoch + 1, last=epoch + 1 == cfg.epochs, rise=rise)
         if self.is_main:
             self.writer.wait()
-            save_atomic(self._checkpoint(cfg.epochs), final)
+            save_checkpoint(self._checkpoint(cfg.epochs), final)
             self.log(f"done: {final}")
         return final
 

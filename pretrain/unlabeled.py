@@ -80,7 +80,7 @@ class Settings:
     """Everything the arrays depend on; a dataset is only ever extended with the same settings."""
 
     channels: int
-    modality: str  # CT or MR
+    modality: str  # CT or MR, or one per channel joined by "+" (CT+MR)
     spacing: list[float]
     transpose_forward: list[int]
     normalization_schemes: list[str]
@@ -520,6 +520,20 @@ def _settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Se
     return replace(_normalisation_settings(args, cases, processes, folder), reader=args.get("reader"))
 
 
+def channel_modalities(given: Sequence[str], channels: int, ct_window: bool) -> list[str]:
+    """The modality of each of the pool's ``channels`` from ``--modality`` (one value for all, or one per channel).
+    A CT window given for several channels under one value is refused: an MR channel would be clipped at the CT
+    window without a word."""
+    if len(given) not in (1, channels):
+        raise UserError(f"--modality gives {len(given)} values for a pool of {channels} channel(s): give one for "
+                        f"every channel or one per channel (CASE_0000, CASE_0001, ...)")
+    if len(given) == 1 and channels > 1 and ct_window:
+        raise UserError(f"--ct-window with one --modality for a pool of {channels} channels would clip every channel "
+                        f"at the CT window: give the modality of each channel, e.g. --modality "
+                        f"{' '.join(['CT'] * channels)} or --modality CT {' '.join(['MR'] * (channels - 1))}")
+    return list(given) * (channels if len(given) == 1 else 1)
+
+
 def _normalisation_settings(args: dict, cases: list[Case], processes: int, folder: Path) -> Settings:
     """Spacing and normalisation from the flags; CT without a window takes its statistics from a fingerprint of the
     pool (once: a re-run reuses the stored settings' statistics). The pool's statistics do not depend on the order of
@@ -528,15 +542,22 @@ def _normalisation_settings(args: dict, cases: list[Case], processes: int, folde
         settings, _ = settings_like(args["like"], args["plans"], args["configuration"], args["patch_size"])
         return settings
     channels = len(cases[0].files)
-    modality, spacing = args["modality"], [float(s) for s in args["spacing"]]
+    modalities = channel_modalities(args["modality"], channels, bool(args.get("ct_window")))
+    spacing = [float(s) for s in args["spacing"]]
+    schemes = [{"CT": "CTNormalization", "MR": "ZScoreNormalization"}[m] for m in modalities]
+    modality = "+".join(modalities) if len(set(modalities)) > 1 else modalities[0]
     if modality == "MR":
         return Settings(channels, "MR", spacing, [0, 1, 2], ["ZScoreNormalization"] * channels, [False] * channels,
                         {str(c): {} for c in range(channels)}, patch_size=list(args["patch_size"]), source="spacing")
     if args.get("ct_window"):
         low, high = args["ct_window"]
-        props = {str(c): ct_window_statistics(float(low), float(high)) for c in range(channels)}
-        return Settings(channels, "CT", spacing, [0, 1, 2], ["CTNormalization"] * channels, [False] * channels, props,
+        props = {str(c): ct_window_statistics(float(low), float(high)) if m == "CT" else {}
+                 for c, m in enumerate(modalities)}
+        return Settings(channels, modality, spacing, [0, 1, 2], schemes, [False] * channels, props,
                         patch_size=list(args["patch_size"]), source=f"ct-window {low} {high}")
+    if modality != "CT":
+        raise UserError(f"--modality {' '.join(modalities)}: a pool of CT and MR channels needs --ct-window LOW HIGH "
+                        "for its CT channels (the pool's CT statistics are measured on all channels alike)")
     stored = folder / SETTINGS_FILE
     if stored.is_file():  # the pool's statistics were computed by the first run
         previous = json.loads(stored.read_text())
@@ -574,9 +595,10 @@ def _write_dataset_files(folder: Path, full_name: str, settings: Settings, cases
     median = np.median([[n * s / t for n, s, t in zip(shape, [sp[i] for i in settings.transpose_forward],
                                                       settings.spacing)]
                         for shape, sp in zip(shapes, spacings)], axis=0) if done else [0.0, 0.0, 0.0]
-    channel_name = "CT" if settings.modality == "CT" else "MR"
+    names = settings.modality.split("+")  # one modality for all channels, or one per channel
     atomic_write_json(folder / "dataset.json", {
-        "channel_names": {str(c): channel_name for c in range(settings.channels)}, "labels": {"background": 0},
+        "channel_names": {str(c): names[c % len(names)] for c in range(settings.channels)},
+        "labels": {"background": 0},
         "numTraining": len(done), "file_ending": ".nii.gz",
         "description": "unlabelled images for self-supervised pretraining (nnUNetv2_hiendmae_preprocess_unlabeled)"})
     atomic_write_json(folder / f"{PLANS}.json", plans_for(full_name, settings, median))

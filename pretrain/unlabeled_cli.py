@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "listing image paths; CASE_0000, CASE_0001, ... in one folder are the channels of one case")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id of the new dataset")
     p.add_argument("--name", default="Unlabeled", help="dataset name after the id (default: %(default)s)")
-    p.add_argument("--modality", choices=("CT", "MR"), default="CT",
-                   help="CT: nnU-Net's CTNormalization (window or the pool's statistics); MR: per-image z-score "
-                        "(default: %(default)s)")
+    p.add_argument("--modality", nargs="+", choices=("CT", "MR"), default=["CT"],
+                   help="CT: nnU-Net's CTNormalization (window or the pool's statistics); MR: per-image z-score; one "
+                        "value for every channel, or one per channel (CASE_0000, CASE_0001, ...), e.g. CT MR: then "
+                        "--ct-window applies to the CT channels only (default: CT)")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], metavar=("X", "Y", "Z"),
                    help="target spacing in mm, in the images' axis order as nnU-Net reads them (default: 1.5 1.5 1.5, "
                         "the released Hi-End-MAE spacing)")
@@ -84,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.like and given & {"spacing", "ct_window", "modality"}:
         raise UserError("--like takes spacing and normalisation from the dataset: drop --spacing, --ct-window and "
                         "--modality")
-    if args.ct_window and args.modality != "CT":
-        raise UserError("--ct-window is for CT (--modality CT)")
+    if args.ct_window and "CT" not in args.modality:
+        raise UserError("--ct-window is for CT channels (--modality CT, or one value per channel such as CT MR)")
     if args.ct_window and args.ct_window[0] >= args.ct_window[1]:
         raise UserError(f"--ct-window LOW HIGH needs LOW < HIGH, got {args.ct_window[0]} {args.ct_window[1]}")
     if not 0 <= args.dataset_id <= 999 or args.num_processes < 1 or min(args.spacing) <= 0 or min(args.patch_size) < 1:

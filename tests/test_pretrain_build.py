@@ -51,7 +51,7 @@ def test_data_holds_out_cases_lays_out_the_epoch_over_the_ranks_and_keeps_a_resu
     assert resumed.val_cases == kept and resumed.num_cases == 6
 
 
-def test_signals_are_rank_0s_and_a_resume_reuses_the_stored_fingerprints(preprocessed_dataset, tmp_path,
+def test_signals_are_rank_0s_and_a_resume_keeps_the_stored_fingerprints(preprocessed_dataset, tmp_path,
                                                                            monkeypatch):
     cfg = config(tmp_path, val_cases="2")
     place = build.Placement(0, 1, torch.device("cpu"), "fp32")
@@ -61,11 +61,13 @@ def test_signals_are_rank_0s_and_a_resume_reuses_the_stored_fingerprints(preproc
     assert signals.held_out is not None and signals.probe is None
     assert set(signals.fingerprints) == {f"{s.dataset_name}/{c}" for s in [*data.sources, *data.val_sources]
                                          for c in s.identifiers}
-    monkeypatch.setattr(build, "case_fingerprints", lambda *a, **k: pytest.fail("fingerprints computed again"))
-    stored = {"a/b": "0123"}
+    assert signals.probe_leakage == []
+    # a resume keeps what its checkpoint recorded and reads only the cases it lacks
+    monkeypatch.setattr(build, "pretraining_fingerprints", lambda *a, **k: pytest.fail("fingerprints read again"))
+    stored = {**signals.fingerprints, "Dataset999_Gone/x": "0123"}
     assert build.build_signals(cfg, place, data, {"case_fingerprints": stored}).fingerprints == stored
     no_held_out = build.build_data(config(tmp_path, val_cases="0"), place, {})
-    assert build.build_signals(cfg, place, no_held_out, {"case_fingerprints": {}}).held_out is None
+    assert build.build_signals(cfg, place, no_held_out, {"case_fingerprints": stored}).held_out is None
 
 
 def test_model_starts_from_the_seeds_weights_on_every_rank_and_draws_its_own_masks(tmp_path):

@@ -1,0 +1,172 @@
+"""Interrupted pretrainings keep their work: Ctrl-C or SIGTERM saves the last finished step, releases the lock and
+says in one line how to continue; a checkpoint the disk refuses stops the run in one line (also in its log), keeping
+the previous one; a run resumed on a pool that grew says so and fingerprints the new scans."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import console_script, copy_preprocessed_dataset, pretrain_args, run_cli
+
+from nnunetv2_hiendmae.checkpoint import load_checkpoint
+from nnunetv2_hiendmae.fileio import atomic_write
+from pretrain import train
+from pretrain.config import PretrainConfig
+from pretrain.lock import LOCK
+from pretrain.train import CheckpointNotWritten, PretrainRun, pretrain_from_flags
+
+
+def log_of(out) -> str:
+    return "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+
+
+def start_and_signal(args: list[str], out, signum: int, tmp_path) -> tuple[int, str]:
+    """Start the command in a process group of its own, send ``signum`` to the whole group (as a terminal's Ctrl-C
+    and many schedulers do) once the log shows the first epoch, and return its exit code and stderr."""
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([console_script(args[0]), *args[1:]], stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        deadline = time.time() + 600
+        while proc.poll() is None and "epoch 1/" not in log_of(out) and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be interrupted; make it longer"
+        os.killpg(proc.pid, signum)
+        code = proc.wait(timeout=300)
+    return code, stderr.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to_continue(
+        preprocessed_dataset, tmp_path, signum):
+    out = tmp_path / "run"
+    # a loader worker, as real runs have: the signal reaches it too, and it must not die with a traceback of its own
+    args = pretrain_args(preprocessed_dataset, out, 2, 4, "--checkpoint-minutes", "60", "--num-workers", "1")
+    code, stderr = start_and_signal(args, out, signum, tmp_path)
+    lines = stderr.strip().splitlines()
+    assert code == 128 + signum and len(lines) == 1, stderr
+    name = signal.Signals(signum).name
+    assert lines[0].startswith(f"interrupted: {name} at epoch ") and "stopped after the last finished step" in lines[0]
+    assert not (out / LOCK).exists() and not (out / "checkpoint_final.pth").exists()
+    state = load_checkpoint(out / "checkpoint_latest.pth")["train_state"]  # no periodic one was due for 60 minutes
+    assert state["epoch"] * 4 + state["iteration"] >= 4  # at least the first epoch is kept
+    assert f"{out / 'checkpoint_latest.pth'} holds " in lines[0]
+    assert f"stopped: {lines[0].removeprefix('interrupted: ')}" in log_of(out)
+
+    command = shlex.split(lines[0].split("continue with: ", 1)[1])  # the advice, followed as printed
+    resumed = run_cli(*command, check=True)
+    assert f"resumed from {out / 'checkpoint_latest.pth'}" in resumed.stdout
+    assert len(load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["loss"]) == 2
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a disk that fills up after ``room`` bytes: the next write fails as the OS fails it."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_in_one_line_keeping_the_previous_one(
+        preprocessed_dataset, tmp_path, monkeypatch):
+    """The second checkpoint_latest.pth (after epoch 2 of 3) meets a full disk: the run stops naming the file and the
+    cause, in its log too, with epoch 1's checkpoint intact, no temporary file left and the lock released; the
+    printed command then finishes the run."""
+    real, calls = train.save_atomic, []
+
+    def save_atomic(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real(obj, path)
+        return atomic_write(path, lambda f: torch.save(obj, FullDisk(f, 1 << 20)))
+
+    monkeypatch.setattr(train, "save_atomic", save_atomic)
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=3,
+                         iters_per_epoch=1, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0,
+                         recon_every=100)
+    with pytest.raises(CheckpointNotWritten) as e:
+        PretrainRun(cfg).run()
+    latest = out / "checkpoint_latest.pth"
+    assert str(e.value) == (f"cannot write {latest}: No space left on device; the previous checkpoint_latest.pth is "
+                            f"kept; once {out} has room for it, continue: nnUNetv2_hiendmae_pretrain --resume -o {out}")
+    assert f"stopped: {e.value}" in log_of(out)
+    assert load_checkpoint(latest)["train_state"]["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".tmp", ".pth", ".lock")) == [latest.name]
+
+    monkeypatch.setattr(train, "save_atomic", real)  # room again: the advice, followed
+    assert shlex.split(str(e.value).split("continue: ", 1)[1]) == ["nnUNetv2_hiendmae_pretrain", "--resume", "-o",
+                                                                   str(out)]
+    pretrain_from_flags({"output_dir": str(out)}, "resume")
+    assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 3
+
+
+def test_a_file_too_large_for_the_system_is_one_line_and_the_run_starts_again(preprocessed_dataset, tmp_path):
+    """A real refusal by the OS (a file size limit of 2 MB: EFBIG): one line on stderr naming the file and the cause,
+    the same line in the log, the lock released; without the limit, the command as printed ('start the run again')
+    runs."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    out = tmp_path / "run"
+    args = pretrain_args(preprocessed_dataset, out, 1, 1)
+    proc = subprocess.run([console_script(args[0]), *args[1:]], capture_output=True, text=True,
+                          preexec_fn=limit_file_size, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"error: cannot write {out / 'checkpoint_latest.pth'}: File too large; no "
+                        f"checkpoint_latest.pth was written; once {out} has room for it, continue: start the run again")
+    assert f"stopped: {lines[0].removeprefix('error: ')}" in log_of(out)
+    assert not (out / LOCK).exists() and not list(out.glob("*.tmp")) and not list(out.glob("*.pth"))
+    run_cli(*args, check=True)
+
+
+def test_resuming_after_scans_were_added_says_so_and_fingerprints_every_case(preprocessed_dataset, tmp_path,
+                                                                              monkeypatch):
+    """A pool of 3 scans gets a 4th between the run's epochs 1 and 2: the resumed run says what changed, and its
+    final checkpoint holds the new scan's fingerprint (the leakage guard would otherwise miss copies of it)."""
+    root = tmp_path / "preprocessed"
+    pool = copy_preprocessed_dataset(preprocessed_dataset["unlabelled_preprocessed"], root, 991, "Pool")
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=["991"], output_dir=str(out), arch="vit_tiny", patch_size=[16, 32, 32],
+                         batch_size=2, method_settings={"crops_per_volume": 1}, epochs=1, iters_per_epoch=1,
+                         num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=0, recon_every=100)
+    PretrainRun(cfg).run()
+    first = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["case_fingerprints"]
+    assert len(first) == 3
+
+    data = pool / "nnUNetPlans_3d_fullres"
+    case = sorted(p.stem for p in data.glob("*.pkl"))[0]
+    for suffix in (".b2nd", "_seg.b2nd", ".pkl"):  # a new scan, preprocessed as the others were
+        if (data / f"{case}{suffix}").exists():
+            shutil.copy(data / f"{case}{suffix}", data / f"added_scan{suffix}")
+    stored = json.loads((pool / "content_fingerprints.json").read_text())
+    (pool / "content_fingerprints.json").write_text(json.dumps({**stored, "added_scan": "f" * 64}))
+
+    pretrain_from_flags({"output_dir": str(out), "epochs": 2}, "resume")
+    assert ("note: the data changed since the checkpoint: Dataset991_Pool has 4 training cases, 3 when it was "
+            "written; the run continues on the cases there are now") in log_of(out)
+    final = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]
+    assert final["case_fingerprints"] == {**first, "Dataset991_Pool/added_scan": "f" * 64}
+    assert final["datasets"][0]["num_cases"] == 4
