@@ -175,6 +175,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     hw.add_argument("--checkpoint-minutes", type=float,
                     help="write checkpoint_latest.pth at most every N minutes (and after the last epoch); 0 = every "
                          f"epoch; a kill loses at most the work since (default: {d('checkpoint_minutes')})")
+    hw.add_argument("--dist-timeout-minutes", type=float,
+                    help="with several ranks (torchrun): how long a rank waits for the others before the run stops; "
+                         "a fresh run's one-off work (content fingerprints of every case, shared by the ranks, then "
+                         f"the held-out views and probe data on rank 0) must fit in it "
+                         f"(default: {d('dist_timeout_minutes')})")
     hw.add_argument("--recon-every", type=int,
                     help=f"write a reconstruction figure every N epochs (default: {d('recon_every')})")
     hw.add_argument("--no-progress-bar", dest="progress_bar", action="store_false",

@@ -20,7 +20,7 @@ from pretrain import methods
 # re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
                         "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "epochs", "lr", "grad_clip",
-                        "precision")
+                        "precision", "dist_timeout_minutes")
 
 
 @dataclass
@@ -50,6 +50,9 @@ class PretrainConfig:
     seed: int = 41
     recon_every: int = 10
     checkpoint_minutes: float = 10.0
+    # how long a rank waits for the others in a collective: a fresh run's one-off work (fingerprints of every case,
+    # held-out views, probe data) comes first, and PyTorch's NCCL default (10 minutes) does not cover 1,000+ scans
+    dist_timeout_minutes: float = 60.0
     progress_bar: bool = True
     skip_bad_cases: bool = False  # leave out preprocessed cases that cannot be read, instead of refusing to start
     val_cases: str | None = None  # held-out cases: a count or a fraction (None: 5 %, 1..50, none below 10 cases)
@@ -86,6 +89,8 @@ class PretrainConfig:
         if (self.lr is not None and self.lr <= 0) or self.warmup_epochs < 0 or self.num_workers < 0 \
                 or self.weight_decay < 0:
             raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
+        if self.dist_timeout_minutes <= 0:
+            raise UserError(f"--dist-timeout-minutes must be positive, got {self.dist_timeout_minutes}")
         if self.checkpoint_minutes < 0:
             raise UserError(f"--checkpoint-minutes must not be negative, got {self.checkpoint_minutes}")
         if self.arch not in PRESETS:

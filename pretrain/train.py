@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +58,22 @@ SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite c
 PLOT_EVERY_S = 60.0  # progress.png is redrawn at most this often, and after the last epoch
 
 
-def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True) -> dict[str, str]:
+def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True, rank: int = 0,
+                      world_size: int = 1) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
-    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out."""
+    preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out.
+    With ``world_size`` ranks each reads every ``world_size``-th case from ``rank`` on and the process group gathers
+    them (all ranks call it): reading 1,000 raw scans on rank 0 alone outlasts a collective's timeout."""
     found = {}
     for s in sources:
-        own = pretraining_fingerprints(s.dataset_name, s.identifiers, processes, progress) or {}
+        own = pretraining_fingerprints(s.dataset_name, s.identifiers[rank::world_size], processes, progress) or {}
         found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
-    return found
+    if world_size == 1:
+        return found
+    shards: list = [None] * world_size
+    dist.all_gather_object(shards, found)
+    return {case: fp for shard in shards for case, fp in shard.items()}
 
 
 class NonFiniteLoss(UserError):
@@ -217,7 +224,8 @@ class PretrainRun:
             raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
         self.device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
         if self.world_size > 1 and planned_ranks is None and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(minutes=cfg.dist_timeout_minutes))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
@@ -237,6 +245,11 @@ class PretrainRun:
         self.notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
         self.notes += normalisation_differences(sources)
         self.meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
+        self.fingerprints = stored.get("case_fingerprints")
+        if self.fingerprints is None:  # after every check of the input, the slowest step: shared by the ranks
+            shared = dist.is_initialized()
+            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress,
+                                                  self.rank if shared else 0, self.world_size if shared else 1)
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
         self.views = cfg.views()
@@ -248,9 +261,6 @@ class PretrainRun:
                          if self.is_main and self.val_cases else None)
         self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
-        self.fingerprints = stored.get("case_fingerprints") if self.is_main else None
-        if self.fingerprints is None and self.is_main:  # after every check of the input: the slowest step
-            self.fingerprints = case_fingerprints([*sources, *val_sources], max(1, cfg.num_workers), progress)
 
         token = token_size_3d(PRESETS[cfg.arch]["token_size"])
         self.encoder_cfg = encoder_config(cfg.arch, self.meta["in_channels"], cfg.pos_embed,
