@@ -253,7 +253,8 @@ class PretrainRun:
         self.num_cases = sum(len(s.identifiers) for s in sources)
         self.iters = cfg.iters_per_epoch or max(1, math.ceil(self.num_cases / (cfg.batch_size * self.world_size)))
         self.views = cfg.views()
-        dtype = transfer_dtype(self.device, self.precision)
+        dtype = transfer_dtype(self.device, self.precision,
+                               [scheme for s in sources for scheme in s.configuration["normalization_schemes"]])
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                   world_size=self.world_size, dtype=dtype)
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
@@ -327,9 +328,7 @@ class PretrainRun:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
-        self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
-        if self.start_iteration >= self.iters:  # fewer iterations per epoch now (more ranks): the epoch starts again
-            self.start_iteration, self.partial = 0, {}
+        self.start_iteration, self.partial = self._position_in_epoch(ckpt)
         self.t = self.start_epoch + self.start_iteration / self.iters
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
         self.best = max((v for v in self.history.get("probe_dice", []) if v == v), default=-math.inf)
@@ -358,6 +357,20 @@ class PretrainRun:
                      f"{cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
                      f"{before['iters_per_epoch']} -> {self.iters} iterations per epoch; the learning-rate schedule "
                      f"counts epochs, so it continues as planned")
+
+    def _position_in_epoch(self, ckpt: dict) -> tuple[int, dict[str, float]]:
+        """Where a checkpoint written in the middle of an epoch resumes on this run's ranks: the iteration that has
+        the same number of volumes behind it over all ranks (rounded down to an optimiser step: a few volumes are
+        drawn again rather than skipped), and the loss sums of the iterations before it. Counted in volumes, not
+        iterations: 20 of 100 iterations on 1 rank are 5 of 25 on 4 ranks, not 20. A position the epoch no longer
+        has (fewer volumes per epoch now) starts the epoch again."""
+        state, before = ckpt["train_state"], ckpt["pretrain"]
+        done = state.get("iteration", 0)
+        volumes = done * before["batch_size"] * before["world_size"]
+        iteration = volumes // (self.cfg.batch_size * self.world_size) // self.cfg.accum_steps * self.cfg.accum_steps
+        if not done or not 0 < iteration < self.iters:
+            return 0, {}
+        return iteration, {k: v * iteration / done for k, v in state.get("partial_losses", {}).items()}
 
     def _save_latest(self, epochs_done: int, last: bool) -> None:
         """``checkpoint_latest.pth`` at most every ``--checkpoint-minutes`` and after the last epoch."""
