@@ -168,7 +168,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     hw = p.add_argument_group("hardware and output")
     hw.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto = cuda if available, else cpu")
     hw.add_argument("--precision", choices=list(PRECISIONS),
-                    help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler (default: auto)")
+                    help="autocast precision: auto = bf16 on GPUs that compute it natively (compute capability "
+                         ">= 8.0: A100, H100), fp16 on older ones (V100, T4), fp32 on CPU; fp16 uses a GradScaler "
+                         "(default: auto)")
     hw.add_argument("--compile", dest="compile", action="store_true",
                     help="torch.compile the model (default: on for CUDA, off on CPU)")
     hw.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")

@@ -42,7 +42,7 @@ class PretrainConfig:
     num_workers: int = 8
     fold: int | None = None
     device: str = "auto"  # cuda if available, else cpu
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
+    precision: str = "auto"  # bf16 on GPUs with native bf16, else fp16 (with a GradScaler); fp32 on CPU
     compile: bool | None = None  # None: on for CUDA, off elsewhere
     grad_clip: float | None = None
     accum_steps: int = 1

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import copy_preprocessed_dataset
+
 from nnunetv2_hiendmae.precision import resolve_precision, transfer_dtype
 
 CUDA = torch.device("cuda", 0)
