@@ -114,6 +114,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     data.add_argument("--num-workers", type=int, default=argparse.SUPPRESS,
                       help="data-loading worker processes per GPU, 0 = load in the main process (default: "
                            f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
+    data.add_argument("--loader-memory-gib", type=float,
+                      help="host memory per GPU for the batches in flight between the workers and the GPU: fewer "
+                           "batches per worker (fewer workers when a batch is larger than this over --num-workers) "
+                           "so that they fit, once in shared memory (/dev/shm; a container needs --shm-size of at "
+                           "least this times the GPUs) and once in pinned memory; --estimate prints both "
+                           f"(default: {d('loader_memory_gib')})")
     evaluation = p.add_argument_group("is the pretraining working? (held-out loss, downstream probe)")
     evaluation.add_argument("--val-cases", metavar="N",
                             help="cases held out of training, on whose fixed views and masks every loss of the method "

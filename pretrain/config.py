@@ -20,7 +20,7 @@ from pretrain import methods
 # re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
                         "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "epochs", "lr", "grad_clip",
-                        "precision", "dist_timeout_minutes")
+                        "precision", "dist_timeout_minutes", "loader_memory_gib")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class PretrainConfig:
     warmup_epochs: int | None = None  # None: the method's recipe
     weight_decay: float = 0.05
     num_workers: int = 8
+    loader_memory_gib: float = 6.0  # batches in flight per rank, in shared and in pinned host memory each
     fold: int | None = None
     device: str = "auto"  # cuda if available, else cpu
     precision: str = "auto"  # bf16 on GPUs with native bf16, else fp16 (with a GradScaler); fp32 on CPU
@@ -89,6 +90,8 @@ class PretrainConfig:
         if (self.lr is not None and self.lr <= 0) or self.warmup_epochs < 0 or self.num_workers < 0 \
                 or self.weight_decay < 0:
             raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
+        if self.loader_memory_gib <= 0:
+            raise UserError(f"--loader-memory-gib must be positive, got {self.loader_memory_gib}")
         if self.dist_timeout_minutes <= 0:
             raise UserError(f"--dist-timeout-minutes must be positive, got {self.dist_timeout_minutes}")
         if self.checkpoint_minutes < 0:

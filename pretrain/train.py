@@ -42,7 +42,9 @@ from pretrain.data import (
     CaseReadError,
     PretrainCrops,
     check_cases,
+    check_shared_memory,
     device_batches,
+    loader_memory,
     make_loader,
     normalisation_differences,
     pretrain_metadata,
@@ -258,6 +260,10 @@ class PretrainRun:
         self.data = PretrainCrops(sources, self.views, self.iters * cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                   world_size=self.world_size, dtype=dtype)
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
+        self.loader_memory = loader_memory(self.data.batch_bytes(cfg.batch_size), cfg.num_workers,
+                                           cfg.loader_memory_gib, self.device.type == "cuda")
+        if planned_ranks is None:
+            check_shared_memory(self.loader_memory, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.held_out = (HeldOutLoss(val_sources, self.views, cfg.seed, dtype)
                          if self.is_main and self.val_cases else None)
         self.probe = self._probe_data(probe_split, sources[0]) if self.is_main and probe_split is not None else None
@@ -609,7 +615,7 @@ class PretrainRun:
                      f"{ {k: [n, list(s)] for k, (n, s) in self.views.items()} }, batch {cfg.batch_size}/rank, "
                      f"{self.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
         loader = make_loader(self.data, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch,
-                             self.start_iteration)
+                             self.start_iteration, cfg.loader_memory_gib)
         batches = device_batches(loader, self.device)
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):
