@@ -369,6 +369,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 GIB = 2 ** 30
+MAX_PREFETCH = 4  # batches per worker at most, however small: more only delays the loader's start
 
 
 @dataclass(frozen=True)
@@ -399,16 +400,16 @@ class LoaderMemory:
 def loader_memory(batch_bytes: int, num_workers: int, memory_gib: float, pinned: bool) -> LoaderMemory:
     """The loader's depth bounded by bytes, not by count: as many batches in flight as ``memory_gib`` holds (at least
     one), spread over at most ``num_workers`` workers (fewer when a batch is so large that fewer fit), each prefetching
-    the same number. A count of batches per worker does not bound it: at the ViT-B defaults a batch is 340 MB (GL-MAE
-    650 MB), so 8 workers x 4 batches are 11-21 GB of pinned memory per rank. Raises ValueError for a negative
-    ``num_workers`` or a non-positive ``memory_gib``."""
+    the same number, at most :data:`MAX_PREFETCH`. A count of batches per worker does not bound it: at the ViT-B
+    defaults a batch is 340 MB (GL-MAE 650 MB), so 8 workers x 4 batches are 11-21 GB of pinned memory per rank.
+    Raises ValueError for a negative ``num_workers`` or a non-positive ``memory_gib``."""
     if num_workers < 0 or memory_gib <= 0:
         raise ValueError(f"need num_workers >= 0 and memory_gib > 0, got {num_workers} and {memory_gib}")
     if num_workers == 0:
         return LoaderMemory(0, 0, batch_bytes, pinned)
     in_flight = max(1, int(memory_gib * GIB) // batch_bytes)
     workers = min(num_workers, in_flight)
-    return LoaderMemory(workers, in_flight // workers, batch_bytes, pinned)
+    return LoaderMemory(workers, min(MAX_PREFETCH, in_flight // workers), batch_bytes, pinned)
 
 
 def check_shared_memory(memory: LoaderMemory, ranks_on_node: int, folder: str = "/dev/shm") -> None:

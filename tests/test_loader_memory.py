@@ -31,12 +31,15 @@ def test_the_batches_in_flight_at_the_vit_b_defaults_fit_the_loader_memory(prepr
 
 
 def test_a_batch_larger_than_the_memory_over_the_workers_takes_fewer_workers(preprocessed_dataset):
-    """1 GiB over 8 workers of 340 MB batches: 3 workers of 1 batch each; without workers nothing is shared."""
+    """1 GiB over 8 workers of 340 MB batches: 3 workers of 1 batch each; small batches: 4 per worker at most;
+    without workers nothing is shared."""
     data = PretrainCrops(resolve_sources([str(preprocessed_dataset["id"])]), {"crops": (8, (96, 96, 96))}, 24,
                          dtype="float16")
     loader = make_loader(data, 24, 8, "cuda", memory_gib=1.0)
     assert (loader.num_workers, loader.prefetch_factor) == (3, 1)
     assert make_loader(data, 24, 0, "cpu").prefetch_factor is None
+    small = PretrainCrops(data.sources, {"crops": (2, (16, 32, 32))}, 24, dtype="float16")
+    assert (make_loader(small, 24, 8, "cuda").num_workers, make_loader(small, 24, 8, "cuda").prefetch_factor) == (8, 4)
 
 
 def test_a_node_whose_dev_shm_cannot_hold_the_batches_is_refused_in_one_line(monkeypatch, tmp_path):
