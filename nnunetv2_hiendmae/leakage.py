@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +64,12 @@ def _fingerprint_job(job: tuple) -> tuple[str, str]:
 
 
 def dataset_fingerprints(dataset: str | int, folder: str = "imagesTr", processes: int = 4,
-                         progress: bool = True) -> dict[str, str] | None:
+                         progress: bool = True, only: Collection[str] | None = None) -> dict[str, str] | None:
     """``{case: content fingerprint}`` of a labelled nnU-Net dataset's images in ``$nnUNet_raw/<dataset>/<folder>``
     (``imagesTr``: nnU-Net's training cases, also those a dataset.json lists under ``dataset``; ``imagesTs``: the
     test images, ``{}`` when there are none), read with nnU-Net's reader for the dataset's file ending (or its
-    ``overwrite_image_reader_writer``), in ``processes`` worker processes with a progress bar.
+    ``overwrite_image_reader_writer``), in ``processes`` worker processes with a progress bar; ``only``: just these
+    cases (the others are not read).
 
     ``None`` when ``nnUNet_raw`` is unset or does not hold the dataset. An unreadable image raises UserError.
     """
@@ -94,6 +95,9 @@ def dataset_fingerprints(dataset: str | int, folder: str = "imagesTr", processes
         cases = dict(zip(identifiers, files))
     else:
         cases = {}
+    if only is not None:
+        wanted = set(only)
+        cases = {case: files for case, files in cases.items() if case in wanted}
     if not cases:
         return {}
     reader = determine_reader_writer_from_dataset_json(dataset_json, next(iter(cases.values()))[0], verbose=False)
@@ -109,7 +113,7 @@ def pretraining_fingerprints(dataset: str | int, identifiers: Sequence[str] | No
     of the labelled dataset's ``imagesTr`` in ``$nnUNet_raw``; ``None`` when neither holds it."""
     stored = nnunet_folder("nnUNet_preprocessed") / dataset_name(dataset) / FINGERPRINTS_FILE
     found = (json.loads(stored.read_text()) if stored.is_file()
-             else dataset_fingerprints(dataset, "imagesTr", processes, progress))
+             else dataset_fingerprints(dataset, "imagesTr", processes, progress, only=identifiers))
     if found is None or identifiers is None:
         return found
     return {case: found[case] for case in identifiers if case in found}

@@ -41,7 +41,7 @@ PROBE_SEED = 41
 PROBE_CROPS_PER_CASE = 4
 PROBE_MAX_CASES = 16
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16/fp16 on CUDA, fp32 elsewhere (nnunetv2_hiendmae.precision)
 
 CHECKPOINT_FORMAT = "nnunetv2_hiendmae.pretrain/1"  # the "format" entry of every pretraining checkpoint
 

@@ -8,10 +8,12 @@ Every name starts with ``nnUNetTrainerHiEndMAE`` so it can never shadow, or be s
 Recipe (one place, :class:`nnUNetTrainerHiEndMAE`): AdamW (betas 0.9/0.999 as the reference fine-tuning, weight
 decay 0.05 except biases, norms, CLS token and positional embedding), peak lr 1e-4, linear warm-up then poly decay
 with nnU-Net's own schedulers (same optimiser kept across the switch, as nnUNetTrainer_warmup), layer-wise lr decay
-0.75 over the encoder, gradient clipping at norm 1, bf16 autocast on CUDA, no deep supervision. The variants are
-generated from the tables of :mod:`nnunetv2_hiendmae.variants` (fine-tuning x memory x schedule x label budget), each
-a module-level subclass that changes one thing: the initialisation (``load_pretrained``), which epochs the encoder
-is frozen in (``freezing``), ``recompute_full_resolution``, the ``schedule`` or the ``label_budget``.
+0.75 over the encoder, gradient clipping at norm 1, autocast on CUDA (bf16 where the GPU has it natively, else fp16
+with nnU-Net's GradScaler; validation, like ``nnUNetv2_predict``, in nnU-Net's fp16 autocast), no deep supervision.
+The variants are generated from the tables of :mod:`nnunetv2_hiendmae.variants` (fine-tuning x memory x schedule x
+label budget), each a module-level subclass that changes one thing: the initialisation (``load_pretrained``), which
+epochs the encoder is frozen in (``freezing``), ``recompute_full_resolution``, the ``schedule`` or the
+``label_budget``.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from nnunetv2_hiendmae.checkpoint import read_torch_file
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.optim import param_groups, split_param_groups
-from nnunetv2_hiendmae.precision import autocast
+from nnunetv2_hiendmae.precision import autocast, resolve_precision
 from nnunetv2_hiendmae.presets import NETWORK_CLASSES
 from nnunetv2_hiendmae.variants import DEFAULT, Freezing, Schedule
 from nnunetv2_hiendmae.weights import load_pretrained_encoder, verify_checkpoint
@@ -133,7 +135,8 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self.weight_decay = 0.05
         self.warmup_duration_whole_net = self.schedule.warmup()
         self.enable_deep_supervision = False
-        self.grad_scaler = None  # bf16 needs no loss scaling
+        if resolve_precision(self.device) != "fp16":  # bf16 and fp32 need no loss scaling
+            self.grad_scaler = None
         self._weights_from_checkpoint = False  # set by load_checkpoint: --c / --val bring their own weights
         self._optimised_frozen: bool | None = None  # whether the optimiser was built with the encoder frozen
         if self.is_ddp and self.freezing.unfreeze_epoch(self.num_epochs):
@@ -265,15 +268,17 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device):
             loss = self.loss(self.network(data), target)
-        loss.backward()
+        scaler = self.grad_scaler  # fp16 only: a GPU without native bf16
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.grad_clip)
-        self.optimizer.step()
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
-
-    def validation_step(self, batch: dict) -> dict:
-        # nnU-Net's inner autocast(enabled=True) takes the active autocast dtype, so this makes it bf16
-        with autocast(self.device):
-            return super().validation_step(batch)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """One output scale: nothing to switch (nnU-Net calls this unconditionally)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -24,7 +25,15 @@ from nnunetv2_hiendmae.preprocessed import PreprocessedData
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config, token_size_3d
 from pretrain import methods
 from pretrain.config import PretrainConfig
-from pretrain.data import PretrainCrops, check_cases, normalisation_differences, pretrain_metadata, resolve_sources
+from pretrain.data import (
+    LoaderMemory,
+    PretrainCrops,
+    check_cases,
+    loader_memory,
+    normalisation_differences,
+    pretrain_metadata,
+    resolve_sources,
+)
 from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
 from pretrain.methods.contract import PretrainingModel
 
@@ -43,12 +52,6 @@ class Placement:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def transfer_dtype(self) -> str:
-        """The dtype crops travel in from the loader workers to the device (:func:`~nnunetv2_hiendmae.precision.
-        transfer_dtype`)."""
-        return transfer_dtype(self.device, self.precision)
-
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) under torchrun, (0, 0, 1) otherwise."""
@@ -61,8 +64,9 @@ def share_cpu_with_workers(num_workers: int) -> None:
 
 
 def build_placement(cfg: PretrainConfig, planned_ranks: int | None = None) -> Placement:
-    """Rank and device from torchrun's environment (joining the process group: NCCL on CUDA, else gloo), or rank 0
-    of ``planned_ranks`` without starting them (``--estimate``). Raises :class:`UserError` for ``--device cuda``
+    """Rank and device from torchrun's environment (joining the process group: NCCL on CUDA, else gloo, with
+    ``--dist-timeout-minutes`` for its collectives), or rank 0 of ``planned_ranks`` without starting them
+    (``--estimate``). Raises :class:`UserError` for ``--device cuda``
     without a GPU."""
     rank, local_rank, world_size = dist_info() if planned_ranks is None else (0, 0, planned_ranks)
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +74,8 @@ def build_placement(cfg: PretrainConfig, planned_ranks: int | None = None) -> Pl
         raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
     device = torch.device(name, local_rank) if name == "cuda" else torch.device(name)
     if world_size > 1 and planned_ranks is None and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.dist_timeout_minutes))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -94,6 +99,8 @@ class RunData:
     iters: int  # iterations per epoch
     views: dict  # {name: (count, size)}
     crops: PretrainCrops  # this rank's items
+    dtype: str  # the dtype crops travel in (precision.transfer_dtype)
+    loader_memory: LoaderMemory  # the loader's batches in flight, bounded by --loader-memory-gib
     probe_split: object | None  # nnunetv2_hiendmae.probe.ProbeSplit of --probe-dataset, checked
 
 
@@ -136,16 +143,21 @@ def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
     num_cases = sum(len(s.identifiers) for s in sources)
     iters = cfg.iters_per_epoch or max(1, math.ceil(num_cases / (cfg.batch_size * place.world_size)))
     views = cfg.views()
+    dtype = transfer_dtype(place.device, place.precision,
+                           [scheme for s in sources for scheme in s.configuration["normalization_schemes"]])
     crops = PretrainCrops(sources, views, iters * cfg.batch_size, seed=cfg.seed, rank=place.rank,
-                          world_size=place.world_size, dtype=place.transfer_dtype)
-    return RunData(sources, val_sources, list(val_cases), notes, meta, num_cases, iters, views, crops, split)
+                          world_size=place.world_size, dtype=dtype)
+    memory = loader_memory(crops.batch_bytes(cfg.batch_size), cfg.num_workers, cfg.loader_memory_gib,
+                           place.device.type == "cuda")
+    return RunData(sources, val_sources, list(val_cases), notes, meta, num_cases, iters, views, crops, dtype, memory,
+                   split)
 
 
 # ---- what tells whether it is working -------------------------------------------------------------------------------
 @dataclass
 class Signals:
-    """Rank 0's measures beside the training loss: the held-out loss, the probe's data and the content fingerprints
-    of every case read (for the leakage guard). None where not asked for, and on every other rank."""
+    """The measures beside the training loss: the content fingerprints of every case read (for the leakage guard),
+    and on rank 0 the held-out loss and the probe's data (None where not asked for, and on every other rank)."""
 
     held_out: HeldOutLoss | None = None
     probe: object | None = None  # nnunetv2_hiendmae.probe.ProbeData
@@ -154,18 +166,24 @@ class Signals:
 
 
 def case_fingerprints(sources: list[PreprocessedData], processes: int, progress: bool = True,
-                      known: dict[str, str] | None = None) -> dict[str, str]:
+                      known: dict[str, str] | None = None, rank: int = 0, world_size: int = 1) -> dict[str, str]:
     """``{"DatasetXXX_Name/case": content fingerprint}`` of every case the run reads (training and held out), for the
     leakage guard of ``nnUNetv2_hiendmae_plan`` (:mod:`nnunetv2_hiendmae.leakage`): those stored by the unlabelled
     preprocessing, else read from the dataset's images in ``$nnUNet_raw``; a dataset that has neither is left out.
     ``known``: the fingerprints a resumed run recorded; they are kept (the run trained on those cases) and only the
-    cases they lack, such as scans added to the pool since, are looked up."""
+    cases they lack, such as scans added to the pool since, are looked up. With ``world_size`` ranks each looks up
+    every ``world_size``-th of those from ``rank`` on and the process group gathers them (all ranks call it): reading
+    1,000 raw scans on rank 0 alone outlasts a collective's timeout."""
     found = dict(known or {})
     for s in sources:
-        missing = [case for case in s.identifiers if f"{s.dataset_name}/{case}" not in found]
+        missing = [case for case in s.identifiers if f"{s.dataset_name}/{case}" not in found][rank::world_size]
         own = (pretraining_fingerprints(s.dataset_name, missing, processes, progress) or {}) if missing else {}
         found.update({f"{s.dataset_name}/{case}": fp for case, fp in own.items()})
-    return found
+    if world_size == 1:
+        return found
+    shards: list = [None] * world_size
+    dist.all_gather_object(shards, found)
+    return {case: fp for shard in shards for case, fp in shard.items()}
 
 
 def probe_leakage(cfg: PretrainConfig, split, fingerprints: dict[str, str] | None, meta: dict) -> list[str]:
@@ -184,12 +202,17 @@ def probe_leakage(cfg: PretrainConfig, split, fingerprints: dict[str, str] | Non
 
 
 def build_signals(cfg: PretrainConfig, place: Placement, data: RunData, stored: dict) -> Signals:
-    """The held-out views (cut once), the probe's fixed crops at the run's patch size in the probe dataset's axis
-    order, the fingerprints (those ``stored`` by the run a resume continues kept, the others computed) and the leakage
-    guard's warnings on the probe's validation cases."""
+    """The fingerprints, on every rank (those ``stored`` by the run a resume continues kept, the others looked up,
+    shared by the ranks); on rank 0 the held-out views (cut once), the probe's fixed crops at the run's patch size in
+    the probe dataset's axis order and the leakage guard's warnings on the probe's validation cases."""
+    shared = dist.is_initialized()
+    # the slowest step, first; a resumed run reads only the cases its checkpoint lacks (scans added since)
+    fingerprints = case_fingerprints([*data.sources, *data.val_sources], max(1, cfg.num_workers),
+                                     place.is_main and cfg.progress_bar, stored.get("case_fingerprints"),
+                                     place.rank if shared else 0, place.world_size if shared else 1)
     if not place.is_main:
-        return Signals()
-    held_out = HeldOutLoss(data.val_sources, data.views, cfg.seed, place.transfer_dtype) if data.val_cases else None
+        return Signals(fingerprints=fingerprints)
+    held_out = HeldOutLoss(data.val_sources, data.views, cfg.seed, data.dtype) if data.val_cases else None
     probe, split = None, data.probe_split
     if split is not None:
         from nnunetv2_hiendmae.plans import to_dataset_axes
@@ -197,9 +220,6 @@ def build_signals(cfg: PretrainConfig, place: Placement, data: RunData, stored: 
 
         patch = to_dataset_axes(cfg.patch_size, data.sources[0].plans["transpose_forward"], split.transpose_forward)
         probe = load_probe_data(split.dataset_name, split.fold, patch, seed=cfg.seed)
-    # the slowest step, last; a resumed run reads only the cases its checkpoint does not fingerprint (scans added since)
-    fingerprints = case_fingerprints([*data.sources, *data.val_sources], max(1, cfg.num_workers), cfg.progress_bar,
-                                     known=stored.get("case_fingerprints"))
     leakage = probe_leakage(cfg, split, fingerprints, data.meta) if probe is not None else []
     return Signals(held_out, probe, fingerprints, leakage)
 

@@ -114,6 +114,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     data.add_argument("--num-workers", type=int, default=argparse.SUPPRESS,
                       help="data-loading worker processes per GPU, 0 = load in the main process (default: "
                            f"min(8, CPU cores) = {min(8, os.cpu_count() or 1)})")
+    data.add_argument("--loader-memory-gib", type=float,
+                      help="host memory per GPU for the batches in flight between the workers and the GPU: fewer "
+                           "batches per worker (fewer workers when a batch is larger than this over --num-workers) "
+                           "so that they fit, once in shared memory (/dev/shm; a container needs --shm-size of at "
+                           "least this times the GPUs) and once in pinned memory; --estimate prints both "
+                           f"(default: {d('loader_memory_gib')})")
     evaluation = p.add_argument_group("is the pretraining working? (held-out loss, downstream probe)")
     evaluation.add_argument("--val-cases", metavar="N",
                             help="cases held out of training, on whose fixed views and masks every loss of the method "
@@ -175,13 +181,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     hw = p.add_argument_group("hardware and output")
     hw.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: auto = cuda if available, else cpu")
     hw.add_argument("--precision", choices=list(PRECISIONS),
-                    help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler (default: auto)")
+                    help="autocast precision: auto = bf16 on GPUs that compute it natively (compute capability "
+                         ">= 8.0: A100, H100), fp16 on older ones (V100, T4), fp32 on CPU; fp16 uses a GradScaler "
+                         "(default: auto)")
     hw.add_argument("--compile", dest="compile", action="store_true",
                     help="torch.compile the model (default: on for CUDA, off on CPU)")
     hw.add_argument("--no-compile", dest="compile", action="store_false", help="do not torch.compile the model")
     hw.add_argument("--checkpoint-minutes", type=float,
                     help="write checkpoint_latest.pth at most every N minutes (and after the last epoch); 0 = every "
                          f"epoch; a kill loses at most the work since (default: {d('checkpoint_minutes')})")
+    hw.add_argument("--dist-timeout-minutes", type=float,
+                    help="with several ranks (torchrun): how long a rank waits for the others before the run stops; "
+                         "a fresh run's one-off work (content fingerprints of every case, shared by the ranks, then "
+                         f"the held-out views and probe data on rank 0) must fit in it "
+                         f"(default: {d('dist_timeout_minutes')})")
     hw.add_argument("--recon-every", type=int,
                     help=f"write a reconstruction figure every N epochs (default: {d('recon_every')})")
     hw.add_argument("--no-progress-bar", dest="progress_bar", action="store_false",

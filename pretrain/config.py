@@ -20,7 +20,8 @@ from pretrain import methods
 # re-planned from the point reached), --grad-clip and --precision change.
 CHANGEABLE_ON_RESUME = ("output_dir", "num_workers", "device", "progress_bar", "recon_every", "compile",
                         "checkpoint_minutes", "skip_bad_cases", "val_every", "probe_every", "probe_strict", "epochs",
-                        "lr", "grad_clip", "precision")
+                        "lr", "grad_clip", "precision", "dist_timeout_minutes", "loader_memory_gib")
+
 
 
 def val_cases_value(given: str) -> float:
@@ -52,9 +53,10 @@ class PretrainConfig:
     warmup_epochs: int | None = None  # None: the method's recipe
     weight_decay: float = 0.05
     num_workers: int = 8
+    loader_memory_gib: float = 6.0  # batches in flight per rank, in shared and in pinned host memory each
     fold: int | None = None
     device: str = "auto"  # cuda if available, else cpu
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler
+    precision: str = "auto"  # bf16 on GPUs with native bf16, else fp16 (with a GradScaler); fp32 on CPU
     compile: bool | None = None  # None: on for CUDA, off elsewhere
     grad_clip: float | None = None
     accum_steps: int = 1
@@ -62,6 +64,9 @@ class PretrainConfig:
     seed: int = 41
     recon_every: int = 10
     checkpoint_minutes: float = 10.0
+    # how long a rank waits for the others in a collective: a fresh run's one-off work (fingerprints of every case,
+    # held-out views, probe data) comes first, and PyTorch's NCCL default (10 minutes) does not cover 1,000+ scans
+    dist_timeout_minutes: float = 60.0
     progress_bar: bool = True
     skip_bad_cases: bool = False  # leave out preprocessed cases that cannot be read, instead of refusing to start
     val_cases: str | None = None  # held-out cases: a count or a fraction (None: 5 %, 1..50, none below 10 cases)
@@ -101,6 +106,10 @@ class PretrainConfig:
         if (self.lr is not None and self.lr <= 0) or self.warmup_epochs < 0 or self.num_workers < 0 \
                 or self.weight_decay < 0:
             raise UserError("--lr must be positive; --warmup-epochs, --num-workers and --weight-decay non-negative")
+        if self.loader_memory_gib <= 0:
+            raise UserError(f"--loader-memory-gib must be positive, got {self.loader_memory_gib}")
+        if self.dist_timeout_minutes <= 0:
+            raise UserError(f"--dist-timeout-minutes must be positive, got {self.dist_timeout_minutes}")
         if self.checkpoint_minutes < 0:
             raise UserError(f"--checkpoint-minutes must not be negative, got {self.checkpoint_minutes}")
         if self.pos_embed is None:

@@ -38,8 +38,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -256,6 +259,12 @@ class PretrainCrops(Dataset):
     def __len__(self) -> int:
         return self.items_per_epoch
 
+    def batch_bytes(self, batch_size: int) -> int:
+        """Bytes of one batch of ``batch_size`` items (all views, all channels, in the transfer dtype)."""
+        channels = len(self.sources[0].channel_names)
+        voxels = sum(n * math.prod(size) for n, size in self.views.values())
+        return batch_size * voxels * channels * self.dtype.itemsize
+
     def _nnunet_dataset(self, s: int):
         if self._datasets is None:
             self._datasets = [infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
@@ -362,21 +371,80 @@ def init_worker(worker_id: int) -> None:
     ignore_stop_signals()
 
 
+GIB = 2 ** 30
+MAX_PREFETCH = 4  # batches per worker at most, however small: more only delays the loader's start
+
+
+@dataclass(frozen=True)
+class LoaderMemory:
+    """What one rank's loader holds in host memory: ``workers`` processes with ``prefetch`` batches of
+    ``batch_bytes`` each in flight. A worker's finished batch crosses to the training process through shared memory
+    (``/dev/shm``) as one object, and is then copied to page-locked (pinned) memory for the GPU, where the batch being
+    copied and the one being computed are held too."""
+
+    workers: int
+    prefetch: int
+    batch_bytes: int
+    pinned: bool
+
+    @property
+    def in_flight(self) -> int:
+        return self.workers * self.prefetch
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.in_flight * self.batch_bytes
+
+    @property
+    def pinned_bytes(self) -> int:
+        return (max(1, self.in_flight) + 2) * self.batch_bytes if self.pinned else 0
+
+
+def loader_memory(batch_bytes: int, num_workers: int, memory_gib: float, pinned: bool) -> LoaderMemory:
+    """The loader's depth bounded by bytes, not by count: as many batches in flight as ``memory_gib`` holds (at least
+    one), spread over at most ``num_workers`` workers (fewer when a batch is so large that fewer fit), each prefetching
+    the same number, at most :data:`MAX_PREFETCH`. A count of batches per worker does not bound it: at the ViT-B
+    defaults a batch is 340 MB (GL-MAE 650 MB), so 8 workers x 4 batches are 11-21 GB of pinned memory per rank.
+    Raises ValueError for a negative ``num_workers`` or a non-positive ``memory_gib``."""
+    if num_workers < 0 or memory_gib <= 0:
+        raise ValueError(f"need num_workers >= 0 and memory_gib > 0, got {num_workers} and {memory_gib}")
+    if num_workers == 0:
+        return LoaderMemory(0, 0, batch_bytes, pinned)
+    in_flight = max(1, int(memory_gib * GIB) // batch_bytes)
+    workers = min(num_workers, in_flight)
+    return LoaderMemory(workers, min(MAX_PREFETCH, in_flight // workers), batch_bytes, pinned)
+
+
+def check_shared_memory(memory: LoaderMemory, ranks_on_node: int, folder: str = "/dev/shm") -> None:
+    """Refuse, in one line, a node whose shared memory cannot hold the batches in flight of all its ranks (a
+    container's default ``/dev/shm`` is 64 MB; one ViT-B batch is 340 MB): the workers would die with a bus error
+    mid-run. A system without ``folder`` is not checked."""
+    if not memory.workers or not os.path.isdir(folder):
+        return
+    need, have = memory.shared_bytes * ranks_on_node, shutil.disk_usage(folder).total
+    if need > have:
+        raise UserError(f"the loader needs {need / GIB:.1f} GiB of shared memory ({ranks_on_node} rank(s) x "
+                        f"{memory.in_flight} batch(es) of {memory.batch_bytes / 2**20:.0f} MiB in flight), {folder} "
+                        f"holds {have / GIB:.2f} GiB: give the container more (docker run --shm-size "
+                        f"{math.ceil(need / GIB)}g), or lower --loader-memory-gib or --num-workers")
+
+
 def make_loader(dataset: PretrainCrops, batch_size: int, num_workers: int, device_type: str,
-                start_epoch: int = 0, start_iteration: int = 0) -> DataLoader:
+                start_epoch: int = 0, start_iteration: int = 0, memory_gib: float = 6.0) -> DataLoader:
     """Batches ``{name: [B, count, C, *size]}`` in item order (items are already random), from iteration
     ``start_iteration`` of epoch ``start_epoch`` on, without end; ``batch_size`` must divide the items per epoch, so
-    that no batch spans two epochs. Batches are
-    pinned for the copy to a GPU (:func:`device_batches`). The loader seeds its workers from a generator of its own,
-    not from torch's global one, which drives the masks: a resumed run's masks continue the stream of the run it
+    that no batch spans two epochs. Batches are pinned for the copy to a GPU (:func:`device_batches`); at most
+    ``memory_gib`` of them are in flight (:func:`loader_memory`). The loader seeds its workers from a generator of its
+    own, not from torch's global one, which drives the masks: a resumed run's masks continue the stream of the run it
     resumes."""
     if len(dataset) % batch_size:
         raise ValueError(f"batch size {batch_size} does not divide the {len(dataset)} items of an epoch")
     start = start_epoch * len(dataset) + start_iteration * batch_size
+    memory = loader_memory(dataset.batch_bytes(batch_size), num_workers, memory_gib, device_type == "cuda")
     return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(start),
-                      num_workers=num_workers, pin_memory=device_type == "cuda", drop_last=False,
-                      prefetch_factor=4 if num_workers > 0 else None,
-                      worker_init_fn=init_worker if num_workers > 0 else None,
+                      num_workers=memory.workers, pin_memory=memory.pinned, drop_last=False,
+                      prefetch_factor=memory.prefetch or None,
+                      worker_init_fn=init_worker if memory.workers else None,
                       generator=torch.Generator().manual_seed(dataset.seed))
 
 

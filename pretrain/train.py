@@ -35,6 +35,7 @@ from pretrain.build import build_data, build_model, build_placement, build_signa
 from pretrain.config import CHANGEABLE_ON_RESUME, PretrainConfig
 from pretrain.data import (
     CaseReadError,
+    check_shared_memory,
     device_batches,
     make_loader,
 )
@@ -233,6 +234,8 @@ class PretrainRun:
         self.signals = build_signals(cfg, place, self.data, stored)
         self.encoder_cfg, self.model, self.ddp, self.compiled, self.optimizer, self.scaler = build_model(
             cfg, place, self.data.meta["in_channels"])
+        if planned_ranks is None:
+            check_shared_memory(self.data.loader_memory, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
         self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
@@ -288,9 +291,7 @@ class PretrainRun:
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.global_step = state["epoch"], state["global_step"]
         self.saved_epochs = self.start_epoch
-        self.start_iteration, self.partial = state.get("iteration", 0), dict(state.get("partial_losses", {}))
-        if self.start_iteration >= self.data.iters:  # fewer iterations per epoch now (more ranks): start it again
-            self.start_iteration, self.partial = 0, {}
+        self.start_iteration, self.partial = self._position_in_epoch(ckpt)
         self.t = self.start_epoch + self.start_iteration / self.data.iters
         self.history = {k: list(v) for k, v in ckpt["pretrain"]["history"].items()}
         self.best = max((v for v in self.history.get("probe_dice", []) if v == v), default=-math.inf)
@@ -319,6 +320,20 @@ class PretrainRun:
                      f"{cfg.batch_size * self.world_size} volumes per iteration over all ranks, "
                      f"{before['iters_per_epoch']} -> {self.data.iters} iterations per epoch; the learning-rate "
                      f"schedule counts epochs, so it continues as planned")
+
+    def _position_in_epoch(self, ckpt: dict) -> tuple[int, dict[str, float]]:
+        """Where a checkpoint written in the middle of an epoch resumes on this run's ranks: the iteration that has
+        the same number of volumes behind it over all ranks (rounded down to an optimiser step: a few volumes are
+        drawn again rather than skipped), and the loss sums of the iterations before it. Counted in volumes, not
+        iterations: 20 of 100 iterations on 1 rank are 5 of 25 on 4 ranks, not 20. A position the epoch no longer
+        has (fewer volumes per epoch now) starts the epoch again."""
+        state, before = ckpt["train_state"], ckpt["pretrain"]
+        done = state.get("iteration", 0)
+        volumes = done * before["batch_size"] * before["world_size"]
+        iteration = volumes // (self.cfg.batch_size * self.world_size) // self.cfg.accum_steps * self.cfg.accum_steps
+        if not done or not 0 < iteration < self.data.iters:
+            return 0, {}
+        return iteration, {k: v * iteration / done for k, v in state.get("partial_losses", {}).items()}
 
     def _loss_rise(self, loss: float) -> tuple[float, float]:
         """``(rise, level)``: an epoch's mean ``loss`` over the lowest epoch mean of the run before it (1 for the
@@ -604,7 +619,7 @@ class PretrainRun:
                      f"{ {k: [n, list(s)] for k, (n, s) in self.data.views.items()} }, batch {cfg.batch_size}/rank, "
                      f"{self.data.iters} iters/epoch, {self.world_size} rank(s), {self.device}, {self.precision}")
         loader = make_loader(self.data.crops, cfg.batch_size, cfg.num_workers, self.device.type, self.start_epoch,
-                             self.start_iteration)
+                             self.start_iteration, cfg.loader_memory_gib)
         batches = device_batches(loader, self.device)
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, cfg.epochs):

@@ -23,10 +23,10 @@ def test_placement_is_rank_0_of_the_planned_ranks_on_the_cpu_without_a_process_g
     monkeypatch.setenv("RANK", "3")  # ignored when the ranks are only planned (--estimate)
     place = build.build_placement(config(tmp_path), planned_ranks=4)
     assert (place.rank, place.world_size, place.device.type, place.precision) == (0, 4, "cpu", "fp32")
-    assert place.is_main and place.transfer_dtype == "float32" and not dist.is_initialized()
+    assert place.is_main and not dist.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    assert build.build_placement(config(tmp_path, precision="bf16")).transfer_dtype == "float16"
+    assert build.build_placement(config(tmp_path, precision="bf16")).precision == "bf16"
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda but no CUDA GPU is visible"):
             build.build_placement(config(tmp_path, device="cuda"))
@@ -40,24 +40,28 @@ def test_data_holds_out_cases_lays_out_the_epoch_over_the_ranks_and_keeps_a_resu
     held = {f"{s.dataset_name}/{c}" for s in one.val_sources for c in s.identifiers}
     assert len(one.val_cases) == 2 and held == set(one.val_cases) and not trained & held
     assert one.num_cases == len(trained) == 7 and one.iters == math.ceil(7 / 2)
-    assert len(one.crops) == one.iters * cfg.batch_size and one.crops.dtype == torch.float32
+    assert len(one.crops) == one.iters * cfg.batch_size
+    assert one.crops.dtype == torch.float32 and one.dtype == "float32"
+    assert one.loader_memory.workers == 0  # --num-workers 0: the batches are read in the training process
     assert one.meta["in_channels"] == 1 and one.probe_split is None
     # rank 1 of 3 at bf16: its own items, float16 crops, an epoch of ceil(7 / (2 x 3)) iterations
     other = build.build_data(cfg, build.Placement(1, 3, torch.device("cpu"), "bf16"), {})
-    assert other.iters == 2 and other.crops.rank == 1 and other.crops.dtype == torch.float16
+    assert other.iters == 2 and other.crops.rank == 1
+    assert other.crops.dtype == torch.float16 and other.dtype == "float16"
     # a resume keeps the cases its run held out, whatever --val-cases draws now
     kept = sorted(trained)[:3]
     resumed = build.build_data(cfg, build.Placement(0, 1, torch.device("cpu"), "fp32"), {"val_cases": kept})
     assert resumed.val_cases == kept and resumed.num_cases == 6
 
 
-def test_signals_are_rank_0s_and_a_resume_keeps_the_stored_fingerprints(preprocessed_dataset, tmp_path,
+def test_signals_but_the_fingerprints_are_rank_0s_and_a_resume_keeps_the_stored_ones(preprocessed_dataset, tmp_path,
                                                                            monkeypatch):
     cfg = config(tmp_path, val_cases="2")
     place = build.Placement(0, 1, torch.device("cpu"), "fp32")
     data = build.build_data(cfg, place, {})
-    assert build.build_signals(cfg, build.Placement(1, 2, torch.device("cpu"), "fp32"), data, {}) == build.Signals()
     signals = build.build_signals(cfg, place, data, {})
+    other = build.build_signals(cfg, build.Placement(1, 2, torch.device("cpu"), "fp32"), data, {})
+    assert other == build.Signals(fingerprints=signals.fingerprints)  # no process group: rank 1 reads them all
     assert signals.held_out is not None and signals.probe is None
     assert set(signals.fingerprints) == {f"{s.dataset_name}/{c}" for s in [*data.sources, *data.val_sources]
                                          for c in s.identifiers}

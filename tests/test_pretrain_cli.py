@@ -173,8 +173,10 @@ def test_resumed_on_more_ranks_the_schedule_goes_on_as_planned(preprocessed_data
 
 
 def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocessed_dataset, tmp_path):
-    """Stopped at iteration 4 of 5 (an unreadable case), re-queued on 2 ranks (3 iterations per epoch): the epoch
-    starts again, as iteration 4 does not exist there; stopped at iteration 2, it goes on from iteration 2 of 3."""
+    """Stopped in the middle of an epoch of 5 iterations of 2 volumes (an unreadable case), re-queued on 2 ranks (3
+    iterations of 2 x 2 volumes): the position is counted in volumes. After 4 iterations (8 volumes) it goes on from
+    iteration 2 of 3, after 2 (4 volumes) from iteration 1, each with the loss sums of the iterations it keeps; after
+    1 (2 volumes, less than an iteration) the epoch starts again."""
     from pretrain.config import PretrainConfig
     from pretrain.train import PretrainRun
 
@@ -184,8 +186,9 @@ def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocess
                          method_settings={"crops_per_volume": 1}, num_workers=0, device="cpu", progress_bar=False)
     one = PretrainRun(cfg)
     out.mkdir()
-    for iteration, expected, t in ((4, (1, 0, {}), 1.0), (2, (1, 2, {"loss": 2.0}), 1 + 2 / 3)):
-        ckpt = one._checkpoint(1, one._rng_states(), iteration=iteration, partial={"loss": 2.0})
+    for iteration, expected, t in ((4, (1, 2, {"loss": 1.0}), 1 + 2 / 3), (2, (1, 1, {"loss": 0.5}), 1 + 1 / 3),
+                                   (1, (1, 0, {}), 1.0)):
+        ckpt = one._checkpoint(1, one._rng_states(), iteration=iteration, partial={"loss": 0.5 * iteration})
         two = PretrainRun(cfg, resume_from=ckpt, planned_ranks=2)
         assert (one.data.iters, two.data.iters) == (5, 3)
         two._restore(ckpt)

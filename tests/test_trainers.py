@@ -425,3 +425,17 @@ def test_a_pretraining_checkpoint_given_to_pretrained_weights_is_one_line(setup)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: -pretrained_weights {setup['ckpt']} is a nnunetv2_hiendmae pretraining checkpoint")
     assert "nnUNetv2_hiendmae_plan -d DATASET -pt" in last
+
+
+def test_an_fp16_step_scales_the_loss_and_clips_the_unscaled_gradient(setup):
+    """Fine-tuning in fp16 (a GPU without native bf16) goes through nnU-Net's GradScaler: the loss is scaled (the
+    scale grows after a finite step), and the clipping sees the true gradient, unscaled first (clipping the scaled
+    one would leave a norm 1,024 times too small)."""
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    trainer.initialize()
+    trainer.grad_clip = 1e-3
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    trainer.train_step(batch_for(trainer, 7))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.network.parameters()
+                                                 if p.grad is not None]))
+    assert norm.item() == pytest.approx(1e-3, rel=1e-3) and trainer.grad_scaler.get_scale() == 2048.0
