@@ -7,10 +7,10 @@ import os
 import sys
 import time
 
-from pretrain import cli, train
+from pretrain import build, cli
 
 delay_s = float(sys.argv.pop(1))
-read_fingerprints = train.pretraining_fingerprints
+read_fingerprints = build.pretraining_fingerprints
 
 
 def slow_on_rank_zero(dataset, identifiers=None, *args, **kwargs):
@@ -19,5 +19,5 @@ def slow_on_rank_zero(dataset, identifiers=None, *args, **kwargs):
     return read_fingerprints(dataset, identifiers, *args, **kwargs)
 
 
-train.pretraining_fingerprints = slow_on_rank_zero
+build.pretraining_fingerprints = slow_on_rank_zero
 cli.main(sys.argv[1:])
