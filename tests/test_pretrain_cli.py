@@ -75,6 +75,7 @@ def test_outputs_and_checkpoint_metadata(trained, preprocessed_dataset):
     assert latest["train_state"]["epoch"] == 12 and latest["train_state"]["global_step"] == 12 * 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(methods.METHODS))
 def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_dataset, tmp_path):
     """Each method: checkpoints, a run killed mid-way and resumed with its stored settings ends with exactly the
@@ -109,6 +110,7 @@ def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_datase
     assert all(torch.equal(loaded[k], v) for k, v in encoder_state_dict(final).items())
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_dataset, tmp_path):
     """DDP on CPU (gloo): two ranks, one log and one checkpoint (rank 0), per-rank RNG state, exact resume."""
     def cmd(out, *extra):
@@ -135,6 +137,7 @@ def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_
     assert_resumed(out, killed_at, resumed, straight)
 
 
+@pytest.mark.slow
 def test_resumed_on_more_ranks_the_schedule_goes_on_as_planned(preprocessed_dataset, tmp_path):
     """A 1-rank run killed after 2 epochs and re-queued on 2 ranks (half the iterations per epoch) has the learning
     rate of the uninterrupted 1-rank run at every epoch: the schedule counts epochs, not optimiser steps."""
@@ -281,39 +284,43 @@ def test_the_settings_a_resume_may_change_are_listed_from_one_place():
         assert dest == "output_dir" or any(f"`{o}`" in docs for o in options), dest
 
 
-def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, preprocessed_dataset):
+def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, preprocessed_dataset, capsys):
+    from pretrain.cli import main
+
     out, _ = trained
-    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 12, 40, "--lr", "1e-3"))
-    assert proc.returncode == 2 and "--resume" in proc.stderr
+    code, lines, _ = cli_error(main, pretrain_args(preprocessed_dataset, out, 12, 40, "--lr", "1e-3")[1:], capsys)
+    assert code == 2 and "--resume" in lines[-1]
     for extra, name in ((["--mask-ratio", "0.6"], "mask_ratio"), (["--method", "mae"], "method"),
                         (["--arch", "vit_b16"], "arch")):
-        proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), *extra)
-        assert proc.returncode == 2 and name in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, extra
+        code, lines, _ = cli_error(main, ["--resume", "-o", str(out), *extra], capsys)
+        assert code == 2 and len(lines) == 1 and name in lines[0], extra
 
 
 def snapshot(folder) -> dict:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_resuming_a_finished_run_changes_nothing(trained):
+def test_resuming_a_finished_run_changes_nothing(trained, capsys):
     """Plans pin the checkpoint they were written from: a finished run resumed (by a re-queued job, say) must not
     rewrite it, nor anything else."""
+    from pretrain.cli import main
+
     out, _ = trained
     before = snapshot(out)
-    proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(out), check=True)
-    assert "already finished" in proc.stdout
-    assert snapshot(out) == before
-    proc = run_cli("nnUNetv2_hiendmae_pretrain", "--auto-resume", "-o", str(out), check=True)
-    assert "already finished" in proc.stdout and snapshot(out) == before
+    for mode in ("--resume", "--auto-resume"):
+        main([mode, "-o", str(out)])
+        assert "already finished" in capsys.readouterr().out, mode
+        assert snapshot(out) == before, mode
 
 
-def test_resume_without_a_run_is_an_error_and_writes_nothing(tmp_path):
+def test_resume_without_a_run_is_an_error_and_writes_nothing(tmp_path, capsys):
+    from pretrain.cli import main
+
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder in (tmp_path / "typo", empty):
-        proc = run_cli("nnUNetv2_hiendmae_pretrain", "--resume", "-o", str(folder))
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and "holds no run to resume" in lines[0], proc.stderr
+        code, lines, _ = cli_error(main, ["--resume", "-o", str(folder)], capsys)
+        assert code == 2 and len(lines) == 1 and "holds no run to resume" in lines[0], lines
     assert not (tmp_path / "typo").exists() and list(empty.iterdir()) == []
 
 
