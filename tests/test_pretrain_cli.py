@@ -447,8 +447,10 @@ def test_resume_of_a_run_from_before_the_method_registry_is_one_line(tmp_path):
         resumed_config(stored, {"output_dir": str(tmp_path)})
 
 
-def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_dataset, tmp_path):
+def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_dataset, tmp_path, capsys):
     import json
+
+    from pretrain.cli import main
 
     out = tmp_path / "never"
     full = pretrain_args(preprocessed_dataset, out, 40, 1)
@@ -469,8 +471,8 @@ def test_estimate_prints_what_the_run_will_cost_and_writes_nothing(preprocessed_
         assert e["model_crops_per_s"] == pytest.approx(e["crops_per_step"] / e["model_s_per_step"])
         assert e["limited_by"] == ("model" if e["model_s_per_step"] >= e["loader_s_per_batch"] else "loader")
         assert e["checkpoint_bytes"] > 4 * 2**20 and e["data_bytes"] > 0 and e["peak_memory_bytes"] > 0
-    proc = run_cli(*args[:-1], "--json")
-    assert proc.returncode == 2 and "--json goes with --estimate" in proc.stderr
+    code, lines, _ = cli_error(main, [*args[1:-1], "--json"], capsys)
+    assert code == 2 and "--json goes with --estimate" in lines[-1]
 
 
 def test_the_estimate_of_a_resume_counts_the_epochs_left(preprocessed_dataset, tmp_path, capsys):
