@@ -12,7 +12,7 @@ DEMO_ARGS ?=
 TORCH ?= auto
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint install
+.PHONY: demo test test-fast lint install
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the edit loop: every test but those marked slow (real nnU-Net trainings, the demo, torchrun, the GPU rehearsal);
+# `make test` runs them all
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check nnunetv2_hiendmae pretrain benchmarks tests

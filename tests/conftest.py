@@ -68,6 +68,17 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None,
     return proc
 
 
+def cli_error(main, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str], str]:
+    """A console script's ``main`` run in this process on bad input: its exit status, the lines it wrote to stderr
+    and its stdout. The installed command goes through the same ``cli_entry`` without the 4-5 s of a process start
+    (importing torch and nnU-Net); tests/test_cli_help.py runs every installed command's error path once."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_.value.code, err.strip().splitlines(), out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """In-process tensors here are tiny: intra-op threads gain nothing, and on a busy machine their spin-waits cost

@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from conftest import run_cli
 
@@ -20,6 +21,7 @@ from nnunetv2_hiendmae.demo.pipeline import NOISE_NOTE
 TRAINERS = ["nnUNetTrainerHiEndMAE_smoke", "nnUNetTrainerHiEndMAE_scratch_smoke", "nnUNetTrainerHiEndMAEBaseline_smoke"]
 
 
+@pytest.mark.slow
 def test_demo_pipeline_with_tiny_settings(tmp_path):
     out = tmp_path / "demo"
     args = ["nnUNetv2_hiendmae_demo", "-o", str(out), "--labelled", "5", "--unlabelled", "2", "--test", "2",

@@ -22,6 +22,7 @@ def rehearse(part: str, out: Path) -> dict[str, dict]:
     return {r["step"]: r["result"] for r in records if "result" in r}
 
 
+@pytest.mark.slow
 def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp_path):
     quick = benchmark_module("gpu_figures").QUICK
     res = rehearse("pretrain", tmp_path)
@@ -47,6 +48,7 @@ def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp
     assert f"The device augmentation by itself: {1000 * aug['s_per_step']:.2f} ms per step" in report
 
 
+@pytest.mark.slow
 def test_methods_part_measures_every_other_method_model_only_and_in_the_cli(tmp_path):
     res = rehearse("methods", tmp_path)
     report = (tmp_path / "figures.md").read_text()

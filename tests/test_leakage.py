@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import run_cli, write_checkpoint
+from conftest import cli_error, run_cli, write_checkpoint
 
 from nnunetv2_hiendmae.checkpoint import save_atomic
 from nnunetv2_hiendmae.demo.synthetic import make_case
@@ -106,7 +106,9 @@ def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_plan_names_the_leaked_case_and_fold_and_strict_refuses(leaky_pool, preprocessed_dataset, tmp_path):
+def test_plan_names_the_leaked_case_and_fold_and_strict_refuses(leaky_pool, preprocessed_dataset, tmp_path, capsys):
+    from nnunetv2_hiendmae.plans import main as plan_main
+
     ckpt = checkpoint(tmp_path / "pool.pth", preprocessed_dataset, datasets=[POOL],
                       case_fingerprints=leaky_pool["fingerprints"])
     fold = next(f for f, split in enumerate(splits_of_990(preprocessed_dataset)) if COPIED in split["val"])
@@ -120,10 +122,10 @@ def test_plan_names_the_leaked_case_and_fold_and_strict_refuses(leaky_pool, prep
     assert (folder / "T_leak.json").is_file()  # a warning, not an error
 
     before = snapshot(folder)
-    strict = run_cli("nnUNetv2_hiendmae_plan", "-d", "990", "-pt", str(ckpt), "-o", "T_leak_strict", "-np", "1",
-                     "--strict")
-    lines = [line for line in strict.stderr.splitlines() if line.strip() and not line.startswith("content finger")]
-    assert strict.returncode == 2 and len(lines) == 1 and not strict.stdout, strict.stderr  # progress bars aside
+    code, err, out = cli_error(plan_main, ["-d", "990", "-pt", str(ckpt), "-o", "T_leak_strict", "-np", "1",
+                                           "--strict"], capsys)
+    lines = [line for line in err if line.strip() and not line.startswith("content finger")]
+    assert code == 2 and len(lines) == 1 and not out, err  # progress bars aside
     assert lines[0] == (f"error: the pretraining saw 2 validation or test case(s) of {DATASET} (--strict): "
                         f"fold {fold} validation: {COPIED}; imagesTs: {TEST_CASE}")
     assert snapshot(folder) == before and not (folder / "T_leak_strict.json").exists()

@@ -7,7 +7,15 @@ import json
 
 import pytest
 import torch
-from conftest import assert_resumed, console_script, copy_preprocessed_dataset, kill_after_epoch, pretrain_args, run_cli
+from conftest import (
+    assert_resumed,
+    cli_error,
+    console_script,
+    copy_preprocessed_dataset,
+    kill_after_epoch,
+    pretrain_args,
+    run_cli,
+)
 
 from nnunetv2_hiendmae.checkpoint import load_checkpoint
 from pretrain.config import PretrainConfig
@@ -128,7 +136,9 @@ def test_checkpoint_best_keeps_the_best_probe_score_across_a_resume(preprocessed
     ("probe_dataset_of_another_channel_count", "has 2 channel(s), the pretraining data 1"),
     ("val_cases_not_a_number", "--val-cases must be a count or a fraction"),
 ])
-def test_bad_signal_input_is_one_line_and_writes_nothing(preprocessed_dataset, tmp_path, case, expect):
+def test_bad_signal_input_is_one_line_and_writes_nothing(preprocessed_dataset, tmp_path, capsys, case, expect):
+    from pretrain.cli import main
+
     out = tmp_path / "out"
     extra = {"val_cases_larger_than_the_dataset": ["--val-cases", "20"],
              "unknown_probe_dataset": ["--probe-dataset", "555"],
@@ -136,7 +146,7 @@ def test_bad_signal_input_is_one_line_and_writes_nothing(preprocessed_dataset, t
              "unlabelled_probe_dataset": ["--probe-dataset", str(preprocessed_dataset["unlabelled_id"])],
              "probe_dataset_of_another_channel_count": ["--probe-dataset", "994"],
              "val_cases_not_a_number": ["--val-cases", "many"]}[case]
-    env = None
+    args = pretrain_args(preprocessed_dataset, out, 1, 1, *extra)
     if case == "probe_dataset_of_another_channel_count":  # a private tree: 990, 991, and 994 = 990 with 2 channels
         root = tmp_path / "preprocessed"
         for src, i, name in ((preprocessed_dataset["preprocessed"], 990, "HiEndTest"),
@@ -146,8 +156,10 @@ def test_bad_signal_input_is_one_line_and_writes_nothing(preprocessed_dataset, t
         dataset_json = root / "Dataset994_TwoChannels" / "dataset.json"
         content = json.loads(dataset_json.read_text())
         dataset_json.write_text(json.dumps({**content, "channel_names": {"0": "CT", "1": "CT"}}))
-        env = {"nnUNet_preprocessed": str(root)}
-    proc = run_cli(*pretrain_args(preprocessed_dataset, out, 1, 1, *extra), env=env)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+        # the installed command (nnU-Net reads nnUNet_preprocessed when it is imported)
+        proc = run_cli(*args, env={"nnUNet_preprocessed": str(root)})
+        code, lines = proc.returncode, proc.stderr.strip().splitlines()
+    else:
+        code, lines, _ = cli_error(main, args[1:], capsys)
+    assert code == 2 and len(lines) == 1 and expect in lines[0], lines
     assert not out.exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TRAIN_ENV, console_script, kill_tree, run_cli, write_checkpoint, write_summary
+from conftest import TRAIN_ENV, cli_error, console_script, kill_tree, run_cli, write_checkpoint, write_summary
 from scipy import stats
 
 from nnunetv2_hiendmae import study as st
@@ -148,19 +148,29 @@ def test_report_numbers_intervals_verdicts_and_figure(tmp_path):
     (["-d", "990", "-pt", "{ckpt}", "-p", "nnUNetPlans"], "error: -p nnUNetPlans would be nnU-Net's own plans"),
     (["-d", "990", "-pt", "{ckpt}", "--nnunet-plans", "Missing"], "error: the nnunet arm needs "),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(preprocessed_dataset, nnunet_dirs, tmp_path, args, expected):
+def test_bad_input_is_one_line_and_writes_nothing(preprocessed_dataset, nnunet_dirs, tmp_path, capsys, args, expected):
+    from nnunetv2_hiendmae.plans import main as plan_main
+
     folder = preprocessed_dataset["preprocessed"]
     ckpt = write_checkpoint(tmp_path / "pre.pth", folder)
     other = write_checkpoint(tmp_path / "other.pth", folder, seed=1)
     if not (folder / "T_study_other.json").exists():
-        run_cli("nnUNetv2_hiendmae_plan", "-d", "990", "-pt", str(other), "-o", "T_study_other", check=True)
+        plan_main(["-d", "990", "-pt", str(other), "-o", "T_study_other"])
     before = sorted(p.name for p in folder.iterdir()), sorted(p.name for p in nnunet_dirs["nnUNet_results"].rglob("*"))
-    proc = run_cli("nnUNetv2_hiendmae_study", *[a.format(ckpt=ckpt) for a in args], "-o", str(tmp_path / "out"))
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+    code, lines, _ = cli_error(st.main, [*[a.format(ckpt=ckpt) for a in args], "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected), lines
     assert not (tmp_path / "out").exists()
     after = sorted(p.name for p in folder.iterdir()), sorted(p.name for p in nnunet_dirs["nnUNet_results"].rglob("*"))
     assert after == before
+
+
+def test_the_installed_command_reports_bad_input_in_one_line(preprocessed_dataset, tmp_path):
+    """The console script itself, once: one line on stderr even after torch and nnU-Net are imported."""
+    ckpt = write_checkpoint(tmp_path / "pre.pth", preprocessed_dataset["preprocessed"])
+    proc = run_cli("nnUNetv2_hiendmae_study", "-d", "123", "-pt", str(ckpt), "-o", str(tmp_path / "out"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: dataset '123' not found"), lines
+    assert not (tmp_path / "out").exists()
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 1500) -> None:
@@ -172,7 +182,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 1500) -> None:
 
 
 @pytest.mark.slow
-def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnunet_dirs, tmp_path):
+def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnunet_dirs, tmp_path, capsys):
     """2 folds x 2 label budgets x 3 arms (frozen pretrained ViT, ViT from scratch, nnU-Net default) on the smoke
     schedule through the real nnUNetv2_train; SIGKILL once two runs are done and the third has a checkpoint; the
     re-run redoes nothing finished, continues the interrupted run with --c, and reports what the summaries say."""
@@ -183,9 +193,10 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     args = ["-d", "990", "-pt", str(ckpt), "-p", "T_study", "-f", "1", "2", "--budgets", "50", "100", "--arms",
             "frozen", "scratch", "nnunet", "--schedule", "smoke", "-device", "cpu", "-o", str(out)]
 
-    dry = run_cli("nnUNetv2_hiendmae_study", *args, "--dry-run", check=True)
-    assert "12 runs (3 arms x 2 label budgets x 2 folds)" in dry.stdout and "to be written" in dry.stdout
-    assert dry.stdout.count("to do") == 12 and "no time estimate" in dry.stdout
+    st.main([*args, "--dry-run"])  # in this process: the listing needs no process of its own
+    dry = capsys.readouterr().out
+    assert "12 runs (3 arms x 2 label budgets x 2 folds)" in dry and "to be written" in dry
+    assert dry.count("to do") == 12 and "no time estimate" in dry
     assert not out.exists() and not (folder / "T_study.json").exists()  # a dry run writes nothing
 
     study = st.setup(st.build_parser().parse_args(args))

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import console_script, kill_tree, run_cli
+from conftest import cli_error, console_script, kill_tree, run_cli
 
 from nnunetv2_hiendmae.demo.synthetic import make_case
+from pretrain.unlabeled_cli import main
 
 CMD = "nnUNetv2_hiendmae_preprocess_unlabeled"
 SMALL = ["--spacing", "4", "4", "4", "--patch-size", "16", "32", "32"]
@@ -212,7 +213,7 @@ def test_same_arrays_as_nnunet_preprocessing(preprocessed_dataset, nnunet_dirs, 
     assert plans["foreground_intensity_properties_per_channel"] == base["foreground_intensity_properties_per_channel"]
 
 
-def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tmp_path):
+def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tmp_path, capsys):
     images = tmp_path / "mr"
     rng = np.random.default_rng(5)
     for i in range(2):
@@ -231,13 +232,12 @@ def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tm
             (["-d", "990"], "dataset id 990 is taken by Dataset990_HiEndTest"),
             (["--part", "0"], "--part K and --num-parts N go together"),
             (["--part", "2", "--num-parts", "2"], "--part must be in 0..1 for --num-parts 2")):
-        proc = run_cli(CMD, "-i", str(images), *(argv if "-d" in argv else ["-d", "974", *argv]))
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (argv, proc.stderr)
+        code, lines, _ = cli_error(main, ["-i", str(images), *(argv if "-d" in argv else ["-d", "974", *argv])], capsys)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli(CMD, "-i", str(empty), "-d", "974")
-    assert proc.returncode == 2 and "no images" in proc.stderr
+    code, lines, _ = cli_error(main, ["-i", str(empty), "-d", "974"], capsys)
+    assert code == 2 and "no images" in lines[-1]
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.nii.gz").write_bytes(b"nothing")
@@ -248,7 +248,7 @@ def test_mr_zscore_ct_window_and_bad_flags(preprocessed_dataset, nnunet_dirs, tm
     assert not list(nnunet_dirs["nnUNet_preprocessed"].glob("Dataset974_*"))  # no empty dataset left behind
 
 
-def test_reader_flag_names_the_nnunet_reader_of_every_file(nnunet_dirs, tmp_path):
+def test_reader_flag_names_the_nnunet_reader_of_every_file(nnunet_dirs, tmp_path, capsys):
     """--reader picks nnU-Net's reader by name, as a dataset.json's overwrite_image_reader_writer does: the
     orientation-normalising NibabelIOWithReorient turns these SimpleITK-written (LPS) files to RAS, so the two in-plane
     axes come out flipped; the reader is recorded with the settings and the plans, and a re-run must use the same."""
@@ -265,8 +265,7 @@ def test_reader_flag_names_the_nnunet_reader_of_every_file(nnunet_dirs, tmp_path
     folder = dataset_folder(nnunet_dirs, 977)
     assert json.loads((folder / "hiendmae_unlabeled.json").read_text())["reader"] == "NibabelIOWithReorient"
     assert json.loads((folder / "nnUNetPlans.json").read_text())["image_reader_writer"] == "NibabelIOWithReorient"
-    proc = run_cli(CMD, "-d", "977", *flags)  # the same dataset, read by another reader: refused
-    assert proc.returncode == 2 and "reader" in proc.stderr.strip().splitlines()[-1]
-    proc = run_cli(CMD, "-d", "978", *flags, "--reader", "NoSuchIO")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "NoSuchIO is not an nnU-Net image reader" in lines[0]
+    code, lines, _ = cli_error(main, ["-d", "977", *flags], capsys)  # the same dataset, read by another reader
+    assert code == 2 and "reader" in lines[-1]
+    code, lines, _ = cli_error(main, ["-d", "978", *flags, "--reader", "NoSuchIO"], capsys)
+    assert code == 2 and len(lines) == 1 and "NoSuchIO is not an nnU-Net image reader" in lines[0]
