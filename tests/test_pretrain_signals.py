@@ -57,6 +57,7 @@ def test_held_out_cases_are_never_trained_on_and_score_the_same_twice(preprocess
     state = torch.get_rng_state()
     first = run.held_out(run.model, run.device, run.precision, 2)
     assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
+    torch.rand(7)  # the training draws in between: the masks must not follow its stream
     assert first == run.held_out(run.model, run.device, run.precision, 2)  # fixed views and masks
     assert set(first) == {"val_loss"} and first["val_loss"] > 0
     assert run.model.training
