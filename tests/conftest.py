@@ -179,13 +179,13 @@ def copy_preprocessed_dataset(src: Path, root: Path, dataset_id: int, name: str 
     return dst
 
 
-def make_trainer(cls: type, folder: Path, plans_name: str):
-    """A fine-tuning trainer on CPU for fold 0 of the dataset in ``folder`` with the named plans."""
+def make_trainer(cls: type, folder: Path, plans_name: str, fold: int = 0):
+    """A fine-tuning trainer on CPU for fold ``fold`` of the dataset in ``folder`` with the named plans."""
     import torch
 
     plans = json.loads((folder / f"{plans_name}.json").read_text())
     plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it
-    return cls(plans, "3d_fullres", 0, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
+    return cls(plans, "3d_fullres", fold, json.loads((folder / "dataset.json").read_text()), device=torch.device("cpu"))
 
 
 def descendants(pid: int) -> list[int]:

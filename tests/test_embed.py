@@ -15,7 +15,7 @@ import torch
 from conftest import CROP, make_trainer, run_cli, write_checkpoint
 
 from nnunetv2_hiendmae.presets import ct_window_statistics
-from pretrain.embed import ImageCases, embed_volume, preprocessed_cases
+from pretrain.embed import ImageCases, embed_volume, preprocessed_cases, token_fraction
 from pretrain.embed_cli import main
 from pretrain.trained_encoder import load_trained_encoder
 from pretrain.unlabeled import Case, Settings, plans_for
@@ -114,6 +114,11 @@ def test_token_map_lies_on_the_image_it_came_from(tmp_path):
     centre = item["token_origin"] + (idx * body.reshape(-1)).sum(1) / body.sum() * item["token_spacing"]
     np.testing.assert_allclose(centre, [15.5 * 3.0, 15.5 * 2.0, 24.5 * 1.5], atol=1e-6)  # mm from voxel (0, 0, 0)
     np.testing.assert_allclose(item["token_spacing"], [6.0, 4.0, 3.0])  # the target spacing, in the reader's order
+    # tokens of several voxels: the fraction of each token's voxels in the body (here 1 and 4 of 8)
+    mask = np.zeros((4, 2, 2), bool)
+    mask[0, 0, 0] = True
+    mask[2:, :, 0] = True
+    np.testing.assert_array_equal(token_fraction(mask, (2, 2, 2)), np.array([0.125, 0.5]).reshape(2, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------- the command

@@ -9,6 +9,7 @@ preprocessed in-process by nnU-Net's own DefaultPreprocessor with dataset 990's 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import shutil
@@ -169,6 +170,29 @@ def test_same_score_twice_global_rng_and_encoder_modes_untouched(data):
     built = probe.load_probe_encoder("random:vit_tiny", data.split).encoder.state_dict()
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(built[k], v) for k, v in expected.items())
+
+
+def test_every_class_weighs_the_same_in_the_fit_and_the_weights_reach_the_loss(data):
+    """Dataset 990's smaller organs stay under the sampling cap, so the classes have different voxel counts: each must
+    still weigh ``1 / classes`` in all. A class given no weight is never predicted, while the same encoder with the
+    balanced weights predicts it: the weights, not the voxel counts, decide the fit. With weight on the liver alone,
+    every scored voxel is predicted liver, and its score is nnU-Net's Dice of that prediction, ``2 |liver| /
+    (|liver| + |scored voxels|)`` per case, averaged over the cases (a recall would be 1)."""
+    counts = torch.bincount(data.point_classes)
+    assert len(counts) == 4 and len(set(counts.tolist())) > 1, counts  # unequal: equal weights per voxel would differ
+    sums = torch.zeros(4, dtype=torch.float64).index_add_(0, data.point_classes, data.point_weights.double())
+    torch.testing.assert_close(sums, torch.full((4,), 0.25, dtype=torch.float64))
+    encoder = probe.load_probe_encoder("random:vit_tiny", data.split).encoder
+    weights = data.point_weights.clone()
+    weights[data.point_classes == 3] = 0  # the kidneys (label 3) weigh nothing
+    balanced = probe.probe_score(encoder, data)
+    without = probe.probe_score(encoder, dataclasses.replace(data, point_weights=weights))
+    assert balanced.class_dice[3] > 0 and without.class_dice[3] == 0, (balanced, without)
+    liver = probe.probe_score(encoder, dataclasses.replace(data, point_weights=data.point_weights * (
+        data.point_classes == 1)))
+    sizes = [((c.classes == 1).sum().item(), (c.classes != probe.NOT_SCORED).sum().item()) for c in data.val]
+    assert liver.class_dice[1] == pytest.approx(np.mean([2 * n / (n + scored) for n, scored in sizes]), rel=1e-9)
+    assert liver.class_dice[2] == liver.class_dice[3] == 0 and len({n for n, _ in sizes}) == len(sizes) > 1
 
 
 def test_probe_seed_is_the_pretraining_default():

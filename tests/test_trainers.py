@@ -322,18 +322,22 @@ def test_only_the_smoke_schedule_predicts_without_test_time_mirroring(setup):
 
 
 def test_label_budget_cases_are_the_same_for_every_trainer_and_recorded(setup):
-    folder = setup["folder"]
+    """Fold 1 of dataset 990 has 5 training cases: 25 % are 2 of them, 50 % are 3, and its seed draws other cases
+    than fold 0's seed would (fold 0, with 4 training cases, gives 2 at every budget and cannot tell seeds apart)."""
+    folder, f = setup["folder"], 1
     chosen = {}
     for budget in (25, 50):
         for cls, plans in ((f"nnUNetTrainerHiEndMAE_frozen_smoke_budget{budget}", "T_tr"),
                            (f"nnUNetTrainerHiEndMAE_scratch_recompute_demo_budget{budget}", "T_tr"),
                            (f"nnUNetTrainerHiEndMAEBaseline_smoke_budget{budget}", "nnUNetPlans"),
                            (f"nnUNetTrainerHiEndMAEBaseline_250epochs_budget{budget}", "nnUNetPlans")):
-            trainer = make_trainer(getattr(trainers, cls), folder, plans)
+            trainer = make_trainer(getattr(trainers, cls), folder, plans, f)
             train, val = trainer.do_split()
-            fold = json.loads((folder / "splits_final.json").read_text())[0]
+            fold = json.loads((folder / "splits_final.json").read_text())[f]
             assert val == fold["val"] and set(train) <= set(fold["train"])  # the fold's whole validation set
-            assert train == variants.budget_cases(fold["train"], budget, 0)
+            assert train == variants.budget_cases(fold["train"], budget, f) != variants.budget_cases(fold["train"],
+                                                                                                   budget, 0)
+            assert len(train) == {25: 2, 50: 3}[budget]
             record = json.loads((Path(trainer.output_folder) / trainers.BUDGET_FILE).read_text())
             assert (record["label_budget_percent"], record["training_cases"], record["validation_cases"]) == \
                 (budget, train, val)
@@ -341,7 +345,7 @@ def test_label_budget_cases_are_the_same_for_every_trainer_and_recorded(setup):
             chosen.setdefault(budget, set()).add(tuple(train))
     assert all(len(cases) == 1 for cases in chosen.values())  # one subset per budget, whatever the trainer
     assert set(next(iter(chosen[25]))) <= set(next(iter(chosen[50])))
-    full = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, folder, "T_tr")  # the whole fold: no record
+    full = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, folder, "T_tr", f)  # the whole fold: no record
     assert list(full.do_split()[0]) == fold["train"]
     assert not (Path(full.output_folder) / trainers.BUDGET_FILE).exists()
 
