@@ -157,7 +157,8 @@ def test_parts_run_concurrently_then_a_plain_run_equal_one_run(tmp_path):
     folder = tmp_path / "new" / "preprocessed" / "Dataset980_Unlabeled"
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
         "hiendmae_unlabeled.json", "nnUNetPlans_3d_fullres"]  # no shared file but the settings, written once
-    assert len(list((folder / "nnUNetPlans_3d_fullres").glob("*_seg.b2nd"))) == 4  # parts 0 and 1: c0 c3 / c1 c4
+    done = sorted(p.name[:-len("_seg.b2nd")] for p in (folder / "nnUNetPlans_3d_fullres").glob("*_seg.b2nd"))
+    assert done == ["images__c0", "images__c1", "images__c3", "images__c4"]  # part K: cases K and K + 3 of c0..c4, cut
 
     final = run_cli(CMD, "-d", "980", *flags, env=env, check=True)  # picks up part 2's cases: c2 and cut
     assert "5 preprocessed (4 from an earlier run), 1 skipped: 1 not a readable NIfTI: truncated or corrupt" \
