@@ -75,6 +75,9 @@ class PositionEncoder(torch.nn.Module):
         cls = content[:, 0, 0, 0][:, None].expand(-1, 4)
         return torch.cat([cls[:, None], features.flatten(2).transpose(1, 2)], 1), []
 
+    def pooled(self, normed: torch.Tensor) -> torch.Tensor:
+        return normed[:, 0]  # the ViT's summary of a window: its CLS token
+
 
 def test_overlapping_windows_average_their_token_features():
     grid = (6, 4, 5)  # tokens; windows of 4 x 4 x 3 tokens at half-patch steps start at (0, 2) x (0,) x (0, 1, 2)
