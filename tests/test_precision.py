@@ -48,5 +48,5 @@ def test_a_run_on_an_unnormalised_dataset_reads_its_crops_in_float32(preprocesse
         cfg = PretrainConfig(datasets=[dataset], output_dir=str(tmp_path / dataset), arch="vit_tiny",
                              patch_size=[16, 32, 32], batch_size=2, device="cpu", precision="bf16", num_workers=0,
                              progress_bar=False)
-        dtypes.append(PretrainRun(cfg).data.dtype)
+        dtypes.append(PretrainRun(cfg).data.crops.dtype)
     assert dtypes == [torch.float16, torch.float32]
