@@ -52,6 +52,10 @@ def test_data_holds_out_cases_lays_out_the_epoch_over_the_ranks_and_keeps_a_resu
     kept = sorted(trained)[:3]
     resumed = build.build_data(cfg, build.Placement(0, 1, torch.device("cpu"), "fp32"), {"val_cases": kept})
     assert resumed.val_cases == kept and resumed.num_cases == 6
+    # --probe-dataset: its split is checked against the pretraining data's channel count (1 here, of 2 datasets)
+    probed = build.build_data(config(tmp_path, val_cases="2", probe_dataset=str(preprocessed_dataset["id"])),
+                              build.Placement(0, 1, torch.device("cpu"), "fp32"), {})
+    assert probed.probe_split.dataset_name == preprocessed_dataset["name"] and probed.probe_split.channels == 1
 
 
 def test_signals_but_the_fingerprints_are_rank_0s_and_a_resume_keeps_the_stored_ones(preprocessed_dataset, tmp_path,
@@ -86,6 +90,8 @@ def test_model_starts_from_the_seeds_weights_on_every_rank_and_draws_its_own_mas
     assert rank0.encoder_cfg["in_channels"] == 2 and rank0.model.encoder.in_channels == 2
     assert rank0.ddp is rank0.model and rank0.compiled is rank0.model  # no process group, no --compile on the CPU
     assert rank0.scaler is None and isinstance(rank1.scaler, torch.amp.GradScaler)
+    bf16 = build.build_model(cfg, build.Placement(0, 1, torch.device("cpu"), "bf16"), in_channels=2)
+    assert bf16.scaler is None  # bf16 has fp32's exponent range: only fp16 scales its loss
     decay = {g["weight_decay"] for g in rank0.optimizer.param_groups}
     assert decay == {0.0, cfg.weight_decay} and rank0.optimizer.defaults["betas"] == (0.9, 0.95)
     assert sum(len(g["params"]) for g in rank0.optimizer.param_groups) == len(list(rank0.model.parameters()))
