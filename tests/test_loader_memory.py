@@ -64,7 +64,8 @@ def test_an_estimate_that_would_not_fit_says_what_fits_without_running_the_full_
                          arch="vit_tiny", patch_size=[16, 32, 32], batch_size=8, num_workers=0,
                          method_settings={"crops_per_volume": 1}, device="cpu", progress_bar=False, iters_per_epoch=1)
     run = PretrainRun(cfg, planned_ranks=1)
-    measured = estimate.step_memory(run, {k: v[:2] for k, v in next(iter(make_loader(run.data.crops, 8, 0, "cpu"))).items()})
+    batch = next(iter(make_loader(run.data.crops, 8, 0, "cpu")))
+    measured = estimate.step_memory(run, {k: v[:2] for k, v in batch.items()})
     assert measured[0] > 0 and measured[1] >= 0
     steps = []
     real_step = estimate._train_step
