@@ -28,10 +28,9 @@ import torch
 from dynamic_network_architectures.building_blocks.eva import Eva
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from timm.layers import build_rotary_pos_embed
-from torch import nn
 
 from nnunetv2_hiendmae.presets import Grid, token_size_3d
-from nnunetv2_hiendmae.vit import PatchEmbed3D, interpolate_pos_embed, patchify, take_tokens, tap_indices
+from nnunetv2_hiendmae.vit import PatchEmbed3D, TokenGridEncoder, interpolate_pos_embed, take_tokens, tap_indices
 
 
 def primus_group_matcher(prefix: str = "") -> dict:
@@ -40,7 +39,7 @@ def primus_group_matcher(prefix: str = "") -> dict:
     return {"stem": rf"^{prefix}(?:down_projection|eva\.pos_embed)", "blocks": rf"^{prefix}eva\.blocks\.(\d+)"}
 
 
-class PrimusEncoder(nn.Module):
+class PrimusEncoder(TokenGridEncoder):
     """Primus's patch embedding and EVA encoder with the interface of :class:`~nnunetv2_hiendmae.vit.ViTEncoder3D`.
 
     ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, N, E]`` (no CLS) and the raw residual
@@ -85,13 +84,6 @@ class PrimusEncoder(nn.Module):
     def taps(self) -> tuple[int, int, int]:
         return tap_indices(self.depth)
 
-    def grid(self, spatial_shape: Sequence[int]) -> Grid:
-        """Token grid of an input; every axis must be a multiple of the token size (ValueError otherwise)."""
-        if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
-            raise ValueError(f"input shape {tuple(spatial_shape)} is not a multiple of the token size "
-                             f"{self.token_size} on every axis")
-        return tuple(s // t for s, t in zip(spatial_shape, self.token_size))  # type: ignore[return-value]
-
     def pos_embed_for(self, grid: Grid, device: torch.device | None = None) -> torch.Tensor:
         """``[1, L, E]``: the learned absolute embedding resized trilinearly to ``grid`` (``device``: unused, the
         embedding lives on the module's device; kept for the ViT's signature)."""
@@ -112,18 +104,12 @@ class PrimusEncoder(nn.Module):
         """``[B, N, E]`` -> ``[B, E]``: the mean of the normed tokens, what stands in for the ViT's CLS token."""
         return normed.mean(dim=1)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, replace: torch.Tensor | None = None,
-                mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``x [B, C, H, W, D]``; see the class docstring."""
-        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep, replace, mask_token)
-
     def forward_patches(self, patches: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None,
                         replace: torch.Tensor | None = None,
                         mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The same from :func:`~nnunetv2_hiendmae.vit.patchify` output ``[B, L, p³C]`` of a volume whose token
         grid is ``grid``."""
-        if (replace is None) != (mask_token is None) or (replace is not None and keep is not None):
-            raise ValueError("give replace with mask_token (and without keep), or neither")
+        self.check_masking(keep, replace, mask_token)
         pos, rope = self.pos_embed_for(grid), self.rope_for(grid)[None]  # [1, L, E], [1, L, 2 hd]
         if keep is not None:  # visible tokens only: [B, N, ...]
             patches, pos, rope = take_tokens(patches, keep), take_tokens(pos, keep), take_tokens(rope, keep)

@@ -114,7 +114,35 @@ class PatchEmbed3D(nn.Module):
         return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
 
 
-class ViTEncoder3D(nn.Module):
+class TokenGridEncoder(nn.Module):
+    """What every encoder here shares around its own :meth:`forward_patches`: the token grid of an input and the
+    call on a whole volume (:class:`ViTEncoder3D`, :class:`~nnunetv2_hiendmae.primus.PrimusEncoder`)."""
+
+    token_size: Grid
+
+    def grid(self, spatial_shape: Sequence[int]) -> Grid:
+        """Token grid of an input; every axis must be a multiple of the token size (ValueError otherwise)."""
+        if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
+            raise ValueError(
+                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} "
+                "on every axis"
+            )
+        return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, replace: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x [B, C, H, W, D]``; see the class docstring."""
+        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep, replace, mask_token)
+
+    @staticmethod
+    def check_masking(keep: torch.Tensor | None, replace: torch.Tensor | None,
+                      mask_token: torch.Tensor | None) -> None:
+        """Tokens are dropped (``keep``) or replaced (``replace`` with ``mask_token``), never both (ValueError)."""
+        if (replace is None) != (mask_token is None) or (replace is not None and keep is not None):
+            raise ValueError("give replace with mask_token (and without keep), or neither")
+
+
+class ViTEncoder3D(TokenGridEncoder):
     """Pre-norm 3D ViT with a CLS token (zero positional embedding) and a final LayerNorm.
 
     ``forward`` returns ``(normed, hidden)``: the final normed tokens ``[B, 1+N, E]`` (CLS first) and the raw
@@ -186,15 +214,6 @@ class ViTEncoder3D(nn.Module):
     def taps(self) -> tuple[int, int, int]:
         return tap_indices(self.depth)
 
-    def grid(self, spatial_shape: Sequence[int]) -> Grid:
-        """Token grid of an input; every axis must be a multiple of the token size."""
-        if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
-            raise ValueError(
-                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} "
-                "on every axis"
-            )
-        return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
-
     def pooled(self, normed: torch.Tensor) -> torch.Tensor:
         """``[B, 1+N, E]`` -> ``[B, E]``: the normed CLS token, the summary of a volume the methods project."""
         return normed[:, 0]
@@ -205,17 +224,11 @@ class ViTEncoder3D(nn.Module):
             return interpolate_pos_embed(self.pos_embed, self.pos_embed_grid, grid)
         return sincos_pos_embed_3d(grid, self.embed_dim, device=device)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, replace: torch.Tensor | None = None,
-                mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``x [B, C, H, W, D]``; see the class docstring."""
-        return self.forward_patches(patchify(x, self.token_size), self.grid(x.shape[2:]), keep, replace, mask_token)
-
     def forward_patches(self, patches: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None,
                         replace: torch.Tensor | None = None,
                         mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The same from :func:`patchify` output ``[B, L, p³C]`` of a volume whose token grid is ``grid``."""
-        if (replace is None) != (mask_token is None) or (replace is not None and keep is not None):
-            raise ValueError("give replace with mask_token (and without keep), or neither")
+        self.check_masking(keep, replace, mask_token)
         pos = self.pos_embed_for(grid, patches.device)  # [1, L, E]
         if keep is not None:  # visible tokens only: [B, N, ...]
             patches, pos = take_tokens(patches, keep), take_tokens(pos, keep)
