@@ -231,11 +231,11 @@ class PretrainRun:
         self.out = Path(cfg.output_dir)
         stored = (resume_from or {}).get("pretrain", {})  # what the run a resume continues decided
         self.data = build_data(cfg, place, stored)
+        if planned_ranks is None:  # before the slow steps: a /dev/shm too small is refused at once
+            check_shared_memory(self.data.loader_memory, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.signals = build_signals(cfg, place, self.data, stored)
         self.encoder_cfg, self.model, self.ddp, self.compiled, self.optimizer, self.scaler = build_model(
             cfg, place, self.data.meta["in_channels"])
-        if planned_ranks is None:
-            check_shared_memory(self.data.loader_memory, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.crops_per_step = cfg.batch_size * cfg.views_per_case()
         self.best = -math.inf  # the best probe score so far (checkpoint_best.pth)
         self.schedule = LRSchedule(cfg.lr, cfg.warmup_epochs, cfg.epochs)
