@@ -76,20 +76,28 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", weights_o
                         f"{_first_line(e)})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", nnssl: bool = True) -> dict:
+    """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`.
+    ``nnssl``: an nnssl Primus checkpoint is accepted too, read into our layout in memory
+    (:func:`nnunetv2_hiendmae.nnssl.from_nnssl`, ``pretrain["source"] == "nnssl"``)."""
     try:
         ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
     except HoldsPythonObjects as e:
         raise UserError(f"{e}: nnunetv2_hiendmae checkpoints load with weights_only=True (a reference Hi-End-MAE "
                         f"file converts with nnUNetv2_hiendmae_import)") from None
+    if nnssl:
+        from nnunetv2_hiendmae.nnssl import from_nnssl, is_nnssl_checkpoint
+
+        if is_nnssl_checkpoint(ckpt):
+            return from_nnssl(ckpt, path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and "state_dict" in ckpt:
             hint = "; it looks like a reference Hi-End-MAE checkpoint: convert it with nnUNetv2_hiendmae_import"
         found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is a torch file but not a nnunetv2_hiendmae pretraining checkpoint: expected the "
-                        f"keys {', '.join(KEYS)}, found {found or 'none'}{hint}")
+                        f"keys {', '.join(KEYS)}{' (or an nnssl checkpoint)' if nnssl else ''}, found "
+                        f"{found or 'none'}{hint}")
     return upgraded(ckpt)
 
 

@@ -228,7 +228,8 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, process
     dataset; by name where the pretraining read the dataset itself (``datasets``): all its cases, or, with a recorded
     ``fold`` F, the training cases of fold F, whose plans then serve fold F only, so only fold F is checked (by
     content too: the guard confirms the fold rather than trusting it). Without fingerprints (older or imported
-    checkpoints) a note says that the content cannot be checked.
+    checkpoints) a note says that the content cannot be checked; for a checkpoint read from nnssl, which records no
+    case list at all, the note names the pretraining dataset it does record.
     """
     fingerprints = pretrain.get("case_fingerprints") or {}
     own = _pretrained_on(pretrain, dataset)
@@ -238,7 +239,11 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, process
     if leaks is not None and scored_fold is not None:
         leaks.test = {}
     notes = []
-    if not fingerprints:
+    if pretrain.get("source") == "nnssl":
+        notes.append(f"nnssl records no list of its pretraining cases (this checkpoint names only its pretraining "
+                     f"dataset, {pretrain.get('nnssl_dataset') or 'unnamed'}): whether it saw {dataset}'s "
+                     "validation or test images cannot be checked; make sure that dataset holds none of them")
+    elif not fingerprints:
         notes.append("the checkpoint records no content fingerprints of its pretraining cases: whether it saw this "
                      "dataset's validation or test images cannot be checked"
                      + (f" (checked by name: it pretrained on {dataset} itself)" if own else ""))

@@ -152,6 +152,7 @@ def normalisation(ds: Dataset, pretrain: dict, ckpt_path: Path, notes: list[str]
     Dataset channel c is compared with pretraining channel c (or 0 for a 1-channel checkpoint): when both use the
     same nnU-Net scheme, the pretraining's mask rule and (CT) intensity properties are taken; a different scheme
     means another modality, whose intensities the pretraining statistics do not describe, so the dataset's stays.
+    A checkpoint read from nnssl, whose pretraining Z-scores every modality, gives its schemes to every channel.
     """
     schemes = list(ds.base_cfg["normalization_schemes"])
     masks = list(ds.base_cfg["use_mask_for_norm"])
@@ -159,6 +160,12 @@ def normalisation(ds: Dataset, pretrain: dict, ckpt_path: Path, notes: list[str]
     pre_schemes = pretrain_value(ckpt_path, pretrain, "normalization_schemes")
     pre_masks = pretrain_value(ckpt_path, pretrain, "use_mask_for_norm")
     pre_props = pretrain_value(ckpt_path, pretrain, "foreground_intensity_properties_per_channel")
+    if pretrain.get("source") == "nnssl":  # nnssl normalises every channel of every modality alike (Z-score)
+        schemes = [pre_schemes[c if len(pre_schemes) == ds.num_channels else 0] for c in range(ds.num_channels)]
+        masks = [bool(pre_masks[c if len(pre_masks) == ds.num_channels else 0]) for c in range(ds.num_channels)]
+        notes.append(f"normalisation {', '.join(sorted(set(schemes)))} on every channel, as the nnssl pretraining "
+                     "(and nnU-Net master's nnUNetv2_preprocess_like_nnssl) normalise")
+        return schemes, masks, props
     for c in range(ds.num_channels):
         p = c if len(pre_schemes) == ds.num_channels else 0
         if schemes[c] != pre_schemes[p]:
@@ -243,6 +250,10 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
     if channels != ds.num_channels:
         notes.append(f"1-channel encoder stem repeated over the dataset's {ds.num_channels} channels")
     pretrain = ckpt["pretrain"]
+    from nnunetv2_hiendmae.nnssl import preprocessing_note
+
+    if preprocessing_note(pretrain):
+        notes.append(preprocessing_note(pretrain))
     pre_tf = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
     patch = to_dataset_axes(pretrain_value(path, pretrain, "patch_size"), pre_tf, ds.base["transpose_forward"])
     from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
@@ -389,7 +400,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset", required=True, help="dataset ID or DatasetXXX_Name (must be planned and "
                    "preprocessed by nnUNetv2_plan_and_preprocess)")
     p.add_argument("-pt", dest="pretrained", metavar="CHECKPOINT",
-                   help="pretraining checkpoint (nnUNetv2_hiendmae_pretrain or nnUNetv2_hiendmae_import output)")
+                   help="pretraining checkpoint (nnUNetv2_hiendmae_pretrain or nnUNetv2_hiendmae_import output, or an "
+                        "nnssl Primus checkpoint)")
     p.add_argument("--arch", choices=sorted(PRESETS), help="without -pt: the ViT preset of a from-scratch baseline "
                    "(sin-cos position embedding); with -pt: must match the checkpoint's encoder")
     p.add_argument("-pl_base", dest="base", default="nnUNetPlans", help="plans to derive from (default: %(default)s)")

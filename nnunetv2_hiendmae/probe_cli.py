@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(splits_final.json, else nnU-Net's default 5-fold split, made in memory; default: 0)")
     p.add_argument("-pt", "--pretrained", nargs="+", required=True, metavar="CKPT",
                    help="pretraining checkpoints (checkpoint_final.pth, checkpoint_latest.pth, "
-                        f"nnUNetv2_hiendmae_import output) and/or random:ARCH (ARCH one of {', '.join(PRESETS)}: "
+                        "nnUNetv2_hiendmae_import output, an nnssl Primus checkpoint) and/or random:ARCH "
+                        f"(ARCH one of {', '.join(PRESETS)}: "
                         "that encoder at its initial weights, the floor every checkpoint must beat)")
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
                    help="where to write probe.csv and probe.md (default: $nnUNet_results/<Dataset>/"
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nnunetv2_hiendmae import probe
     from nnunetv2_hiendmae.compare import prepare_out_dir, write_files
     from nnunetv2_hiendmae.leakage import check_checkpoint
+    from nnunetv2_hiendmae.nnssl import preprocessing_note
     from nnunetv2_hiendmae.nnunet_paths import nnunet_folder
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -160,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for spec in args.pretrained:
         subject = probe.load_probe_encoder(spec, split, args.seed)
         checked.append((subject.patch_size, subject.encoder.token_size))
+        read_from_nnssl = preprocessing_note(subject.pretrain or {})
+        if read_from_nnssl:
+            print(f"note: {spec}: {read_from_nnssl}; {split.dataset_name} is probed as preprocessed by {args.plans}")
         if subject.pretrain is not None:
             try:
                 warnings, notes = check_checkpoint(subject.pretrain, split.dataset_name, args.strict,

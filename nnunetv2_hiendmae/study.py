@@ -542,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True,
                    help="dataset id or DatasetXXX_Name, planned and preprocessed by nnUNetv2_plan_and_preprocess")
     p.add_argument("-pt", "--checkpoint", required=True, metavar="CHECKPOINT",
-                   help="the pretraining checkpoint (nnUNetv2_hiendmae_pretrain or nnUNetv2_hiendmae_import output); "
+                   help="the pretraining checkpoint (nnUNetv2_hiendmae_pretrain or nnUNetv2_hiendmae_import "
+                        "output, or an nnssl Primus checkpoint); "
                         "its fine-tuning plans are written once with nnUNetv2_hiendmae_plan, or reused if -p names "
                         "plans written for it")
     p.add_argument("-f", "--folds", nargs="+", type=int, metavar="F",

@@ -105,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError(f"--reader {args.reader} is not an nnU-Net image reader; "
                         f"choose one of {', '.join(reader_names())}")
     trained = load_trained_encoder(args.checkpoint)
+    for note in trained.notes:
+        print(f"note: {note}")
     if args.inputs:
         cases = find_cases(args.inputs, args.file_ending)
         if not cases:

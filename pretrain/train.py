@@ -674,7 +674,7 @@ def config_from_flags(given: dict, mode: str = "new") -> tuple[PretrainConfig, d
     if not latest.is_file():
         raise UserError(f"--resume: {out} holds no run to resume (no {LATEST}); check -o, or leave out --resume "
                         "to start a new run")
-    ckpt = load_checkpoint(latest)
+    ckpt = load_checkpoint(latest, nnssl=False)
     if "train_state" not in ckpt:
         raise UserError(f"{latest} holds no training state to resume from")
     cfg, changed = resumed_config(ckpt["train_state"]["config"], given)

@@ -4,12 +4,15 @@
   weights; preprocessing from the ``pretrain`` block (spacing, ``transpose_forward``, normalisation schemes, mask
   rule and intensity properties; resampling is nnU-Net's default, which the block does not record); the patch is the
   pretraining patch.
+- **nnssl checkpoint** (MIC-DKFZ/nnssl: ``network_weights`` and ``nnssl_adaptation_plan``) of a Primus: read into our
+  layout by :func:`nnunetv2_hiendmae.nnssl.from_nnssl`, then as a pretraining checkpoint; preprocessing from its
+  ``pretrain_plan`` (spacing, ``transpose_forward``, Z-score normalisation), the patch is the pretraining patch.
 - **Fine-tuned nnU-Net checkpoint** (``checkpoint_final.pth`` or ``checkpoint_best.pth`` of ``nnUNetv2_train`` with
   an ``nnUNetTrainerHiEndMAE*`` trainer, written by nnU-Net's ``nnUNetTrainer.save_checkpoint``): the encoder part
   (``encoder.*``) of the :class:`~nnunetv2_hiendmae.network.HiEndUNETR` in ``network_weights``; preprocessing, patch
   and image reader from the plans and configuration in ``init_args``, as ``nnUNetv2_predict`` takes them.
 
-Both are read with ``torch.load(weights_only=True)``. nnU-Net's checkpoint keeps numpy scalars in its training log,
+All are read with ``torch.load(weights_only=True)``. nnU-Net's checkpoint keeps numpy scalars in its training log,
 so numpy's scalar and dtype reconstruction are allowed besides tensors; no other Python object is unpickled.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ from nnunetv2_hiendmae.checkpoint import (
 )
 from nnunetv2_hiendmae.encoders import Encoder, build_encoder
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.nnssl import KEYS as NNSSL_KEYS
+from nnunetv2_hiendmae.nnssl import from_nnssl, is_nnssl_checkpoint, preprocessing_note
 from nnunetv2_hiendmae.presets import NETWORK_CLASSES, encoder_kind
 from pretrain.unlabeled import Settings
 
@@ -52,6 +57,7 @@ class TrainedEncoder:
     settings: Settings
     fingerprint: str
     description: str
+    notes: list[str] = field(default_factory=list)  # what the commands report about it (an nnssl preprocessing)
 
 
 def numpy_scalar_globals() -> list:
@@ -65,19 +71,25 @@ def numpy_scalar_globals() -> list:
 
 
 def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
-    """Read either kind of checkpoint (module docstring); a missing, unreadable or foreign file, or an nnU-Net
-    checkpoint of a network without our ViT, is a :class:`~nnunetv2_hiendmae.errors.UserError`."""
+    """Read any of the three kinds of checkpoint (module docstring); a missing, unreadable or foreign file, or an
+    nnU-Net checkpoint of a network without our ViT, is a :class:`~nnunetv2_hiendmae.errors.UserError`."""
     path = Path(path).expanduser().resolve()
     allowed = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; before, numpy scalars are refused
     with allowed(numpy_scalar_globals()) if allowed else contextlib.nullcontext():
         ckpt = read_torch_file(path, "checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         return _from_pretraining(ckpt, path)
+    if is_nnssl_checkpoint(ckpt):
+        ours = from_nnssl(ckpt, path)
+        trained = _from_pretraining(ours, path, f"nnssl checkpoint {path}")
+        trained.notes.append(preprocessing_note(ours["pretrain"]))
+        return trained
     if isinstance(ckpt, dict) and all(k in ckpt for k in NNUNET_KEYS):
         return _from_nnunet(ckpt, path)
     found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise UserError(f"{path} is neither a nnunetv2_hiendmae pretraining checkpoint (keys {', '.join(KEYS)}) nor an "
-                    f"nnU-Net training checkpoint (keys {', '.join(NNUNET_KEYS)}); found {found or 'none'} (a "
+    raise UserError(f"{path} is neither a nnunetv2_hiendmae pretraining checkpoint (keys {', '.join(KEYS)}), an "
+                    f"nnssl checkpoint (keys {', '.join(NNSSL_KEYS)}) nor an nnU-Net training checkpoint (keys "
+                    f"{', '.join(NNUNET_KEYS)}); found {found or 'none'} (a "
                     f"reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import)")
 
 
@@ -91,7 +103,7 @@ def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> Encoder
     return encoder.eval()
 
 
-def _from_pretraining(ckpt: dict, path: Path) -> TrainedEncoder:
+def _from_pretraining(ckpt: dict, path: Path, source: str | None = None) -> TrainedEncoder:
     pre = upgraded(ckpt)["pretrain"]
     patch = pre.get("patch_size")
     missing = [k for k in PRETRAIN_KEYS if pre.get(k) is None] + ([] if patch else ["patch_size"])
@@ -105,7 +117,7 @@ def _from_pretraining(ckpt: dict, path: Path) -> TrainedEncoder:
         [int(a) for a in pre.get("transpose_forward") or range(3)], schemes,
         [bool(m) for m in pre.get("use_mask_for_norm") or [False] * len(schemes)],
         json.loads(json.dumps(pre["foreground_intensity_properties_per_channel"])), patch_size=patch,
-        source=f"pretraining checkpoint {path}")
+        source=source or f"pretraining checkpoint {path}")
     encoder = _load(ckpt["encoder"], encoder_state_dict(ckpt), path)
     return TrainedEncoder(encoder, settings, encoder_fingerprint(ckpt),
                           f"{ckpt['encoder'].get('arch')} encoder pretrained with {ckpt.get('method')}")
