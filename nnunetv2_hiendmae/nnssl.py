@@ -148,16 +148,13 @@ def pretrain_patch(plan: dict, path: object = "") -> list[int]:
 
 
 def _token_grid(tokens: int, patch: Sequence[int], token: Sequence[int], path: object) -> list[int]:
-    """The learned position embedding's grid: the pretraining patch's token grid, or a cube when the stored
-    embedding has a cube number of rows and the patch another count (a plan whose patch was replaced)."""
+    """The learned position embedding's grid: the pretraining patch's token grid, which must have as many tokens as
+    the stored embedding has rows (nnU-Net master resizes the embedding from that grid too)."""
     grid = [p // t for p, t in zip(patch, token)]
-    if math.prod(grid) == tokens:
-        return grid
-    side = round(tokens ** (1 / 3))
-    if side ** 3 == tokens:
-        return [side] * 3
-    raise UserError(f"nnssl checkpoint {path}: eva.pos_embed has {tokens} rows, but the pretraining patch {patch} "
-                    f"has {math.prod(grid)} tokens of {list(token)}")
+    if math.prod(grid) != tokens or any(p % t for p, t in zip(patch, token)):
+        raise UserError(f"nnssl checkpoint {path}: eva.pos_embed has {tokens} rows, but the pretraining patch "
+                        f"{list(patch)} has {math.prod(grid)} tokens of {list(token)}")
+    return grid
 
 
 def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], path: object) -> dict:
@@ -166,7 +163,9 @@ def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], pat
     pretrain_plan = plan["pretrain_plan"]
     schemes = [str(s) for s in config.get("normalization_schemes") or [Z_SCORE] * channels]
     needs_statistics = [s for s in schemes if s != Z_SCORE and s != "NoNormalization"]
-    if needs_statistics:
+    # a file written by to_nnssl carries our CT statistics beside nnssl's fields
+    statistics = (ckpt.get("nnunetv2_hiendmae") or {}).get("foreground_intensity_properties_per_channel")
+    if needs_statistics and not statistics:
         raise UserError(f"nnssl checkpoint {path}: its pretraining normalised with {needs_statistics[0]}, whose "
                         "intensity statistics nnssl does not record")
     spacing = config.get("spacing")
@@ -179,7 +178,7 @@ def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], pat
         "transpose_forward": [int(a) for a in pretrain_plan.get("transpose_forward") or range(3)],
         "normalization_schemes": schemes,
         "use_mask_for_norm": [bool(m) for m in config.get("use_mask_for_norm") or [False] * len(schemes)],
-        "foreground_intensity_properties_per_channel": {str(c): {} for c in range(len(schemes))},
+        "foreground_intensity_properties_per_channel": statistics or {str(c): {} for c in range(len(schemes))},
         "image_reader_writer": pretrain_plan.get("image_reader_writer"),
         "resampling_fn_data": config.get("resampling_fn_data"),
         "in_channels": channels, "patch_size": patch,
@@ -344,5 +343,7 @@ def to_nnssl(ckpt: dict, seed: int = 0) -> tuple[dict, list[str]]:
     out = {"network_weights": {k: v.detach().clone() for k, v in network.state_dict().items()},
            "nnssl_adaptation_plan": plan, "trainer_name": "nnunetv2_hiendmae",
            "citations": ["Wald et al. 2025, Primus: Enforcing Attention Usage for 3D Medical Image Segmentation"],
-           "nnunetv2_hiendmae": {"method": ckpt.get("method"), "encoder": dict(config)}}
+           "nnunetv2_hiendmae": {"method": ckpt.get("method"), "encoder": dict(config),
+                                 "foreground_intensity_properties_per_channel":
+                                     pretrain.get("foreground_intensity_properties_per_channel")}}
     return out, warnings

@@ -1,0 +1,367 @@
+"""nnssl checkpoints in probe, embed, plan and study; our checkpoints in nnU-Net's loaders (docs/interop.md).
+
+The nnssl checkpoint is built here with nnssl's key layout and adaptation-plan fields, from dynamic-network-
+architectures' modules (nnssl itself is not installable from PyPI): a tiny Primus (embed 48, depth 2, 2 heads, 8^3
+tokens, 32^3 pretraining patch) given explicit Primus arguments, as nnU-Net master's ``PretrainedTrainer_Primusx``
+reads them.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRAIN_ENV, cli_error, run_cli, write_checkpoint
+from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, Primus
+from dynamic_network_architectures.building_blocks.eva import Eva
+from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd, PatchDecode, PatchEmbed
+from einops import rearrange
+from torch import nn
+
+from nnunetv2_hiendmae import export, nnssl, probe_cli
+from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
+from nnunetv2_hiendmae.encoders import build_encoder
+from nnunetv2_hiendmae.plans import build_plan, parser, to_dataset_axes
+from nnunetv2_hiendmae.plans import main as plan_main
+from nnunetv2_hiendmae.presets import encoder_config
+from pretrain import embed_cli
+from pretrain.trained_encoder import load_trained_encoder
+
+TINY = {"embed_dim": 48, "encoder_eva_depth": 2, "encoder_eva_numheads": 2}  # rotary dim 48 / 2 / 1.5 = 16
+PATCH = [32, 32, 32]  # pretraining patch: a 4^3 token grid
+SPACING = [2.5, 1.25, 1.5]  # no two alike: an axis mix-up shows
+TRANSPOSE = [2, 0, 1]
+
+
+class EvaMAELayout(nn.Module):
+    """The module names of nnssl's ``EvaMAE`` (``src/nnssl/architectures/evaMAE_module.py``), the network of its
+    Primus MAE trainers: ``down_projection`` (PatchEmbed), ``eva`` (the encoder), ``up_projection`` (PatchDecode),
+    ``decoder`` (a second Eva) and a ``mask_token`` parameter; built from dynamic-network-architectures' blocks with
+    ``BaseEvaMAETrainer``'s settings (LayerScale 0.1, ``scale_attn_inner``)."""
+
+    def __init__(self, channels: int = 1):
+        super().__init__()
+        grid = tuple(p // 8 for p in PATCH)
+        kwargs = dict(ref_feat_shape=grid, init_values=0.1, scale_attn_inner=True, mlp_ratio=8 / 3)
+        self.down_projection = PatchEmbed((8, 8, 8), channels, TINY["embed_dim"])
+        self.eva = Eva(embed_dim=TINY["embed_dim"], depth=TINY["encoder_eva_depth"],
+                       num_heads=TINY["encoder_eva_numheads"], **kwargs)
+        self.up_projection = PatchDecode((8, 8, 8), TINY["embed_dim"], 1, norm=LayerNormNd, activation=nn.GELU)
+        self.decoder = Eva(embed_dim=TINY["embed_dim"], depth=1, num_heads=2, **kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, TINY["embed_dim"]))
+        with torch.no_grad():  # off the constant initial values (LayerScale, biases, position embedding)
+            for p in self.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, E]``: the encoder's normed tokens as a Primus computes them at the pretraining patch."""
+        return self.eva(rearrange(self.down_projection(x), "b c w h d -> b (w h d) c"))[0]
+
+
+def adaptation_plan(arch: dict | None = None, **changes) -> dict:
+    """``AdaptationPlan.serialize()`` (MIC-DKFZ/nnssl ``src/nnssl/adaptation_planning/adaptation_plan.py``), field by
+    field, with the values nnssl's Primus trainers give them
+    (``src/nnssl/training/nnsslTrainer/masked_image_modeling/BaseEvaMAETrainer.py``,
+    ``build_architecture_and_adaptation_plan``)."""
+    configuration = {  # ConfigurationPlan (src/nnssl/experiment_planning/experiment_planners/plan.py)
+        "data_identifier": "nnsslPlans_onemmiso", "preprocessor_name": "DefaultPreprocessor",
+        "spacing_style": "onemmiso",
+        "normalization_schemes": ["ZScoreNormalization"],  # what nnssl's planner always writes
+        "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_mask": "resample_data_or_seg_to_shape",
+        "resampling_fn_mask_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        # save_checkpoint turns numpy arrays into tensors (AbstractTrainer._convert_numpy)
+        "spacing": torch.tensor(SPACING, dtype=torch.float64), "patch_size": list(PATCH)}
+    plan = {
+        # ArchitecturePlans.serialize(): the explicit-arguments flavour PretrainedTrainer_Primusx reads (nnU-Net
+        # master, nnunetv2/training/nnUNetTrainer/pretraining/thrp_primusx_finetuning.py)
+        "architecture_plans": arch or {"arch_class_name": "PrimusX", "arch_kwargs": {
+            **TINY, "patch_embed_size": [8, 8, 8], "scale_attn_inner": True, "init_values": 0.1},
+            "arch_kwargs_requiring_import": []},
+        "pretrain_plan": {  # Plan (plan.py)
+            "dataset_name": "Dataset745_OpenMind", "plans_name": "nnsslPlans",
+            "original_median_spacing_after_transp": [1.0, 1.0, 1.0], "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": TRANSPOSE, "transpose_backward": [1, 2, 0],
+            "configurations": {"onemmiso": configuration}, "experiment_planner_used": "ExperimentPlanner"},
+        "pretrain_num_input_channels": 1,
+        "recommended_downstream_patchsize": list(PATCH),  # BaseEvaMAETrainer: (160, 160, 160)
+        "key_to_encoder": "eva", "key_to_stem": "down_projection", "keys_to_in_proj": ["down_projection.proj"],
+        "key_to_lpe": "eva.pos_embed"}
+    plan.update(changes)
+    return plan
+
+
+def write_nnssl_checkpoint(path, prefix: str = "", seed: int = 0, plan: dict | None = None) -> tuple:
+    """``(path, network)``: what nnssl's ``AbstractTrainer.save_checkpoint`` writes. ``prefix`` ``encoder.``: the
+    layout of nnssl's contrastive Primus trainers (``vocoEvaTrainer.py``: ``encoder.eva``)."""
+    torch.manual_seed(seed)
+    network = EvaMAELayout().eval()
+    weights = {f"{prefix}{k}": v for k, v in network.state_dict().items()}
+    plan = plan or adaptation_plan()
+    if prefix:
+        plan = {**plan, "key_to_encoder": f"{prefix}eva", "key_to_stem": f"{prefix}down_projection"}
+    torch.save({"network_weights": weights, "optimizer_state": {}, "grad_scaler_state": None, "logging": {},
+                "_best_ema": None, "current_epoch": 7, "init_args": {"fold": 0}, "trainer_name": "BaseEvaMAETrainer",
+                "nnssl_adaptation_plan": plan}, path)
+    return path, network
+
+
+@pytest.fixture(scope="module")
+def nnssl_ckpt(tmp_path_factory) -> tuple:
+    return write_nnssl_checkpoint(tmp_path_factory.mktemp("nnssl") / "checkpoint_final.pth")
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+
+@pytest.mark.parametrize("prefix", ["", "encoder."], ids=["MAE layout", "contrastive layout"])
+def test_an_nnssl_primus_reads_as_its_encoder_with_its_preprocessing(prefix, tmp_path):
+    path, network = write_nnssl_checkpoint(tmp_path / "c.pth", prefix)
+    trained = load_trained_encoder(path)
+    x = torch.randn(2, 1, *PATCH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(trained.encoder(x)[0], network.tokens(x), rtol=1e-5, atol=2e-5)
+    s = trained.settings
+    assert (s.spacing, s.transpose_forward, s.normalization_schemes, s.use_mask_for_norm, s.patch_size) == \
+        (SPACING, TRANSPOSE, ["ZScoreNormalization"], [False], PATCH)
+    assert s.source.startswith("nnssl checkpoint") and "nnssl BaseEvaMAETrainer" in trained.description
+    assert "spacing [2.5, 1.25, 1.5], transpose_forward [2, 0, 1], normalisation ZScoreNormalization" in \
+        trained.notes[0]
+
+
+def test_the_pretrain_patch_size_override_and_the_named_presets_are_read():
+    """nnU-Net master's loader takes a plan's ``pretrain_patch_size`` before the configuration's patch; the named
+    presets are dynamic-network-architectures' _PRIMUS_CONFIGS with 8^3 tokens."""
+    assert nnssl.pretrain_patch(adaptation_plan(pretrain_patch_size=[64, 32, 16])) == [64, 32, 16]
+    assert nnssl.pretrain_patch(adaptation_plan()) == PATCH
+    for size, conf in _PRIMUS_CONFIGS.items():
+        name = f"Primus{size}"
+        arch, dims = nnssl._primus_dimensions(adaptation_plan({"arch_class_name": name, "arch_kwargs": None}), "")
+        assert (dims["embed_dim"], dims["depth"], dims["num_heads"], dims["token_size"], dims["init_values"]) == \
+            (conf["embed_dim"], conf["eva_depth"], conf["eva_numheads"], [8, 8, 8], 0.1)
+        # and written back under the same name, without arguments (nnU-Net master builds it by name)
+        config = {**encoder_config(arch, pos_embed_grid=[4, 4, 4]), "in_channels": 1}
+        assert nnssl.architecture_plans(config) == {"arch_class_name": name, "arch_kwargs": None,
+                                                    "arch_kwargs_requiring_import": None}
+
+
+def test_unreadable_nnssl_checkpoints_are_one_line_errors(tmp_path, capsys):
+    cases = {
+        "resenc": (adaptation_plan({"arch_class_name": "ResEncL", "arch_kwargs": None}), "holds a ResEncL (a CNN)"),
+        "no_attn_norm": (adaptation_plan({"arch_class_name": "PrimusX", "arch_kwargs": {
+            **TINY, "patch_embed_size": [8, 8, 8], "scale_attn_inner": False, "init_values": 0.1}}),
+            "without scale_attn_inner"),
+        "wrong_prefix": (adaptation_plan(key_to_encoder="encoder.eva"), "no Primus stem"),
+        "wrong_patch": (adaptation_plan(pretrain_patch_size=[32, 32, 64]), "eva.pos_embed has 64 rows"),
+        "no_keys": ({k: v for k, v in adaptation_plan().items() if k != "key_to_stem"}, "has no key_to_stem"),
+    }
+    out = tmp_path / "out"
+    for name, (plan, needle) in cases.items():
+        path, _ = write_nnssl_checkpoint(tmp_path / f"{name}.pth", plan=plan)
+        code, err, _ = cli_error(embed_cli.main, ["-pt", str(path), "-d", "990", "-o", str(out)], capsys)
+        assert code == 2 and len(err) == 1 and needle in err[0], (name, err)
+        assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- probe, embed, plan
+
+def test_probe_and_embed_take_an_nnssl_checkpoint_and_say_the_guard_cannot_check(preprocessed_dataset, nnssl_ckpt,
+                                                                                tmp_path, capsys):
+    path, network = nnssl_ckpt
+    out = tmp_path / "probe"
+    probe_cli.main(["-d", "990", "-pt", str(path), "-o", str(out), "-device", "cpu", "--max-cases", "2",
+                    "--crops-per-case", "2"])
+    said = capsys.readouterr().out
+    assert f"note: {path}: nnssl checkpoint (BaseEvaMAETrainer, pretrain_plan nnsslPlans/onemmiso" in said
+    guard = "nnssl records no list of its pretraining cases (this checkpoint names only its pretraining dataset, " \
+            "Dataset745_OpenMind)"
+    assert guard in said and guard in (out / "probe.md").read_text()
+    row = next(csv.DictReader((out / "probe.csv").open()))
+    assert (row["method"], row["epochs"], row["patch size"]) == ("nnssl BaseEvaMAETrainer", "7", "32x32x32")
+
+    embedded = tmp_path / "embed"
+    embed_cli.main(["-pt", str(path), "-d", "990", "-o", str(embedded), "--tokens", "-np", "0"])
+    assert "note: nnssl checkpoint (BaseEvaMAETrainer" in capsys.readouterr().out
+    with np.load(embedded / "case_000.npz") as z:
+        tokens, mean = z["tokens"], z["mean"]
+    assert tokens.shape[0] == 48 and mean.shape == (48,) and np.isfinite(tokens).all()
+
+
+def test_plan_follows_the_pretrain_plan(preprocessed_dataset, nnssl_ckpt):
+    path, _ = nnssl_ckpt
+    plan = build_plan(parser().parse_args(["-d", "990", "-pt", str(path), "-o", "T_nnssl_plan"]))
+    cfg = plan.plans["configurations"]["3d_fullres"]
+    tf = plan.dataset.base["transpose_forward"]
+    assert cfg["spacing"] == to_dataset_axes(SPACING, TRANSPOSE, tf)
+    assert cfg["normalization_schemes"] == ["ZScoreNormalization"] and cfg["use_mask_for_norm"] == [False]
+    assert cfg["architecture"]["network_class_name"] == "nnunetv2_hiendmae.primus_network.PrimusNetwork"
+    assert cfg["architecture"]["arch_kwargs"]["encoder"]["pos_embed_grid"] == [4, 4, 4]
+    info = plan.plans["pretrain_info"]
+    assert (info["arch"], info["method"], info["checkpoint"]) == ("PrimusX", "nnssl BaseEvaMAETrainer", str(path))
+    assert any(n.startswith("nnssl checkpoint (BaseEvaMAETrainer") for n in plan.notes)
+    assert any(n.startswith("nnssl records no list") for n in plan.notes)
+    assert any("ZScoreNormalization on every channel" for n in plan.notes)
+
+
+# ------------------------------------------------------------------------------------------------------- export
+
+def primus_checkpoint(path, dataset_folder, schemes=("CTNormalization",)):
+    """A primus_tiny checkpoint of ours (pretraining patch 32^3) with moved-off weights."""
+    plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
+    config = encoder_config("primus_tiny", 1, pos_embed_grid=[4, 4, 4])
+    torch.manual_seed(3)
+    encoder = build_encoder(config)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pretrain = {"datasets": [dataset_folder.name], "plans": "nnUNetPlans", "configuration": "3d_fullres",
+                "spacing": [1.5, 2.0, 2.5], "transpose_forward": plans["transpose_forward"],
+                "normalization_schemes": list(schemes), "use_mask_for_norm": [False],
+                "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+                "patch_size": PATCH}
+    weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    save_atomic(make_checkpoint(weights, config, {}, pretrain, method="mae"), path)
+    return path, encoder
+
+
+@pytest.mark.parametrize("kind", ["vit", "nnssl"])
+def test_pretrained_weights_export_loads_through_nnunet_2_8_1(kind, preprocessed_dataset, nnssl_ckpt, tmp_path,
+                                                             capsys):
+    """Every key of our network, checked by nnU-Net 2.8.1's own load_pretrained_weights, then compared: everything
+    but the segmentation head (``.seg_layers.``, which nnU-Net never transfers) is the file's, the encoder the
+    checkpoint's. The network is built with another seed, so a key left out would show."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    folder = preprocessed_dataset["preprocessed"]
+    ckpt = nnssl_ckpt[0] if kind == "nnssl" else write_checkpoint(tmp_path / "vit.pth", folder)
+    patch = PATCH if kind == "nnssl" else [32, 64, 64]
+    name = f"T_export_{kind}"
+    plan_main(["-d", "990", "-pt", str(ckpt), "-o", name, "--patch-size", *map(str, patch), "--spacing", "dataset",
+               "--normalization", "dataset"])
+    out = tmp_path / "weights.pth"
+    export.main(["-pt", str(ckpt), "--format", "pretrained_weights", "-d", "990", "-p", name, "-o", str(out)])
+    assert f"-tr nnUNetTrainerHiEndMAE_scratch -pretrained_weights {out}" in capsys.readouterr().out
+    network, _ = export.network_for_plans("990", name, "3d_fullres", seed=123)  # another decoder init
+    load_pretrained_weights(network, str(out))
+    saved = torch.load(out, weights_only=True)["network_weights"]
+    state = network.state_dict()
+    assert state.keys() == saved.keys()
+    for key, value in state.items():  # the segmentation head stays the network's own (nnU-Net's rule)
+        assert torch.equal(value, saved[key]) == (".seg_layers." not in key), key
+    source = load_checkpoint(ckpt)
+    for key, value in network.encoder.state_dict().items():
+        assert torch.equal(value, source["weights"][f"encoder.{key}"]), key
+
+
+def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(preprocessed_dataset, tmp_path, capsys):
+    """Field by field what nnU-Net master's like_nnssl.preprocess_like_nnssl and PretrainedTrainer(_Primusx) read,
+    with nnssl's AdaptationPlan types; the weights are dna Primus's, the encoder ours; and we read it back."""
+    folder = preprocessed_dataset["preprocessed"]
+    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth", folder)
+    out = tmp_path / "nnssl.pth"
+    export.main(["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)])
+    said = capsys.readouterr()
+    assert "pretrained with CTNormalization normalisation, but nnU-Net master's" in said.err
+    saved = torch.load(out, weights_only=True)
+    plan = saved["nnssl_adaptation_plan"]
+    assert set(plan) == {"architecture_plans", "pretrain_plan", "pretrain_num_input_channels",
+                         "recommended_downstream_patchsize", "key_to_encoder", "key_to_stem", "keys_to_in_proj",
+                         "key_to_lpe"}  # AdaptationPlan's fields
+    assert plan["architecture_plans"] == {"arch_class_name": "PrimusX", "arch_kwargs": {
+        "embed_dim": 48, "patch_embed_size": [8, 8, 8], "encoder_eva_depth": 4, "encoder_eva_numheads": 4,
+        "scale_attn_inner": True, "init_values": 0.1}, "arch_kwargs_requiring_import": []}
+    assert (plan["key_to_encoder"], plan["key_to_stem"], plan["keys_to_in_proj"], plan["key_to_lpe"]) == \
+        ("eva", "down_projection", ["down_projection.proj"], "eva.pos_embed")
+    assert plan["pretrain_num_input_channels"] == 1 and plan["recommended_downstream_patchsize"] == PATCH
+    pre = plan["pretrain_plan"]
+    assert set(pre) == {"dataset_name", "plans_name", "original_median_spacing_after_transp", "image_reader_writer",
+                        "transpose_forward", "transpose_backward", "configurations", "experiment_planner_used"}
+    tf = pre["transpose_forward"]
+    assert [tf[b] for b in pre["transpose_backward"]] == [0, 1, 2]
+    first = list(pre["configurations"].values())[0]  # what preprocess_like_nnssl takes
+    assert set(first) == {"data_identifier", "preprocessor_name", "spacing_style", "normalization_schemes",
+                          "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs",
+                          "resampling_fn_mask", "resampling_fn_mask_kwargs", "spacing", "patch_size"}
+    assert (first["spacing"], first["patch_size"], first["normalization_schemes"]) == \
+        ([1.5, 2.0, 2.5], PATCH, ["CTNormalization"])
+    assert first["spacing_style"] in ("onemmiso", "median", "noresample")
+    # the weights: dna's Primus at the pretraining patch, key for key and shape for shape
+    reference = Primus(1, 48, (8, 8, 8), 1, eva_depth=4, eva_numheads=4, input_shape=tuple(PATCH), init_values=0.1,
+                       scale_attn_inner=True).state_dict()
+    weights = saved["network_weights"]
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(weights[key], value), key
+    assert not weights["mask_token"].any()
+    # our reader takes our writer's file: the same encoder, the same preprocessing
+    back = load_checkpoint(out)
+    assert back["encoder"]["pos_embed_grid"] == [4, 4, 4] and back["pretrain"]["spacing"] == [1.5, 2.0, 2.5]
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(back["weights"][f"encoder.{key}"], value), key
+
+
+def test_a_plain_vit_has_no_nnssl_export(preprocessed_dataset, tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "vit.pth", preprocessed_dataset["preprocessed"])
+    out = tmp_path / "nnssl.pth"
+    code, err, _ = cli_error(export.main, ["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "CLS token and final norm at random" in err[0] and not out.exists()
+    code, err, _ = cli_error(export.main, ["-pt", str(ckpt), "--format", "pretrained_weights", "-o", str(out)],
+                             capsys)
+    assert code == 2 and "needs -d DATASET and -p PLANS" in err[0] and not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nnunetv2.training.nnUNetTrainer.pretraining") is None,
+                    reason="nnU-Net's pretrained fine-tuning (nnunetv2.training.nnUNetTrainer.pretraining) is on its "
+                           "master branch only, in no release up to 2.8.1")
+def test_nnunet_masters_pretrained_loader_takes_the_nnssl_export(preprocessed_dataset, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.pretraining.pretrainedTrainer import PretrainedTrainer
+
+    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth", preprocessed_dataset["preprocessed"],
+                                      schemes=("ZScoreNormalization",))
+    out = tmp_path / "nnssl.pth"
+    export.main(["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)])
+    network = Primus(1, 48, (8, 8, 8), 3, eva_depth=4, eva_numheads=4, input_shape=tuple(PATCH), init_values=0.1,
+                     scale_attn_inner=True)
+    plan = torch.load(out, weights_only=True)["nnssl_adaptation_plan"]
+    result = PretrainedTrainer.load_pretrained_weights(network, str(out), 1, 1, PATCH, PATCH, plan["key_to_encoder"],
+                                                       plan["key_to_stem"], plan["keys_to_in_proj"],
+                                                       plan["key_to_lpe"])
+    network = result[0] if isinstance(result, tuple) else network
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
+
+
+# ------------------------------------------------------------------------------------------------------- study
+
+@pytest.mark.slow
+def test_a_smoke_study_fine_tunes_an_nnssl_checkpoint(preprocessed_dataset, nnssl_ckpt, tmp_path):
+    """The study writes the plans (subprocess nnUNetv2_hiendmae_plan) and trains one frozen run through the real
+    nnUNetv2_train: its final encoder is the nnssl checkpoint's, bit for bit."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_hiendmae import study as st
+    from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_frozen_smoke
+    from nnunetv2_hiendmae.weights import load_pretrained_encoder
+
+    path, _ = nnssl_ckpt
+    out = tmp_path / "study"
+    args = ["-d", "990", "-pt", str(path), "-p", "T_nnssl_study", "-f", "1", "--budgets", "100", "--arms", "frozen",
+            "--schedule", "smoke", "-device", "cpu", "-o", str(out)]
+    run_cli("nnUNetv2_hiendmae_study", *args, env=TRAIN_ENV, check=True, timeout=1200)
+    study = st.setup(st.build_parser().parse_args(args))
+    plans = json.loads((preprocessed_dataset["preprocessed"] / "T_nnssl_study.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
+    manager = PlansManager(plans)
+    network = nnUNetTrainerHiEndMAE_frozen_smoke.build_network_architecture(
+        manager, manager.get_configuration("3d_fullres"), 1, 4, False)
+    load_pretrained_encoder(network, load_checkpoint(path))
+    final = study.fold_dir(study.runs[0]) / "checkpoint_final.pth"
+    weights = torch.load(final, weights_only=False)["network_weights"]
+    for key, value in network.encoder.state_dict().items():
+        assert torch.equal(weights[key], value), key
+    assert math.isfinite(float(next(csv.DictReader((out / "study_dice.csv").open()))["mean fg Dice"]))
