@@ -210,19 +210,20 @@ def test_plan_follows_the_pretrain_plan(preprocessed_dataset, nnssl_ckpt):
 
 # ------------------------------------------------------------------------------------------------------- export
 
-def primus_checkpoint(path, dataset_folder, schemes=("CTNormalization",)):
+def primus_checkpoint(path, schemes=("CTNormalization",)):
     """A primus_tiny checkpoint of ours (pretraining patch 32^3) with moved-off weights."""
-    plans = json.loads((dataset_folder / "nnUNetPlans.json").read_text())
+    from nnunetv2_hiendmae.presets import ct_window_statistics
+
     config = encoder_config("primus_tiny", 1, pos_embed_grid=[4, 4, 4])
     torch.manual_seed(3)
     encoder = build_encoder(config)
     with torch.no_grad():
         for p in encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    pretrain = {"datasets": [dataset_folder.name], "plans": "nnUNetPlans", "configuration": "3d_fullres",
-                "spacing": [1.5, 2.0, 2.5], "transpose_forward": plans["transpose_forward"],
-                "normalization_schemes": list(schemes), "use_mask_for_norm": [False],
-                "foreground_intensity_properties_per_channel": plans["foreground_intensity_properties_per_channel"],
+    pretrain = {"datasets": ["Dataset990_HiEndTest"], "plans": "nnUNetPlans", "configuration": "3d_fullres",
+                "spacing": [1.5, 2.0, 2.5], "transpose_forward": [1, 2, 0], "normalization_schemes": list(schemes),
+                "use_mask_for_norm": [False],
+                "foreground_intensity_properties_per_channel": {"0": ct_window_statistics(-175, 250)},
                 "patch_size": PATCH}
     weights = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     save_atomic(make_checkpoint(weights, config, {}, pretrain, method="mae"), path)
@@ -258,11 +259,10 @@ def test_pretrained_weights_export_loads_through_nnunet_2_8_1(kind, preprocessed
         assert torch.equal(value, source["weights"][f"encoder.{key}"]), key
 
 
-def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(preprocessed_dataset, tmp_path, capsys):
+def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(tmp_path, capsys):
     """Field by field what nnU-Net master's like_nnssl.preprocess_like_nnssl and PretrainedTrainer(_Primusx) read,
     with nnssl's AdaptationPlan types; the weights are dna Primus's, the encoder ours; and we read it back."""
-    folder = preprocessed_dataset["preprocessed"]
-    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth", folder)
+    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth")
     out = tmp_path / "nnssl.pth"
     export.main(["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)])
     said = capsys.readouterr()
@@ -281,8 +281,7 @@ def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(preprocessed_data
     pre = plan["pretrain_plan"]
     assert set(pre) == {"dataset_name", "plans_name", "original_median_spacing_after_transp", "image_reader_writer",
                         "transpose_forward", "transpose_backward", "configurations", "experiment_planner_used"}
-    tf = pre["transpose_forward"]
-    assert [tf[b] for b in pre["transpose_backward"]] == [0, 1, 2]
+    assert (pre["transpose_forward"], pre["transpose_backward"]) == ([1, 2, 0], [2, 0, 1])
     first = list(pre["configurations"].values())[0]  # what preprocess_like_nnssl takes
     assert set(first) == {"data_identifier", "preprocessor_name", "spacing_style", "normalization_schemes",
                           "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs",
@@ -301,6 +300,7 @@ def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(preprocessed_data
     # our reader takes our writer's file: the same encoder, the same preprocessing
     back = load_checkpoint(out)
     assert back["encoder"]["pos_embed_grid"] == [4, 4, 4] and back["pretrain"]["spacing"] == [1.5, 2.0, 2.5]
+    assert back["pretrain"]["foreground_intensity_properties_per_channel"]["0"]["percentile_99_5"] == 250
     for key, value in encoder.state_dict().items():
         assert torch.equal(back["weights"][f"encoder.{key}"], value), key
 
@@ -318,11 +318,10 @@ def test_a_plain_vit_has_no_nnssl_export(preprocessed_dataset, tmp_path, capsys)
 @pytest.mark.skipif(importlib.util.find_spec("nnunetv2.training.nnUNetTrainer.pretraining") is None,
                     reason="nnU-Net's pretrained fine-tuning (nnunetv2.training.nnUNetTrainer.pretraining) is on its "
                            "master branch only, in no release up to 2.8.1")
-def test_nnunet_masters_pretrained_loader_takes_the_nnssl_export(preprocessed_dataset, tmp_path):
+def test_nnunet_masters_pretrained_loader_takes_the_nnssl_export(tmp_path):
     from nnunetv2.training.nnUNetTrainer.pretraining.pretrainedTrainer import PretrainedTrainer
 
-    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth", preprocessed_dataset["preprocessed"],
-                                      schemes=("ZScoreNormalization",))
+    ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth", schemes=("ZScoreNormalization",))
     out = tmp_path / "nnssl.pth"
     export.main(["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)])
     network = Primus(1, 48, (8, 8, 8), 3, eva_depth=4, eva_numheads=4, input_shape=tuple(PATCH), init_values=0.1,
