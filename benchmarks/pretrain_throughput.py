@@ -39,13 +39,14 @@ from pretrain.data import PretrainCrops, device_batches, make_loader, resolve_so
 
 
 def measure(method: str, arch: str, patch: list[int], settings, batches, device: torch.device, precision: str,
-            compile_: bool, n_warmup: int, n_steps: int) -> dict:
-    """Seconds per step over ``n_steps`` after ``n_warmup``, and peak memory from building the model to the end."""
+            compile_: str | None, n_warmup: int, n_steps: int) -> dict:
+    """Seconds per step over ``n_steps`` after ``n_warmup``, and peak memory from building the model to the end;
+    ``compile_``: the ``torch.compile`` backend, or None for eager."""
     with PeakMemory(device) as mem:
         torch.manual_seed(0)
         model = methods.model_class(method)(encoder_config_for_patch(arch, patch), settings).to(device)
         params = sum(p.numel() for p in model.parameters())
-        forward = torch.compile(model) if compile_ else model
+        forward = torch.compile(model, backend=compile_) if compile_ else model
         opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
 
         def step(views: dict[str, torch.Tensor]) -> None:
@@ -136,7 +137,9 @@ def main() -> None:
                    help="hiend_mae/mae: crops per volume (default: the method's, 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (as the CLI does on CUDA)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (as the CLI does on CUDA) with BACKEND (default: inductor, the CLI's; "
+                        "aot_eager traces and differentiates the same graph without generating code: a CPU rehearsal)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("-d", "--datasets", nargs="*", default=[],
@@ -163,7 +166,8 @@ def main() -> None:
     result = {"method": a.method, "arch": a.arch, "settings": dataclasses.asdict(settings), "patch_size": a.patch_size,
               "views": {k: [n, list(s)] for k, (n, s) in views.items()}, "crops_per_step": crops,
               "device": a.device, "device_name": device_name(device), "torch": torch.__version__,
-              "precision": precision, "compile": a.compile, "threads": torch.get_num_threads()}
+              "precision": precision, "compile": a.compile is not None,
+              "compile_backend": a.compile, "threads": torch.get_num_threads()}
 
     flops = flops_per_crop(a.method, a.arch, a.patch_size, settings, views, device)
     if device.type == "cuda":  # the models measured are freed now: start the next one from an empty cache

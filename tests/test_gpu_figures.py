@@ -30,6 +30,8 @@ def test_pretrain_part_measures_the_model_then_the_cli_on_preprocessed_scans(tmp
                         "preprocess_unlabeled", "cli_compiled"}
     assert res["model_only_compiled_primus"]["arch"] == quick.primus
     assert res["model_only_eager"]["compile"] is False and res["model_only_compiled"]["compile"] is True
+    assert res["model_only_compiled"]["compile_backend"] == res["model_only_compiled_primus"]["compile_backend"] \
+        == quick.compile_backend == "aot_eager"  # the CPU rehearsal traces without inductor's code generation
     assert res["model_only_compiled"]["arch"] == quick.arch and res["model_only_compiled"]["patch_size"] == [32] * 3
     assert res["preprocess_unlabeled"]["cases"] == quick.scans
     assert all(s >= 32 for s in res["preprocess_unlabeled"]["min_shape"])  # larger than a crop on every axis
