@@ -219,7 +219,8 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnun
     assert f"[2/8] {study.runs[1].title()}: done" in again.stdout
     assert again.stdout.count("$ nnUNetv2_train") == 6  # the two finished runs are not redone
     assert f"=== [3/8] {study.runs[2].title()} ({study.runs[2].trainer}): {interrupted}" in again.stdout
-    assert f"-tr {study.runs[2].trainer} -p nnUNetPlans -device cpu --c\n" in again.stdout
+    assert study.runs[2].plans == "T_study"  # the third run is a frozen one, on the study's plans
+    assert f"-tr {study.runs[2].trainer} -p T_study -device cpu --c\n" in again.stdout
     for run in study.runs[:2]:
         assert st.compare.summary_path(study.fold_dir(run)).stat().st_mtime_ns == finished[run.key]
     assert all(study.finished(r) for r in study.runs) and len(study.times()) == 8
