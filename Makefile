@@ -34,13 +34,19 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/nnUNetv2_hiendmae_demo $(DEMO_ARGS)
 
+# two test processes (pytest-xdist), each module's tests in one of them so that its fixtures are built once, the
+# longest modules first (tests/conftest.py): the tests' own torch uses one thread and much of the rest is process
+# start-up, so two share a 2-core machine well; TEST_WORKERS=0 runs them all in this process
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # the edit loop: every test but those marked slow (real nnU-Net trainings, the demo, torchrun, the GPU rehearsal);
 # `make test` runs them all
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check nnunetv2_hiendmae pretrain benchmarks tests

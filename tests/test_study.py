@@ -182,11 +182,14 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 1500) -> None:
 
 
 @pytest.mark.slow
-def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, nnunet_dirs, tmp_path, capsys):
+def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, tmp_path, capsys, monkeypatch):
     """2 folds x 2 label budgets x 2 arms (frozen pretrained ViT, nnU-Net default) on the smoke schedule through the
     real nnUNetv2_train; SIGKILL once two runs are done and the third has a checkpoint; the re-run redoes nothing
     finished, continues the interrupted run with --c, and reports what the summaries say. (The scratch arm runs in
     tests/test_demo.py's study; the report's statistics for three arms are checked on summaries in this file.)"""
+    # a results tree of its own (nnUNetv2_train creates it): other tests' folds of these trainers leave this one's
+    # listing as it is
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
     folder = preprocessed_dataset["preprocessed"]
     ckpt = write_checkpoint(tmp_path / "pre.pth", folder)
     out = tmp_path / "study"

@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "100epochs, 250epochs or full (1000 epochs; nnU-Net's defaults) (default: %(default)s)")
     p.add_argument("--folds", nargs="+", default=["0"], help="folds to train, e.g. 0 1 2 3 4 (default: 0)")
     p.add_argument("--num-workers", type=int, default=1,
-                   help="data-loading processes for pretraining and nnU-Net; on a small CPU more workers only steal "
-                        "cores from the training process (default: %(default)s)")
+                   help="data-loading processes for pretraining and nnU-Net, and nnU-Net's planning processes; on a "
+                        "small CPU more workers only steal cores from the training process (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default: %(default)s)")
     p.add_argument("--scale", type=float, default=0.7,
                    help="size of the generated volumes (1.0: about 28x75x75 voxels after preprocessing); the default "
@@ -125,8 +125,9 @@ class Demo:
 
         self.step("nnU-Net planning and preprocessing of the labelled dataset")
         if not (self.pre / self.dataset / "nnUNetPlans_3d_fullres").is_dir():
+            workers = str(max(1, a.num_workers))  # the fingerprint's too: nnU-Net's default starts 8 processes
             self.run("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
-                     "-np", str(max(1, a.num_workers)), "--verify_dataset_integrity")
+                     "-np", workers, "-npfp", workers, "--verify_dataset_integrity")
 
         self.step("preprocess the unlabelled scans like the labelled dataset (nnUNetv2_hiendmae_preprocess_unlabeled)")
         pool_plans = self.pre / f"Dataset{DATASET_ID + 1:03d}_HiEndDemoUnlabelled" / "nnUNetPlans.json"
