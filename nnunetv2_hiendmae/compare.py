@@ -97,6 +97,7 @@ class Comparison:
     files: list[Path] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # short names for figures (entry_labels); set by __post_init__
     split_source: str | None = None  # the dataset's splits_final.json the folds were checked against, if it has one
+    guard: list[str] = field(default_factory=list)  # what the leakage guard said about the pretrained entries
 
     def __post_init__(self) -> None:
         self.labels = self.labels or entry_labels([e.name for e in self.entries])
@@ -320,6 +321,35 @@ def collect_entry(name: str, folder: Path, folds: Sequence[int] | None,
     return EntryResult(name, folder, results), warnings
 
 
+def leakage_guard(entry: EntryResult, dataset: str, strict: bool = False) -> tuple[list[str], list[str]]:
+    """The leakage guard of ``nnUNetv2_hiendmae_plan`` for an entry fine-tuned from a pretrained encoder (its trainer
+    loads one and the model folder's ``plans.json`` names the checkpoint in ``pretrain_info``), on the validation
+    cases of the folds it is scored on: ``(warnings, notes)``, each line naming the entry; ``([], [])`` for an
+    entry without a pretrained encoder (nnU-Net's trainers, a ViT from scratch). ``strict``: UserError on a
+    validation case the pretraining saw."""
+    from nnunetv2_hiendmae import trainers
+    from nnunetv2_hiendmae.checkpoint import load_checkpoint
+    from nnunetv2_hiendmae.leakage import check_checkpoint
+
+    trainer = getattr(trainers, parse_entry(entry.name)[0], None)
+    if not getattr(trainer, "load_pretrained", False):
+        return [], []
+    try:
+        checkpoint = json.loads((entry.folder / "plans.json").read_text())["pretrain_info"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], [f"{entry.name}: its plans.json names no pretraining checkpoint: the leakage guard cannot check "
+                    "what the encoder saw"]
+    if not checkpoint or not Path(checkpoint).is_file():
+        return [], [f"{entry.name}: its pretraining checkpoint {checkpoint} is not there: the leakage guard cannot "
+                    "check what the encoder saw"]
+    try:
+        warnings, notes = check_checkpoint(load_checkpoint(checkpoint)["pretrain"], dataset, strict,
+                                           scored_folds=entry.fold_ids())
+    except UserError as e:
+        raise UserError(f"{entry.name}: {e}") from None
+    return [f"{entry.name}: {line.strip()}" for line in warnings], [f"{entry.name}: {n}" for n in notes]
+
+
 def fold_set_warnings(entries: Sequence[EntryResult]) -> list[str]:
     """Say plainly when entries were evaluated on different folds, since their means then differ in kind."""
     sets = {e.name: e.fold_ids() for e in entries}
@@ -464,6 +494,8 @@ def render_markdown(comp: Comparison, notes: bool = True) -> str:
             for e, label in zip(comp.entries, comp.labels)]
     lines += markdown_table(["arm", *[f"fold {f}" for f in all_folds]], rows)
 
+    if comp.guard:
+        lines += ["", "## Leakage guard", ""] + [f"- {line}" for line in comp.guard]
     if notes and comp.warnings:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in comp.warnings]
     return "\n".join(lines) + "\n"
@@ -568,15 +600,16 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEFAULT_CONFIGURATION,
             folds: Sequence[int] | None = None, out_dir: str | Path | None = None,
-            write: bool = True) -> Comparison:
+            write: bool = True, strict: bool = False) -> Comparison:
     """Load every entry's fold summaries, compute the table and (if ``write``) save CSV, Markdown and PNG.
 
     ``entries`` are ``TRAINER__PLANS`` strings; the first one is the reference for paired differences.
     ``folds`` restricts the folds (default: every fold of the dataset's ``splits_final.json`` in
     ``$nnUNet_preprocessed``, where it has one, else every ``fold_<f>`` folder found; a fold the file lacks is refused:
     nnU-Net made a random split of its own for it). ``out_dir`` defaults to
-    ``$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>``. Raises UserError on bad input before
-    anything is written.
+    ``$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>``. Every entry fine-tuned from a pretrained encoder
+    goes through the leakage guard (:func:`leakage_guard`; ``strict``: a leak is an error). Raises UserError on bad
+    input before anything is written.
     """
     if not entries:
         raise UserError("give at least one -r TRAINER__PLANS entry")
@@ -608,11 +641,16 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
         loaded.append(result)
         warnings += w
     warnings += fold_set_warnings(loaded)
+    guard: list[str] = []
+    for entry in loaded:
+        leaks, notes = leakage_guard(entry, name, strict)
+        warnings += leaks
+        guard += leaks[:1] + notes  # the report names the leak once; the warnings list every case
 
     keys = set().union(*(r.class_dice for e in loaded for r in e.folds.values()))
     classes = sorted(keys)
     comp = Comparison(name, configuration, classes, class_display_names(classes, labels), loaded, warnings,
-                      split_source=split_source)
+                      split_source=split_source, guard=guard)
 
     if write:
         target = Path(out_dir) if out_dir is not None else dataset_dir / f"hiendmae_compare_{configuration}"
@@ -662,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
                    help="where to write comparison.csv/.md/.png (default: "
                         "$nnUNet_results/<Dataset>/hiendmae_compare_<configuration>)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse the comparison when the pretraining of an entry's encoder saw a validation case of "
+                        "its folds (leakage guard, docs/finetuning.md; default: a warning, also in comparison.md)")
     return p
 
 
@@ -669,9 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: parse flags, run :func:`compare`, print the table and warnings."""
     args = build_parser().parse_args(argv)
-    comp = compare(args.dataset, args.entries, args.configuration, args.folds, args.output_dir)
+    comp = compare(args.dataset, args.entries, args.configuration, args.folds, args.output_dir, strict=args.strict)
     for w in comp.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    for note in (line for line in comp.guard if line not in comp.warnings):
+        print(f"note: {note}")
     print(render_markdown(comp, notes=False), end="")  # the notes just went to stderr
     print(f"\nwrote {', '.join(f.name for f in comp.files)} to {comp.out_dir}")
 

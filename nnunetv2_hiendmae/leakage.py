@@ -218,11 +218,13 @@ def _pretrained_on(pretrain: dict, dataset: str) -> bool:
 
 
 def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, processes: int = 4,
-                     scored_fold: int | None = None, progress: bool = True) -> tuple[list[str], list[str]]:
+                     scored_folds: Sequence[int] | None = None,
+                     progress: bool = True) -> tuple[list[str], list[str]]:
     """The leakage guard of ``nnUNetv2_hiendmae_plan``: ``(warnings, notes)`` about the validation and imagesTs
     cases of the target ``dataset`` (``DatasetXXX_Name``) that a checkpoint's pretraining (its ``pretrain`` block)
-    saw; with ``strict``, UserError when it saw any. ``scored_fold``: only the validation cases of that fold, those a
-    command scores (the linear probe), are checked. ``progress``: a bar while the dataset's images are read.
+    saw; with ``strict``, UserError when it saw any. ``scored_folds``: only the validation cases of these folds, those
+    a command scores (the linear probe, a study, a comparison), are checked. ``progress``: a bar while the dataset's
+    images are read.
 
     By content (:func:`leaked_cases`) when the checkpoint records ``case_fingerprints`` and nnUNet_raw holds the
     dataset; by name where the pretraining read the dataset itself (``datasets``): all its cases, or, with a recorded
@@ -234,9 +236,9 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, process
     fingerprints = pretrain.get("case_fingerprints") or {}
     own = _pretrained_on(pretrain, dataset)
     fold = pretrain.get("fold") if own else None
-    folds = [scored_fold] if scored_fold is not None else None if fold is None else [fold]
+    folds = list(scored_folds) if scored_folds is not None else None if fold is None else [fold]
     leaks = leaked_cases(fingerprints, dataset, folds, processes, progress) if fingerprints else None
-    if leaks is not None and scored_fold is not None:
+    if leaks is not None and scored_folds is not None:
         leaks.test = {}
     notes = []
     if pretrain.get("source") == "nnssl":
@@ -256,12 +258,12 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, process
         in_fold = fold is not None and 0 <= fold < len(leaks.splits)
         cases = leaks.splits[fold]["train"] if in_fold else leaks.splits[0]["train"] + leaks.splits[0]["val"]
         leaks.add({case: [f"{dataset}/{case}"] for case in cases})
-        if fold is not None and scored_fold is None:
+        if fold is not None and scored_folds is None:
             notes.append(f"pretrained on the training cases of fold {fold} of {dataset}: use these plans for fold "
                          f"{fold} only (the other folds validate on cases the encoder saw)")
     warnings = leakage_warning(leaks, strict)
     if not warnings and leaks.compared:
-        test = "" if scored_fold is not None else " and no imagesTs case"
+        test = "" if scored_folds is not None else " and no imagesTs case"
         notes.append(f"leakage guard: no validation case of fold(s) {', '.join(map(str, leaks.folds))}{test} of "
                      f"{dataset} is among the {len(fingerprints)} pretraining cases (compared by content)")
     return warnings, notes

@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if subject.pretrain is not None:
             try:
                 warnings, notes = check_checkpoint(subject.pretrain, split.dataset_name, args.strict,
-                                                   scored_fold=split.fold)
+                                                   scored_folds=[split.fold])
             except UserError as e:
                 raise UserError(f"-pt {spec}: {e}") from None
             said = ([f"{spec}: {' '.join(line.strip() for line in warnings[:2])}"] if warnings else

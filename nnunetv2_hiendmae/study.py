@@ -104,6 +104,7 @@ class Study:
     out_dir: Path
     runs: list[Run] = field(default_factory=list)
     split_source: str = DEFAULT_SPLIT  # the splits_final.json the folds come from
+    guard: list[str] = field(default_factory=list)  # what the leakage guard said about the scored cases
 
     def fold_dir(self, run: Run) -> Path:
         return self.results / f"{run.entry}__{CONFIGURATION}" / f"fold_{run.fold}"
@@ -323,6 +324,30 @@ def train(study: Study, run: Run, env: dict[str, str]) -> None:
     atomic_write_json(study.out_dir / TIMES_FILE, times)
 
 
+def uses_pretrained_weights(study: Study) -> bool:
+    """Whether an arm of the study starts from the checkpoint's encoder (not only from its plans)."""
+    return any(variants.FINE_TUNING[arm].attributes.get("load_pretrained", True) for arm in study.arms
+               if arm in variants.FINE_TUNING)
+
+
+def leakage_guard(study: Study, strict: bool) -> list[str]:
+    """The leakage guard of ``nnUNetv2_hiendmae_plan`` on the cases the study scores, the validation cases of its
+    folds: the checkpoint's warnings (stderr) and notes (stdout), returned for the report; with ``strict`` a
+    validation case the pretraining saw is a UserError. Nothing to check when no arm loads the checkpoint."""
+    if not uses_pretrained_weights(study):
+        return []
+    from nnunetv2_hiendmae.checkpoint import load_checkpoint
+    from nnunetv2_hiendmae.leakage import check_checkpoint
+
+    pretrain = load_checkpoint(study.checkpoint)["pretrain"]
+    warnings, notes = check_checkpoint(pretrain, study.dataset, strict, scored_folds=study.folds)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}")
+    return [line.strip() for line in warnings] or notes
+
+
 def run_all(study: Study) -> None:
     """Plans once, then every run not finished yet, with a progress line each."""
     env = command_env(study.device)
@@ -440,6 +465,8 @@ def render_markdown(report: Report) -> str:
     rows = [[variants.ARM_LABELS[arm], *[compare.fmt_mean_std(*compare.mean_std(
         report.arm_entry(b, arm).values(compare.FG_COLUMN).values())) for b in study.budgets]] for arm in study.arms]
     lines += compare.markdown_table(header, rows)
+    lines += ["", "## Leakage guard", ""] + ([f"- {line}" for line in study.guard] or
+                                              ["- no arm loads the pretrained encoder: nothing to check"])
     notes = [w for comp in report.comparisons.values() for w in comp.warnings]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in notes]
@@ -573,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device for nnUNetv2_train, as its own -device flag (default: %(default)s)")
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
                    help="where the report goes (default: $nnUNet_results/<Dataset>/hiendmae_study_<schedule>)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse the study when the checkpoint's pretraining saw a validation case of its folds "
+                        "(leakage guard, docs/finetuning.md; default: a warning, also in study.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs, which are done, and an estimate of the time left; train and write nothing")
     return p
@@ -583,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: check, train what is missing, report."""
     args = build_parser().parse_args(argv)
     study = setup(args)
+    study.guard = leakage_guard(study, args.strict)
     if args.dry_run:
         print(listing(study))
         return

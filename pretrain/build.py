@@ -195,7 +195,7 @@ def probe_leakage(cfg: PretrainConfig, split, fingerprints: dict[str, str] | Non
     record = {"case_fingerprints": fingerprints, "datasets": meta["datasets"], "fold": cfg.fold}
     try:
         warnings, _ = check_checkpoint(record, split.dataset_name, cfg.probe_strict, max(1, cfg.num_workers),
-                                       scored_fold=split.fold, progress=cfg.progress_bar)
+                                       scored_folds=[split.fold], progress=cfg.progress_bar)
     except UserError as e:
         raise UserError(f"--probe-dataset {cfg.probe_dataset}: {e}") from None
     return warnings

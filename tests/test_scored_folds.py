@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import copy_preprocessed_dataset, pretrain_args, run_cli, write_checkpoint, write_summary
+from conftest import cli_error, copy_preprocessed_dataset, pretrain_args, run_cli, write_checkpoint, write_summary
 
 from nnunetv2_hiendmae.checkpoint import save_atomic
 from nnunetv2_hiendmae.leakage import dataset_fingerprints
@@ -103,3 +103,86 @@ def test_the_in_run_probe_on_cases_the_run_pretrains_on_is_refused_with_strict(p
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: --probe-dataset 990: the pretraining saw ") and "fold 0 validation" in lines[0]
     assert not out.exists()
+
+
+def test_the_study_checks_the_folds_it_scores_against_what_its_checkpoint_saw(two_folds, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A checkpoint that saw fold 1's first validation case: a study of folds 0 and 1 with an arm that loads it
+    warns (and --strict refuses), a study of fold 0 says that it checked the fold and found nothing, and a study whose
+    only arm starts from random weights has nothing to check."""
+    from nnunetv2_hiendmae import study as st
+
+    for key, value in two_folds["env"].items():
+        monkeypatch.setenv(key, value)
+    seen = two_folds["splits"][1]["val"][0]
+    ckpt = leaking_checkpoint(tmp_path / "leaky.pth", two_folds["folder"], seen)
+    args = ["-d", "990", "-pt", str(ckpt), "-p", "T_guard", "--budgets", "100", "--schedule", "smoke", "-device",
+            "cpu", "--dry-run"]
+    st.main([*args, "--arms", "frozen", "nnunet"])
+    out, err = capsys.readouterr()
+    assert "warning: the pretraining saw 1 validation or test case(s) of Dataset990_HiEndTest" in err
+    assert f"fold 1 validation: {seen} (as Dataset991_Pool/renamed_scan)" in err and "4 runs" in out
+
+    code, lines, _ = cli_error(st.main, [*args, "--arms", "frozen", "--strict"], capsys)
+    lines = [line for line in lines if line.strip() and "content fingerprints of" not in line]  # progress bars
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(
+        "error: the pretraining saw 1 validation or test case(s) of Dataset990_HiEndTest (--strict): fold 1 "
+        f"validation: {seen}"), lines
+
+    st.main([*args, "--arms", "frozen", "-f", "0", "--strict"])
+    out, err = capsys.readouterr()
+    assert "no validation case of fold(s) 0 of Dataset990_HiEndTest is among the 2 pretraining cases" in out
+    assert "warning" not in err
+    st.main([*args, "--arms", "scratch", "--strict"])  # random weights: the checkpoint's pretraining is not used
+    out, err = capsys.readouterr()
+    assert "pretraining" not in out + err and not two_folds["results"].exists()
+
+
+def test_compare_checks_each_pretrained_entry_on_its_folds_and_says_so(two_folds, tmp_path, monkeypatch, capsys):
+    """Three entries scored on folds 0 and 1: our pretrained trainer on plans naming a checkpoint that saw fold 1's
+    first validation case (a warning, a section of comparison.md; --strict refuses and writes nothing), the same
+    ViT from scratch and nnU-Net's own trainer (neither loads the checkpoint: nothing to check). On fold 0 alone the
+    guard reports the fold clean; plans naming a checkpoint that is gone give a note."""
+    from nnunetv2_hiendmae import compare
+
+    for key, value in two_folds["env"].items():
+        monkeypatch.setenv(key, value)
+    seen = two_folds["splits"][1]["val"][0]
+    ckpt = leaking_checkpoint(tmp_path / "leaky.pth", two_folds["folder"], seen)
+    results = two_folds["results"] / "Dataset990_HiEndTest"
+    entries = {"nnUNetTrainer__nnUNetPlans": None, "nnUNetTrainerHiEndMAE_smoke__T_leak": str(ckpt),
+               "nnUNetTrainerHiEndMAE_scratch_smoke__T_leak": str(ckpt),
+               "nnUNetTrainerHiEndMAE_frozen_smoke__T_gone": str(tmp_path / "gone.pth")}
+    for i, (entry, checkpoint) in enumerate(entries.items()):
+        folder = results / f"{entry}__3d_fullres"
+        for fold in (0, 1):
+            write_summary(folder / f"fold_{fold}" / "validation" / "summary.json", {1: 0.5 + 0.1 * i - 0.07 * fold,
+                                                                                   2: 0.3 + 0.05 * i + 0.02 * fold})
+        (folder / "plans.json").write_text(json.dumps({"pretrain_info": {"checkpoint": checkpoint}}))
+    out_dir = tmp_path / "report"
+    argv = ["-d", "990", "-r", *entries, "-o", str(out_dir)]
+
+    code, lines, _ = cli_error(compare.main, [*argv, "--strict"], capsys)
+    lines = [line for line in lines if line.strip() and "content fingerprints of" not in line]  # progress bars
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(
+        "error: nnUNetTrainerHiEndMAE_smoke__T_leak: the pretraining saw 1 validation or test case(s) of "
+        f"Dataset990_HiEndTest (--strict): fold 1 validation: {seen}"), lines
+    assert not out_dir.exists()
+
+    compare.main(argv)
+    out, err = capsys.readouterr()
+    assert (f"warning: nnUNetTrainerHiEndMAE_smoke__T_leak: fold 1 validation: {seen} "
+            "(as Dataset991_Pool/renamed_scan)") in err
+    assert f"note: nnUNetTrainerHiEndMAE_frozen_smoke__T_gone: its pretraining checkpoint {tmp_path / 'gone.pth'} " \
+           "is not there" in out
+    section = (out_dir / "comparison.md").read_text().split("## Leakage guard\n\n")[1].split("\n\n")[0].splitlines()
+    assert section == ["- nnUNetTrainerHiEndMAE_smoke__T_leak: the pretraining saw 1 validation or test case(s) of "
+                       "Dataset990_HiEndTest; figures on them are optimistic:",
+                       f"- nnUNetTrainerHiEndMAE_frozen_smoke__T_gone: its pretraining checkpoint "
+                       f"{tmp_path / 'gone.pth'} is not there: the leakage guard cannot check what the encoder saw"]
+
+    compare.main([*argv[:3], "nnUNetTrainer__nnUNetPlans", "nnUNetTrainerHiEndMAE_smoke__T_leak", "-f", "0",
+                  "--strict", "-o", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert ("note: nnUNetTrainerHiEndMAE_smoke__T_leak: leakage guard: no validation case of fold(s) 0 of "
+            "Dataset990_HiEndTest is among the 2 pretraining cases") in out and "warning" not in err

@@ -249,6 +249,7 @@ def test_study_end_to_end_survives_a_kill_and_reports(preprocessed_dataset, tmp_
             assert f"label budget {budget} %: {row['verdict']}" in again.stdout
     md = (out / "study.md").read_text()
     assert "95 % CI" in md and "## Verdicts (mean fg Dice)" in md and "learning_curve.png" in md
+    assert "## Leakage guard\n\n- the checkpoint records no content fingerprints of its pretraining cases" in md
     assert (out / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the label budget: the same nested cases for every arm of a fold, recorded in each fold folder
