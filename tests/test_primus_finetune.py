@@ -125,3 +125,42 @@ def test_an_embedding_without_cls_token_pools_each_window_by_its_mean_token():
     tokens, cls = embed_volume(encoder, image, patch=(16, 32, 32), step_size=0.5, batch_size=1)
     assert tokens.shape == (48, 2, 4, 4)
     torch.testing.assert_close(cls, tokens.mean((1, 2, 3)))
+
+
+def test_scratch_plans_and_the_frozen_and_budget_variants_build_primus(preprocessed_dataset, primus_checkpoint):
+    """``--arch primus_tiny`` writes from-scratch plans whose network is Primus, which the scratch trainer builds
+    without a checkpoint; on a pretrained Primus's plans the frozen variant keeps every encoder tensor (stem and EVA)
+    out of the optimiser and loads the checkpoint's, and a label-budget variant trains on its nested subset."""
+    from conftest import make_trainer
+
+    from nnunetv2_hiendmae import trainers, variants
+    from nnunetv2_hiendmae.plans import main as plan_main
+    from nnunetv2_hiendmae.primus_network import PrimusNetwork
+
+    folder = preprocessed_dataset["preprocessed"]
+    plan_main(["-d", "990", "--arch", "primus_tiny", "-o", "T_primus_scratch"])
+    plans = json.loads((folder / "T_primus_scratch.json").read_text())
+    cfg = plans["configurations"][CFG]
+    assert cfg["architecture"]["network_class_name"] == "nnunetv2_hiendmae.primus_network.PrimusNetwork"
+    assert plans["pretrain_info"]["checkpoint"] is None
+    scratch = make_trainer(trainers.nnUNetTrainerHiEndMAE_scratch_smoke, folder, "T_primus_scratch")
+    scratch.initialize()
+    assert isinstance(scratch.network, PrimusNetwork)
+    with torch.no_grad():
+        assert scratch.network(torch.zeros(1, 1, *cfg["patch_size"])).shape == (1, 4, *cfg["patch_size"])
+
+    plan_main(["-d", "990", "-pt", str(primus_checkpoint), "-o", "T_primus_frozen"])
+    frozen = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke, folder, "T_primus_frozen")
+    frozen.initialize()
+    encoder = {n for n, _ in frozen.network.named_parameters() if n.startswith(("down_projection.", "eva."))}
+    assert encoder and all(not p.requires_grad for n, p in frozen.network.named_parameters() if n in encoder)
+    optimised = {id(p) for g in frozen.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for n, p in frozen.network.named_parameters() if n not in encoder}
+    stored = encoder_state_dict(load_checkpoint(primus_checkpoint))
+    loaded = frozen.network.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in stored.items() if k != "eva.pos_embed")
+
+    budget = make_trainer(trainers.nnUNetTrainerHiEndMAE_frozen_smoke_budget50, folder, "T_primus_frozen", 1)
+    train, val = budget.do_split()
+    fold = json.loads((folder / "splits_final.json").read_text())[1]
+    assert val == fold["val"] and train == variants.budget_cases(fold["train"], 50, 1) and len(train) == 3
