@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnUNetv2_train -pretrained_weights; nnssl: an nnssl-format Primus checkpoint (refused for "
                         "the plain ViT, which only this plugin fine-tunes)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="FILE",
-                   help="the file to write (replaced atomically if it exists)")
+                   help="the file to write (replaced atomically if it exists; its folder is created)")
     p.add_argument("-d", "--dataset",
                    help="with --format pretrained_weights: dataset id or DatasetXXX_Name in $nnUNet_preprocessed "
                         "whose plans give the network")
@@ -136,8 +136,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.output.is_dir():
         raise UserError(f"-o {args.output} is a folder: name the file to write")
-    if not args.output.parent.is_dir():
-        raise UserError(f"-o {args.output}: folder {args.output.parent} does not exist")
     if args.format == "nnssl" and (args.dataset or args.plans):
         raise UserError("-d/-p are for --format pretrained_weights: an nnssl checkpoint is independent of any plans")
     from nnunetv2_hiendmae.checkpoint import load_checkpoint, save_atomic
@@ -153,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  f"{contents['nnssl_adaptation_plan']['recommended_downstream_patchsize']}"]
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
+    args.output.parent.mkdir(parents=True, exist_ok=True)  # created, as nnU-Net creates its folders
     save_atomic(contents, args.output)
     for note in notes:
         print(f"note: {note}")

@@ -271,13 +271,12 @@ def import_reference(inp: str | Path, out: str | Path, arch: str | None = None, 
         raise UserError(f"-o {out} is a folder; give the path of the checkpoint file to write")
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise UserError(f"output folder does not exist: {out.parent}")
     obj = load_reference_file(inp, allow_unpickle=allow_unpickle)
     source = {"file": inp.name, "sha256": sha256(inp), "note": "imported from the reference Hi-End-MAE code"}
     if isinstance(obj, dict) and isinstance(obj.get("epoch"), int) and not isinstance(obj.get("epoch"), bool):
         source["epoch"] = obj["epoch"]
     ckpt = convert(obj, arch=arch, patch_size=patch_size, source=source)
     del obj
+    out.parent.mkdir(parents=True, exist_ok=True)  # created, as nnU-Net creates its folders
     save_atomic(ckpt, out)
     return ckpt

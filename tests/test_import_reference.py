@@ -226,7 +226,7 @@ def test_bare_state_dict_without_prefix_and_pickled_objects(tmp_path, capsys):
 
 
 def test_bad_inputs_in_process(tmp_path, capsys, sincos_import):
-    src, out = sincos_import[1], tmp_path / "o.pth"
+    src, out = sincos_import[1], tmp_path / "new" / "o.pth"  # a folder created only when the file is written
     (tmp_path / "text.pth").write_text("not a checkpoint\n")
     expect_user_error(capsys, ["-i", tmp_path / "text.pth", "-o", out],
                       "is not a readable PyTorch checkpoint (truncated, corrupt or not a torch file")
@@ -243,7 +243,7 @@ def test_bad_inputs_in_process(tmp_path, capsys, sincos_import):
     broken["encoder.blocks.1.attn.qkv.weight"] = torch.zeros(3 * E, E + 1)
     expect_user_error(capsys, ["-i", write_reference(tmp_path / "bad.pth", broken), "-o", out], "does not fit")
     expect_user_error(capsys, ["-i", sincos_import[2], "-o", out], "already a nnunetv2_hiendmae checkpoint")
-    assert not out.exists()
+    assert not out.parent.exists()
 
 
 def test_overwrite_and_help(tmp_path, capsys, sincos_import):
@@ -255,6 +255,8 @@ def test_overwrite_and_help(tmp_path, capsys, sincos_import):
     assert out.read_bytes() == b"old"
     main(["-i", str(src), "-o", str(out), "--force"])
     assert load_checkpoint(out)["encoder"]["arch"] == "vit_tiny"
+    main(["-i", str(src), "-o", str(tmp_path / "release" / "ckpt.pth")])  # its folder is created, as nnU-Net does
+    assert load_checkpoint(tmp_path / "release" / "ckpt.pth")["encoder"]["arch"] == "vit_tiny"
     assert "imported vit_tiny" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         main(["--help"])

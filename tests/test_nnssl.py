@@ -264,7 +264,7 @@ def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(tmp_path, capsys)
     """Field by field what nnU-Net master's like_nnssl.preprocess_like_nnssl and PretrainedTrainer(_Primusx) read,
     with nnssl's AdaptationPlan types; the weights are dna Primus's, the encoder ours; and we read it back."""
     ckpt, encoder = primus_checkpoint(tmp_path / "ours.pth")
-    out = tmp_path / "nnssl.pth"
+    out = tmp_path / "exports" / "nnssl.pth"  # its folder is created
     export.main(["-pt", str(ckpt), "--format", "nnssl", "-o", str(out)])
     said = capsys.readouterr()
     assert "pretrained with CTNormalization normalisation, but nnU-Net master's" in said.err
