@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                "code stored in it, so only import files from a trusted source, or pass --weights-only to refuse.",
     )
     p.add_argument("-i", "--input", required=True, help="checkpoint saved by the reference code (RELEASED.pth)")
-    p.add_argument("-o", "--output", required=True, help="where to write our checkpoint (CHECKPOINT.pth; its folder is created)")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write our checkpoint (CHECKPOINT.pth; its folder is created)")
     p.add_argument("--arch", choices=list(PRESETS), default=None,
                    help="encoder preset; default: the preset whose embed_dim, depth and token size match the weights "
                         "(an --arch that does not match them is an error)")
