@@ -336,7 +336,7 @@ def leakage_guard(entry: EntryResult, dataset: str, strict: bool = False) -> tup
         return [], []
     try:
         checkpoint = json.loads((entry.folder / "plans.json").read_text())["pretrain_info"]["checkpoint"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         return [], [f"{entry.name}: its plans.json names no pretraining checkpoint: the leakage guard cannot check "
                     "what the encoder saw"]
     if not checkpoint or not Path(checkpoint).is_file():

@@ -243,9 +243,9 @@ def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, process
     notes = []
     if pretrain.get("source") == "nnssl":
         notes.append(f"nnssl records no list of its pretraining cases (this checkpoint names only its pretraining "
-                     f"dataset, {pretrain.get('dataset_name') or 'unnamed'}): whether it saw {dataset}'s "
+                     f"dataset, {pretrain.get('nnssl_dataset') or 'unnamed'}): whether it saw {dataset}'s "
                      "validation or test images cannot be checked; make sure that dataset holds none of them")
-    if not fingerprints:
+    elif not fingerprints:
         notes.append("the checkpoint records no content fingerprints of its pretraining cases: whether it saw this "
                      "dataset's validation or test images cannot be checked"
                      + (f" (checked by name: it pretrained on {dataset} itself)" if own else ""))
