@@ -143,6 +143,8 @@ def test_pretraining_on_fold_f_is_confirmed_by_content_for_fold_f(preprocessed_d
     assert warnings == []
     assert f"use these plans for fold {fold} only" in notes[0]
     assert notes[1].startswith(f"leakage guard: no validation case of fold(s) {fold} and no imagesTs case")
+    _, notes = check_checkpoint(pretrain, DATASET, strict=True, processes=1, scored_folds=[fold])  # a score on F
+    assert len(notes) == 1 and notes[0].startswith(f"leakage guard: no validation case of fold(s) {fold} of")
 
     hidden = splits[fold]["val"][0]
     pretrain["case_fingerprints"] = {**recorded, "other_pool/x": train[hidden]}

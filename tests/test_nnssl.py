@@ -1,7 +1,7 @@
 """nnssl checkpoints in probe, embed, plan and study; our checkpoints in nnU-Net's loaders (docs/interop.md).
 
 The nnssl checkpoint is built here with nnssl's key layout and adaptation-plan fields, from dynamic-network-
-architectures' modules (nnssl itself is not installable from PyPI): a tiny Primus (embed 48, depth 2, 2 heads, 8^3
+architectures' modules (nnssl itself is not installable from PyPI): a tiny Primus (embed 48, depth 3, 2 heads, 8^3
 tokens, 32^3 pretraining patch) given explicit Primus arguments, as nnU-Net master's ``PretrainedTrainer_Primusx``
 reads them.
 """
@@ -31,7 +31,7 @@ from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import embed_cli
 from pretrain.trained_encoder import load_trained_encoder
 
-TINY = {"embed_dim": 48, "encoder_eva_depth": 2, "encoder_eva_numheads": 2}  # rotary dim 48 / 2 / 1.5 = 16
+TINY = {"embed_dim": 48, "encoder_eva_depth": 3, "encoder_eva_numheads": 2}  # depth != heads: a swap shows  # rotary dim 48 / 2 / 1.5 = 16
 PATCH = [32, 32, 32]  # pretraining patch: a 4^3 token grid
 SPACING = [2.5, 1.25, 1.5]  # no two alike: an axis mix-up shows
 TRANSPOSE = [2, 0, 1]
@@ -205,6 +205,7 @@ def test_plan_follows_the_pretrain_plan(preprocessed_dataset, nnssl_ckpt):
     assert (info["arch"], info["method"], info["checkpoint"]) == ("PrimusX", "nnssl BaseEvaMAETrainer", str(path))
     assert any(n.startswith("nnssl checkpoint (BaseEvaMAETrainer") for n in plan.notes)
     assert any(n.startswith("nnssl records no list") for n in plan.notes)
+    assert not any("records no content fingerprints" in n for n in plan.notes)  # the nnssl note, not both
     assert any("ZScoreNormalization on every channel" in n for n in plan.notes)
 
 
@@ -304,6 +305,25 @@ def test_nnssl_export_meets_nnssls_and_nnunet_masters_contract(tmp_path, capsys)
     assert back["pretrain"]["foreground_intensity_properties_per_channel"]["0"]["percentile_99_5"] == 250
     for key, value in encoder.state_dict().items():
         assert torch.equal(back["weights"][f"encoder.{key}"], value), key
+
+
+def test_the_nnssl_export_is_seeded_and_takes_no_plans(tmp_path, capsys):
+    """--seed draws Primus's decoder (up_projection), which the checkpoint does not hold: two seeds, two decoders and
+    one encoder; a seed again, the same file. -d/-p belong to the other format: refused, nothing written."""
+    ckpt, _ = primus_checkpoint(tmp_path / "ours.pth")
+    files = {}
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+        export.main(["-pt", str(ckpt), "--format", "nnssl", "--seed", str(seed), "-o", str(tmp_path / f"{name}.pth")])
+        files[name] = torch.load(tmp_path / f"{name}.pth", weights_only=True)["network_weights"]
+    capsys.readouterr()
+    decoder = [k for k in files["a"] if k.startswith("up_projection.")]
+    assert decoder and all(torch.equal(files["a"][k], files["c"][k]) for k in files["a"])
+    assert not all(torch.equal(files["a"][k], files["b"][k]) for k in decoder)
+    assert all(torch.equal(files["a"][k], files["b"][k]) for k in files["a"] if not k.startswith("up_projection."))
+    for extra in (["-d", "990"], ["-p", "SomePlans"]):
+        out = tmp_path / "refused.pth"
+        code, err, _ = cli_error(export.main, ["-pt", str(ckpt), "--format", "nnssl", *extra, "-o", str(out)], capsys)
+        assert code == 2 and "-d/-p are for --format pretrained_weights" in err[0] and not out.exists(), extra
 
 
 def test_a_plain_vit_has_no_nnssl_export(preprocessed_dataset, tmp_path, capsys):

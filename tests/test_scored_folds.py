@@ -118,10 +118,15 @@ def test_the_study_checks_the_folds_it_scores_against_what_its_checkpoint_saw(tw
     ckpt = leaking_checkpoint(tmp_path / "leaky.pth", two_folds["folder"], seen)
     args = ["-d", "990", "-pt", str(ckpt), "-p", "T_guard", "--budgets", "100", "--schedule", "smoke", "-device",
             "cpu", "--dry-run"]
-    st.main([*args, "--arms", "frozen", "nnunet"])
+    st.main([*args, "--arms", "scratch", "frozen", "nnunet"])  # one arm that loads the checkpoint is enough
     out, err = capsys.readouterr()
     assert "warning: the pretraining saw 1 validation or test case(s) of Dataset990_HiEndTest" in err
-    assert f"fold 1 validation: {seen} (as Dataset991_Pool/renamed_scan)" in err and "4 runs" in out
+    assert f"fold 1 validation: {seen} (as Dataset991_Pool/renamed_scan)" in err and "6 runs" in out
+    study = st.setup(st.build_parser().parse_args([*args, "--arms", "frozen"]))
+    study.guard = st.leakage_guard(study, False)  # what study.md's section lists
+    assert study.guard[0].startswith("the pretraining saw 1 validation or test case(s) of Dataset990_HiEndTest")
+    assert f"fold 1 validation: {seen} (as Dataset991_Pool/renamed_scan)" in study.guard
+    capsys.readouterr()
 
     code, lines, _ = cli_error(st.main, [*args, "--arms", "frozen", "--strict"], capsys)
     lines = [line for line in lines if line.strip() and "content fingerprints of" not in line]  # progress bars
@@ -152,13 +157,15 @@ def test_compare_checks_each_pretrained_entry_on_its_folds_and_says_so(two_folds
     results = two_folds["results"] / "Dataset990_HiEndTest"
     entries = {"nnUNetTrainer__nnUNetPlans": None, "nnUNetTrainerHiEndMAE_smoke__T_leak": str(ckpt),
                "nnUNetTrainerHiEndMAE_scratch_smoke__T_leak": str(ckpt),
-               "nnUNetTrainerHiEndMAE_frozen_smoke__T_gone": str(tmp_path / "gone.pth")}
+               "nnUNetTrainerHiEndMAE_frozen_smoke__T_gone": str(tmp_path / "gone.pth"),
+               "nnUNetTrainerHiEndMAE_staged_smoke__T_noinfo": None}
     for i, (entry, checkpoint) in enumerate(entries.items()):
         folder = results / f"{entry}__3d_fullres"
         for fold in (0, 1):
             write_summary(folder / f"fold_{fold}" / "validation" / "summary.json", {1: 0.5 + 0.1 * i - 0.07 * fold,
                                                                                    2: 0.3 + 0.05 * i + 0.02 * fold})
-        (folder / "plans.json").write_text(json.dumps({"pretrain_info": {"checkpoint": checkpoint}}))
+        (folder / "plans.json").write_text(json.dumps({"pretrain_info": {"checkpoint": checkpoint}}
+                                                      if "noinfo" not in entry else {"pretrain_info": None}))
     out_dir = tmp_path / "report"
     argv = ["-d", "990", "-r", *entries, "-o", str(out_dir)]
 
@@ -179,7 +186,9 @@ def test_compare_checks_each_pretrained_entry_on_its_folds_and_says_so(two_folds
     assert section == ["- nnUNetTrainerHiEndMAE_smoke__T_leak: the pretraining saw 1 validation or test case(s) of "
                        "Dataset990_HiEndTest; figures on them are optimistic:",
                        f"- nnUNetTrainerHiEndMAE_frozen_smoke__T_gone: its pretraining checkpoint "
-                       f"{tmp_path / 'gone.pth'} is not there: the leakage guard cannot check what the encoder saw"]
+                       f"{tmp_path / 'gone.pth'} is not there: the leakage guard cannot check what the encoder saw",
+                       "- nnUNetTrainerHiEndMAE_staged_smoke__T_noinfo: its plans.json names no pretraining "
+                       "checkpoint: the leakage guard cannot check what the encoder saw"]
 
     compare.main([*argv[:3], "nnUNetTrainer__nnUNetPlans", "nnUNetTrainerHiEndMAE_smoke__T_leak", "-f", "0",
                   "--strict", "-o", str(out_dir)])
