@@ -31,7 +31,8 @@ from nnunetv2_hiendmae.presets import encoder_config
 from pretrain import embed_cli
 from pretrain.trained_encoder import load_trained_encoder
 
-TINY = {"embed_dim": 48, "encoder_eva_depth": 3, "encoder_eva_numheads": 2}  # depth != heads: a swap shows  # rotary dim 48 / 2 / 1.5 = 16
+# rotary dim 48 / 2 / 1.5 = 16; depth unlike the head count, so that a swap of the two shows
+TINY = {"embed_dim": 48, "encoder_eva_depth": 3, "encoder_eva_numheads": 2}
 PATCH = [32, 32, 32]  # pretraining patch: a 4^3 token grid
 SPACING = [2.5, 1.25, 1.5]  # no two alike: an axis mix-up shows
 TRANSPOSE = [2, 0, 1]

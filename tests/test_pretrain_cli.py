@@ -27,9 +27,9 @@ def test_loss_clearly_decreases(trained):
     history = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]
     assert len(history["loss"]) == 8
     # 1.0 = predicting each patch's mean; voxel noise keeps the floor high on such small crops (the last 3 of 8
-    # epochs average 8-9 % below the first), and the per-epoch loss of 40 small batches fluctuates by ~2%, so every one of the last
-    # epochs must beat the first and their mean must beat it clearly (a bound on one epoch alone would be a coin flip
-    # on the random stream)
+    # epochs average 8-9 % below the first), and the per-epoch loss of 40 small batches fluctuates by ~2%, so every
+    # one of the last epochs must beat the first and their mean must beat it clearly (a bound on one epoch alone
+    # would be a coin flip on the random stream)
     first, last = history["loss"][0], history["loss"][-3:]
     assert max(last) < first and sum(last) / 3 < 0.96 * first, history["loss"]
     assert all(v > 0 for v in history["crops_per_s"])
