@@ -31,6 +31,8 @@ for _name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
 os.environ.pop("nnUNet_n_proc_DA", None)  # 0 crashes nnU-Net's planning
 os.environ.setdefault("nnUNet_compile", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# two test processes share 2 cores (make test): OpenMP threads of the commands they start wait asleep, not spinning
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DATASET_ID = 990  # labelled; 991 is the unlabelled pretraining pool
 # nnUNetv2_train in the tests: one augmentation worker (in the training process, the augmentation of a 2-core machine
