@@ -145,6 +145,13 @@ def test_pretraining_on_fold_f_is_confirmed_by_content_for_fold_f(preprocessed_d
     assert notes[1].startswith(f"leakage guard: no validation case of fold(s) {fold} and no imagesTs case")
     _, notes = check_checkpoint(pretrain, DATASET, strict=True, processes=1, scored_folds=[fold])  # a score on F
     assert len(notes) == 1 and notes[0].startswith(f"leakage guard: no validation case of fold(s) {fold} of")
+    test_copy = {"other_pool/ts": next(iter(dataset_fingerprints(990, "imagesTs", 1).values()))}
+    with pytest.raises(UserError, match="imagesTs: "):  # the plans' check names a test-image copy ...
+        check_checkpoint({**pretrain, "case_fingerprints": {**recorded, **test_copy}}, DATASET, strict=True,
+                         processes=1)
+    warnings, _ = check_checkpoint({**pretrain, "case_fingerprints": {**recorded, **test_copy}}, DATASET,
+                                   strict=True, processes=1, scored_folds=[fold])
+    assert warnings == []  # ... a score on fold F's validation cases does not read the test images
 
     hidden = splits[fold]["val"][0]
     pretrain["case_fingerprints"] = {**recorded, "other_pool/x": train[hidden]}
