@@ -213,8 +213,14 @@ def leakage_warning(leaks: Leaks, strict: bool = False) -> list[str]:
                "--strict makes this an error"])
 
 
+def pretraining_datasets(pretrain: dict) -> list[str]:
+    """The names of the datasets a checkpoint's ``pretrain`` block says it read (``datasets``: names, or records
+    with a ``name``, docs/checkpoint_format.md)."""
+    return [d if isinstance(d, str) else d.get("name") for d in pretrain.get("datasets") or []]
+
+
 def _pretrained_on(pretrain: dict, dataset: str) -> bool:
-    return dataset in [d if isinstance(d, str) else d.get("name") for d in pretrain.get("datasets") or []]
+    return dataset in pretraining_datasets(pretrain)
 
 
 def check_checkpoint(pretrain: dict, dataset: str, strict: bool = False, processes: int = 4,

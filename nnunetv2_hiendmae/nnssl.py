@@ -35,6 +35,7 @@ import torch
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.leakage import pretraining_datasets
 from nnunetv2_hiendmae.presets import ENCODERS, PRESETS, encoder_kind, token_size_3d
 
 KEYS = ("network_weights", "nnssl_adaptation_plan")  # what makes a torch file an nnssl checkpoint
@@ -277,7 +278,7 @@ def pretrain_plan(pretrain: dict, patch: Sequence[int]) -> dict:
 
     spacing = [float(s) for s in pretrain["spacing"]]
     forward = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
-    datasets = [d if isinstance(d, str) else d.get("name") for d in pretrain.get("datasets") or []]
+    datasets = pretraining_datasets(pretrain)
     plans, configuration = pretrain.get("plans") or "nnUNetPlans", pretrain.get("configuration") or "3d_fullres"
     config = {"data_identifier": f"{plans}_{configuration}", "preprocessor_name": "DefaultPreprocessor",
               "spacing_style": "onemmiso" if all(math.isclose(s, 1.0) for s in spacing) else "median",

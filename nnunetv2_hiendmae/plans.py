@@ -252,8 +252,9 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
     pretrain = ckpt["pretrain"]
     from nnunetv2_hiendmae.nnssl import preprocessing_note
 
-    if preprocessing_note(pretrain):
-        notes.append(preprocessing_note(pretrain))
+    read_from_nnssl = preprocessing_note(pretrain)
+    if read_from_nnssl:
+        notes.append(read_from_nnssl)
     pre_tf = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
     patch = to_dataset_axes(pretrain_value(path, pretrain, "patch_size"), pre_tf, ds.base["transpose_forward"])
     from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
