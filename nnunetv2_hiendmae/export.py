@@ -6,7 +6,8 @@
 (:func:`~nnunetv2_hiendmae.weights.load_pretrained_encoder`: stem adapted to the dataset's channels, learned position
 embedding to the plans' patch) and the decoder seeded. nnU-Net 2.8.1's ``nnUNetv2_train -pretrained_weights``
 (``nnunetv2/run/load_pretrained_weights.py``) requires every key of the network except ``.seg_layers.`` with the
-same shape: this file has every key, so it loads into the network of those plans only.
+same shape: this file has every key, so it loads into the network of those plans only. nnU-Net draws the
+``.seg_layers.`` itself: the ViT's 1x1x1 head, Primus's whole decoder.
 
 ``--format nnssl``: for a Primus checkpoint, nnssl's checkpoint format with its adaptation plan
 (:func:`nnunetv2_hiendmae.nnssl.to_nnssl`), which nnU-Net master's ``nnUNetv2_preprocess_like_nnssl`` and
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --format pretrained_weights: the plans' configuration (default: {CONFIGURATION})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the parts the checkpoint does not hold: the decoder (pretrained_weights) or "
-                        "Primus's up_projection (nnssl) (default: %(default)s)")
+                        "Primus's up_projection (nnssl); nnU-Net draws the segmentation head itself, for Primus the "
+                        "whole decoder (default: %(default)s)")
     return p
 
 

@@ -236,8 +236,9 @@ def primus_checkpoint(path, schemes=("CTNormalization",)):
 def test_pretrained_weights_export_loads_through_nnunet_2_8_1(kind, preprocessed_dataset, nnssl_ckpt, tmp_path,
                                                              capsys):
     """Every key of our network, checked by nnU-Net 2.8.1's own load_pretrained_weights, then compared: everything
-    but the segmentation head (``.seg_layers.``, which nnU-Net never transfers) is the file's, the encoder the
-    checkpoint's. The network is built with another seed, so a key left out would show."""
+    but the segmentation head (``.seg_layers.``: the ViT's 1x1x1 convolution, Primus's whole decoder; nnU-Net never
+    transfers it) is the file's, the encoder the checkpoint's. The network is built with another seed, so a key left
+    out would show."""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
     folder = preprocessed_dataset["preprocessed"]
@@ -251,12 +252,13 @@ def test_pretrained_weights_export_loads_through_nnunet_2_8_1(kind, preprocessed
     export.main(["-pt", str(ckpt), "--format", "pretrained_weights", "-d", "990", "-p", name, "-o", str(out)])
     assert f"-tr nnUNetTrainerHiEndMAE_scratch -pretrained_weights {out}" in capsys.readouterr().out
     network, _ = export.network_for_plans("990", name, "3d_fullres", seed=123)  # another decoder init
+    head = {k: v.clone() for k, v in network.state_dict().items() if ".seg_layers." in k}  # Primus: its decoder
     load_pretrained_weights(network, str(out))
     saved = torch.load(out, weights_only=True)["network_weights"]
     state = network.state_dict()
     assert state.keys() == saved.keys()
     for key, value in state.items():  # the segmentation head stays the network's own (nnU-Net's rule)
-        assert torch.equal(value, saved[key]) == (".seg_layers." not in key), key
+        assert torch.equal(value, head[key] if key in head else saved[key]), key
     source = load_checkpoint(ckpt)
     for key, value in network.encoder.state_dict().items():
         assert torch.equal(value, source["weights"][f"encoder.{key}"]), key

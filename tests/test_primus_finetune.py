@@ -17,6 +17,7 @@ from dynamic_network_architectures.architectures.primus import Primus
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.ext import ext_path
 from nnunetv2_hiendmae.presets import PRESETS, encoder_config
+from nnunetv2_hiendmae.primus_network import PrimusNetwork, dna_primus_state_dict
 from pretrain.embed import embed_volume
 from pretrain.trained_encoder import load_trained_encoder
 
@@ -57,7 +58,7 @@ def test_a_primus_checkpoint_is_planned_trained_and_predicted_by_nnunet(preproce
     p = PRESETS["primus_tiny"]
     nnunet_primus = Primus(1, p["embed_dim"], (8, 8, 8), 4, eva_depth=p["depth"], eva_numheads=p["num_heads"],
                            input_shape=tuple(cfg["patch_size"]), init_values=0.1, scale_attn_inner=True)
-    nnunet_primus.load_state_dict(weights, strict=True)  # the fine-tuned network is dna's Primus, key for key
+    nnunet_primus.load_state_dict(dna_primus_state_dict(weights), strict=True)  # dna's Primus, the decoder renamed
     fine_tuned = load_trained_encoder(fold / "checkpoint_final.pth").encoder  # what nnUNetv2_hiendmae_embed uses
     assert fine_tuned.state_dict().keys() == source_keys(ckpt)
     for key, value in fine_tuned.state_dict().items():
@@ -79,7 +80,6 @@ def test_every_encoder_tensor_loads_into_the_primus_network_with_the_two_adaptat
     from nnunetv2_hiendmae.encoders import build_encoder
     from nnunetv2_hiendmae.plans import plans_encoder_config
     from nnunetv2_hiendmae.presets import encoder_config
-    from nnunetv2_hiendmae.primus_network import PrimusNetwork
     from nnunetv2_hiendmae.vit import interpolate_pos_embed
     from nnunetv2_hiendmae.weights import load_pretrained_encoder
 
@@ -102,6 +102,69 @@ def test_every_encoder_tensor_loads_into_the_primus_network_with_the_two_adaptat
             assert torch.equal(state[key], value), key
     assert all(torch.equal(state[k], v) for k, v in decoder.items())
     assert set(net.no_weight_decay()) <= set(dict(net.named_parameters()))
+
+
+def tiny_primus(channels: int, classes: int, seed: int) -> PrimusNetwork:
+    """A ``primus_tiny`` PrimusNetwork for a (16, 16, 24) patch, initialised after ``torch.manual_seed(seed)``."""
+    from nnunetv2_hiendmae.plans import plans_encoder_config
+
+    torch.manual_seed(seed)
+    config = plans_encoder_config(encoder_config("primus_tiny", channels, pos_embed_grid=(2, 2, 3)))
+    return PrimusNetwork(channels, classes, (16, 16, 24), config)
+
+
+def perturbed(state: dict, seed: int) -> dict:
+    """Every tensor moved off its initial constants (LayerScale 0.1, zero biases and mask token)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def test_the_primus_network_is_dnas_primus_with_its_decoder_under_nnunets_head_name():
+    """The same initialisation and the same output as dynamic-network-architectures' ``Primus`` with the same weights;
+    the decoder, and only it, is under ``.seg_layers.``; weights in dna's layout load strictly, and ours go back to
+    dna's ``Primus`` strictly through :func:`dna_primus_state_dict`."""
+    ours = tiny_primus(2, 3, seed=0)
+    c = ours.encoder_config
+    torch.manual_seed(0)
+    dna = Primus(2, c["embed_dim"], (8, 8, 8), 3, eva_depth=c["depth"], eva_numheads=c["num_heads"],
+                 input_shape=(16, 16, 24), mlp_ratio=c["mlp_ratio"], drop_path_rate=c["drop_path_rate"],
+                 init_values=c["init_values"], scale_attn_inner=True)
+    initial = dna_primus_state_dict(ours.state_dict())
+    assert list(initial) == list(dna.state_dict())
+    assert all(torch.equal(v, initial[k]) for k, v in dna.state_dict().items())
+    assert {k for k in ours.state_dict() if ".seg_layers." in k} == {k for k in ours.state_dict()
+                                                                     if k.startswith("up_projection.")}
+
+    weights = perturbed(dna.state_dict(), seed=1)  # dna's layout: up_projection.decode.*
+    dna.load_state_dict(weights, strict=True)
+    ours.load_state_dict(weights, strict=True)
+    x = torch.randn(2, 2, 16, 16, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), dna.eval()(x))
+    back = dna_primus_state_dict(ours.state_dict())
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("classes, layout", [(2, "ours"), (3, "ours"), (5, "ours"), (5, "dna")])
+def test_nnunets_pretrained_weights_seed_a_primus_for_any_class_count_with_the_encoder(tmp_path, classes, layout):
+    """nnU-Net 2.8.1's own ``-pretrained_weights`` loader from a Primus fine-tuned for 3 classes (in our layout, or in
+    dna's, as folds written before the decoder was renamed): every stem and EVA tensor is transferred, the decoder is
+    the target's own, whose widths follow its class count (inner layers differ too for 2 or 5 classes)."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    source = perturbed(tiny_primus(1, 3, seed=0).state_dict(), seed=1)
+    saved = dna_primus_state_dict(source) if layout == "dna" else source
+    torch.save({"network_weights": saved}, tmp_path / "checkpoint_final.pth")
+    seeded = tiny_primus(1, classes, seed=2)
+    decoder = {k: v.clone() for k, v in seeded.state_dict().items() if k.startswith("up_projection.")}
+    load_pretrained_weights(seeded, str(tmp_path / "checkpoint_final.pth"))
+    state = seeded.state_dict()
+    assert set(state) - set(decoder) == {k for k in source if not k.startswith("up_projection.")}
+    for key, value in state.items():
+        assert torch.equal(value, decoder[key] if key in decoder else source[key]), key
+    if classes != 3:
+        inner = [k for k in decoder if not k.startswith("up_projection.seg_layers.decode.2.")]  # not the last conv
+        assert any(decoder[k].shape != source[k].shape for k in inner)
 
 
 def test_the_probe_ranks_a_primus_checkpoint_against_random_primus(preprocessed_dataset, primus_checkpoint, tmp_path):
@@ -135,7 +198,6 @@ def test_scratch_plans_and_the_frozen_and_budget_variants_build_primus(preproces
 
     from nnunetv2_hiendmae import trainers, variants
     from nnunetv2_hiendmae.plans import main as plan_main
-    from nnunetv2_hiendmae.primus_network import PrimusNetwork
 
     folder = preprocessed_dataset["preprocessed"]
     plan_main(["-d", "990", "--arch", "primus_tiny", "-o", "T_primus_scratch"])
