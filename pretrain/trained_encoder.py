@@ -80,7 +80,7 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         return _from_pretraining(ckpt, path)
     if is_nnssl_checkpoint(ckpt):
-        ours = from_nnssl(ckpt, path)
+        ours = from_nnssl(ckpt, path, cnn=True)
         trained = _from_pretraining(ours, path, f"nnssl checkpoint {path}")
         trained.notes.append(preprocessing_note(ours["pretrain"]))
         return trained
