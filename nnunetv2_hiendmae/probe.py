@@ -283,8 +283,8 @@ class ProbeResult:
 
 
 def token_grid(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The encoder's final normed tokens without CLS (Primus has none) as a feature volume: ``[B, C, *patch]`` ->
-    ``[B, E, *grid]`` float32."""
+    """The encoder's final normed tokens without CLS (Primus has none; a ResEnc's tokens are its feature map) as a
+    feature volume: ``[B, C, *patch]`` -> ``[B, E, *grid]`` float32."""
     normed, _ = encoder(x)
     return tokens_to_volume(normed.float(), encoder.grid(x.shape[2:]))
 

@@ -295,6 +295,10 @@ def test_unreadable_nnssl_checkpoints_are_one_line_errors(tmp_path, capsys):
         "plainconv": (adaptation_plan({"arch_class_name": "PlainConvUNet", "arch_kwargs": RESENC}),
                       "holds a PlainConvUNet (a CNN), which is not read"),
         "resenc_without_stem": (resenc_plan(EXPLICIT_RESENC), "no ResEnc stem (encoder.stem.convs.0.conv.weight)"),
+        # a module class, but none that the plan may name: only torch.nn and dna classes are looked up
+        "resenc_foreign_class": (resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": {
+            **RESENC, "nonlin": "nnunetv2_hiendmae.vit.ViTEncoder3D"}}),
+            "nonlin 'nnunetv2_hiendmae.vit.ViTEncoder3D' is not a torch.nn or dynamic-network-architectures module"),
         "no_attn_norm": (adaptation_plan({"arch_class_name": "PrimusX", "arch_kwargs": {
             **TINY, "patch_embed_size": [8, 8, 8], "scale_attn_inner": False, "init_values": 0.1}}),
             "without scale_attn_inner"),
