@@ -57,9 +57,10 @@ EXPLICIT_KWARGS = ("embed_dim", "patch_embed_size", "encoder_eva_depth", "encode
 # ResidualEncoderUNet with DynamicArchitecturePlans' arguments (adaptation_plan.py), of which these are the decoder's
 NAMED_RESENC = {"ResEncL": RESENC_L, "NoSkipResEncL": RESENC_L}
 EXPLICIT_RESENC = "ResidualEncoderUNet"
+RESENC_CLASSES = (*NAMED_RESENC, EXPLICIT_RESENC)
 DECODER_KWARGS = ("n_conv_per_stage_decoder", "num_classes", "deep_supervision")
 RESENC_STEM_WEIGHT = "stem.convs.0.conv.weight"
-CNN_CLASSES = (*NAMED_RESENC, EXPLICIT_RESENC, "PlainConvUNet")
+CNN_CLASSES = (*RESENC_CLASSES, "PlainConvUNet")
 MLP_RATIO = 8 / 3  # Primus's SwiGLU hidden size (dynamic-network-architectures' default mlp_ratio 4 * 2 / 3)
 Z_SCORE = "ZScoreNormalization"
 # Primus's modules and what nnU-Net master's loader reads about them (dna primus.py: key_to_encoder etc.)
@@ -124,11 +125,10 @@ def _primus_dimensions(plan: dict, path: object) -> tuple[str, dict]:
                                     "num_heads": preset["num_heads"], "token_size": [preset["token_size"]] * 3,
                                     "init_values": NAMED_INIT_VALUES}
     if name in CNN_CLASSES:
-        readers = (f"nnUNetv2_hiendmae_probe and _embed read a ResEnc's feature maps ({', '.join(NAMED_RESENC)}, "
-                   f"{EXPLICIT_RESENC})")
-        raise UserError(f"nnssl checkpoint {path} holds a {name} (a CNN): fine-tuning here takes the Primus family "
-                        f"(PrimusS/B/M/L or explicit Primus arguments) only; {readers}" if name != "PlainConvUNet"
-                        else f"nnssl checkpoint {path} holds a PlainConvUNet (a CNN), which is not read; {readers}")
+        refused = ("fine-tuning here takes the Primus family (PrimusS/B/M/L or explicit Primus arguments) only"
+                   if name in RESENC_CLASSES else "it is not read")
+        raise UserError(f"nnssl checkpoint {path} holds a {name} (a CNN): {refused}; nnUNetv2_hiendmae_probe and "
+                        f"_embed read a ResEnc's feature maps ({', '.join(RESENC_CLASSES)})")
     raise UserError(f"nnssl checkpoint {path}: unknown architecture {name!r} (read: {', '.join(NAMED_PRIMUS)} or "
                     f"explicit Primus arguments {', '.join(EXPLICIT_KWARGS)})")
 
@@ -227,7 +227,7 @@ def from_nnssl(ckpt: dict, path: object = "", cnn: bool = False) -> dict:
         raise UserError(f"nnssl checkpoint {path}: its nnssl_adaptation_plan is not a dict")
     arch_plans = _plan_entry(plan, "architecture_plans", path)
     name = arch_plans.get("arch_class_name") if isinstance(arch_plans, dict) else None
-    if cnn and name in (*NAMED_RESENC, EXPLICIT_RESENC):
+    if cnn and name in RESENC_CLASSES:
         return _from_resenc(ckpt, plan, name, path)
     arch, dims = _primus_dimensions(plan, path)
     weights, unread = _encoder_weights(ckpt["network_weights"], plan, "down_projection.", "eva.", path)
@@ -247,6 +247,7 @@ def from_nnssl(ckpt: dict, path: object = "", cnn: bool = False) -> dict:
 
 
 def _ours(ckpt: dict, weights: dict[str, torch.Tensor], config: dict, pretrain: dict) -> dict:
+    """Our checkpoint dict of an encoder read from nnssl, its method named after nnssl's trainer."""
     trainer = ckpt.get("trainer_name")
     return make_checkpoint({f"encoder.{k}": v for k, v in weights.items()}, config, {}, pretrain,
                            method=f"nnssl {trainer}" if trainer else "nnssl")
@@ -279,8 +280,9 @@ def _from_resenc(ckpt: dict, plan: dict, name: str, path: object) -> dict:
     """An nnssl ResEnc checkpoint as a checkpoint dict in our layout: encoder configuration of kind ``resenc``
     (:class:`~nnunetv2_hiendmae.resenc.ResEncFeatures`: ``ResidualEncoder``'s arguments and the feature stage whose
     stride is closest to 16, :func:`~nnunetv2_hiendmae.resenc.feature_stage`), weights ``encoder.stem.*`` and
-    ``encoder.stages.*``, and the ``pretrain`` block of a Primus. The pretraining patch must be a multiple of the
-    feature map's stride (UserError otherwise), so that its windows tile the feature map."""
+    ``encoder.stages.*``, and the ``pretrain`` block of a Primus. UserError for arguments ``ResidualEncoder`` does not
+    take or classes outside torch.nn and dynamic-network-architectures, weights without the ResEnc stem, or a
+    pretraining patch that is not a multiple of the feature map's stride (its windows must tile the feature map)."""
     kwargs = _resenc_kwargs(plan, name, path)
     weights, unread = _encoder_weights(ckpt["network_weights"], plan, "stem.", "stages.", path)
     if RESENC_STEM_WEIGHT not in weights:

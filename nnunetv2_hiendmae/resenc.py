@@ -5,8 +5,8 @@ The encoder is dynamic-network-architectures' ``ResidualEncoder``, the ``encoder
 its state dict (``stem.*``, ``stages.*``) is the ``encoder.*`` part of nnssl's ``network_weights`` unchanged. Where a
 ViT gives tokens, :class:`ResEncFeatures` gives **one stage's feature map**, its voxels laid out as tokens ``[B, N, C]``
 in raster order: a token is one voxel of that map, its size the stage's total stride, its width the stage's channels.
-By default the stage is the one whose total stride is closest to 16 voxels (:func:`feature_stage`), the token size of
-the ViTs this package pretrains: stage 4 of ResEnc-L (stride 16, 320 channels), not its bottleneck (stride 32), whose
+The stage is the one whose total stride is closest to 16 voxels (:func:`feature_stage`), the token size of the ViTs
+this package pretrains: stage 4 of ResEnc-L (stride 16, 320 channels), not its bottleneck (stride 32), whose
 5^3 map of a 160^3 patch is too coarse for a segmentation probe.
 
 A CNN has no CLS token: :meth:`ResEncFeatures.pooled` is the mean of the feature map (global average pooling), as for

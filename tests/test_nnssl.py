@@ -293,7 +293,7 @@ def test_a_primus_m_with_another_layerscale_is_not_written_as_primus_m():
 def test_unreadable_nnssl_checkpoints_are_one_line_errors(tmp_path, capsys):
     cases = {
         "plainconv": (adaptation_plan({"arch_class_name": "PlainConvUNet", "arch_kwargs": RESENC}),
-                      "holds a PlainConvUNet (a CNN), which is not read"),
+                      "holds a PlainConvUNet (a CNN): it is not read"),
         "resenc_without_stem": (resenc_plan(EXPLICIT_RESENC), "no ResEnc stem (encoder.stem.convs.0.conv.weight)"),
         # a module class, but none that the plan may name: only torch.nn and dna classes are looked up
         "resenc_foreign_class": (resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": {
