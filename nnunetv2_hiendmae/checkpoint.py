@@ -76,10 +76,12 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", weights_o
                         f"{_first_line(e)})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", nnssl: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", nnssl: bool = True,
+                    cnn: bool = False) -> dict:
     """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`.
     ``nnssl``: an nnssl Primus checkpoint is accepted too, read into our layout in memory
-    (:func:`nnunetv2_hiendmae.nnssl.from_nnssl`, ``pretrain["source"] == "nnssl"``)."""
+    (:func:`nnunetv2_hiendmae.nnssl.from_nnssl`, ``pretrain["source"] == "nnssl"``); with ``cnn`` an nnssl ResEnc
+    checkpoint as well (an encoder of kind ``resenc``, for the commands that only run the encoder)."""
     try:
         ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
     except HoldsPythonObjects as e:
@@ -89,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         from nnunetv2_hiendmae.nnssl import from_nnssl, is_nnssl_checkpoint
 
         if is_nnssl_checkpoint(ckpt):
-            return from_nnssl(ckpt, path)
+            return from_nnssl(ckpt, path, cnn)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and "state_dict" in ckpt:

@@ -1,10 +1,11 @@
-"""Building an encoder from its configuration: the ViT (:mod:`nnunetv2_hiendmae.vit`) or Primus
-(:mod:`nnunetv2_hiendmae.primus`), whichever the configuration's ``kind`` names
-(:data:`~nnunetv2_hiendmae.presets.ENCODERS`).
+"""Building an encoder from its configuration: the ViT (:mod:`nnunetv2_hiendmae.vit`), Primus
+(:mod:`nnunetv2_hiendmae.primus`) or a ResEnc read from nnssl (:mod:`nnunetv2_hiendmae.resenc`), whichever the
+configuration's ``kind`` names (:data:`~nnunetv2_hiendmae.presets.ENCODERS`).
 
-Both have the same interface (``forward``/``forward_patches`` with ``keep``/``replace``, ``grid``, ``taps``,
-``pooled``, ``num_prefix_tokens``, ``pos_embed_for``, ``no_weight_decay``, ``group_matcher``), so the methods, the
-probe and the embeddings use either without asking which.
+The ViT and Primus have the same interface (``forward``/``forward_patches`` with ``keep``/``replace``, ``grid``,
+``taps``, ``pooled``, ``num_prefix_tokens``, ``pos_embed_for``, ``no_weight_decay``, ``group_matcher``), so the
+methods, the probe and the embeddings use either without asking which. The ResEnc has the part the probe and the
+embeddings use (``forward(x)``, ``grid``, ``pooled``, ``token_size``, ``embed_dim``, ``in_channels``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from nnunetv2_hiendmae.presets import ENCODERS, encoder_kind
 
-Encoder = nn.Module  # a ViTEncoder3D or a PrimusEncoder
+Encoder = nn.Module  # a ViTEncoder3D, a PrimusEncoder or a ResEncFeatures
 
 
 def encoder_class(config: dict) -> type:

@@ -18,7 +18,11 @@ architectures defines them, or explicit Primus arguments as nnU-Net master's ``P
 becomes a checkpoint dict in our layout (:mod:`nnunetv2_hiendmae.checkpoint`), in memory: the encoder weights
 (``down_projection.*`` and ``eva.*`` under the plan's prefixes) are the :class:`~nnunetv2_hiendmae.primus.PrimusEncoder`
 state dict unchanged, and the ``pretrain`` block is the pretraining plan's preprocessing. nnssl is not imported: it is
-read as plain data. A CNN (ResEnc) checkpoint is refused in one line.
+read as plain data. A ResEnc checkpoint (``ResEncL``/``NoSkipResEncL``, nnssl's ``architecture_registry.py``, or a
+``ResidualEncoderUNet`` with explicit ``DynamicArchitecturePlans`` arguments) is read the same way for the commands
+that only run the encoder (``cnn=True``: the probe and the embeddings), its weights (``stem.*``, ``stages.*`` under
+the plan's prefixes) those of :class:`~nnunetv2_hiendmae.resenc.ResEncFeatures`; fine-tuning, which builds a ViT or
+Primus network, refuses it in one line, as it refuses every other CNN.
 
 **Writing** (:func:`to_nnssl`): a Primus checkpoint (ours, or one read from nnssl) becomes the full
 ``Primus`` state dict (encoder from the checkpoint, the decoder ``up_projection`` freshly initialised, the
@@ -28,6 +32,7 @@ has no such form (:data:`VIT_REFUSAL`).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -37,6 +42,7 @@ from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.leakage import pretraining_datasets
 from nnunetv2_hiendmae.presets import ENCODERS, PRESETS, encoder_kind, token_size_3d
+from nnunetv2_hiendmae.resenc import RESENC_L, feature_stage, resolve_classes, total_strides
 
 KEYS = ("network_weights", "nnssl_adaptation_plan")  # what makes a torch file an nnssl checkpoint
 # nnssl's named Primus presets (ArchitecturePlans.arch_class_name) and ours of the same dimensions (dynamic-network-
@@ -47,7 +53,14 @@ NAMED_INIT_VALUES = 0.1
 EXPLICIT_PRIMUS = "PrimusX"
 EXPLICIT_KWARGS = ("embed_dim", "patch_embed_size", "encoder_eva_depth", "encoder_eva_numheads", "scale_attn_inner",
                    "init_values")
-CNN_CLASSES = ("ResEncL", "NoSkipResEncL", "ResidualEncoderUNet", "PlainConvUNet")
+# nnssl's ResEnc encoders: by name (get_res_enc_l and get_noskip_res_enc_l build the same encoder), or
+# ResidualEncoderUNet with DynamicArchitecturePlans' arguments (adaptation_plan.py), of which these are the decoder's
+NAMED_RESENC = {"ResEncL": RESENC_L, "NoSkipResEncL": RESENC_L}
+EXPLICIT_RESENC = "ResidualEncoderUNet"
+RESENC_CLASSES = (*NAMED_RESENC, EXPLICIT_RESENC)
+DECODER_KWARGS = ("n_conv_per_stage_decoder", "num_classes", "deep_supervision")
+RESENC_STEM_WEIGHT = "stem.convs.0.conv.weight"
+CNN_CLASSES = (*RESENC_CLASSES, "PlainConvUNet")
 MLP_RATIO = 8 / 3  # Primus's SwiGLU hidden size (dynamic-network-architectures' default mlp_ratio 4 * 2 / 3)
 Z_SCORE = "ZScoreNormalization"
 # Primus's modules and what nnU-Net master's loader reads about them (dna primus.py: key_to_encoder etc.)
@@ -112,8 +125,10 @@ def _primus_dimensions(plan: dict, path: object) -> tuple[str, dict]:
                                     "num_heads": preset["num_heads"], "token_size": [preset["token_size"]] * 3,
                                     "init_values": NAMED_INIT_VALUES}
     if name in CNN_CLASSES:
-        raise UserError(f"nnssl checkpoint {path} holds a {name} (a CNN): only the Primus family (PrimusS/B/M/L or "
-                        "explicit Primus arguments) is read so far")
+        refused = ("fine-tuning here takes the Primus family (PrimusS/B/M/L or explicit Primus arguments) only"
+                   if name in RESENC_CLASSES else "it is not read")
+        raise UserError(f"nnssl checkpoint {path} holds a {name} (a CNN): {refused}; nnUNetv2_hiendmae_probe and "
+                        f"_embed read a ResEnc's feature maps ({', '.join(RESENC_CLASSES)})")
     raise UserError(f"nnssl checkpoint {path}: unknown architecture {name!r} (read: {', '.join(NAMED_PRIMUS)} or "
                     f"explicit Primus arguments {', '.join(EXPLICIT_KWARGS)})")
 
@@ -122,21 +137,24 @@ def _prefix(key: str) -> str:
     return key if key.endswith(".") else f"{key}."
 
 
-def _encoder_weights(network: dict, plan: dict, path: object) -> dict[str, torch.Tensor]:
-    """``{down_projection.* | eva.*: tensor}``: the stem and EVA encoder under the plan's ``key_to_stem`` and
-    ``key_to_encoder`` prefixes (``eva`` for nnssl's MAE trainers, ``encoder.eva`` for its contrastive ones), with
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) removed."""
+def _encoder_weights(network: dict, plan: dict, stem_as: str, encoder_as: str,
+                     path: object) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``({stem_as* | encoder_as*: tensor}, modules not read)``: the stem and the encoder under the plan's
+    ``key_to_stem`` and ``key_to_encoder`` prefixes (Primus: ``down_projection`` and ``eva`` for nnssl's MAE trainers,
+    ``encoder.``-prefixed for its contrastive ones; ResEnc: ``encoder.stem`` and ``encoder.stages``), renamed, with
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) removed; and the first name of every other key (the
+    pretraining decoder, ...)."""
     stem, encoder = _prefix(_plan_entry(plan, "key_to_stem", path)), _prefix(_plan_entry(plan, "key_to_encoder", path))
-    weights = {}
+    weights, unread = {}, set()
     for key, value in network.items():
         key = key.removeprefix("module.").removeprefix("_orig_mod.")
-        for prefix, ours in ((stem, "down_projection."), (encoder, "eva.")):
+        for prefix, ours in ((stem, stem_as), (encoder, encoder_as)):
             if key.startswith(prefix) and isinstance(value, torch.Tensor):
                 weights[ours + key[len(prefix):]] = value
-    if "down_projection.proj.weight" not in weights or "eva.pos_embed" not in weights:
-        raise UserError(f"nnssl checkpoint {path}: no Primus stem ({stem}proj.weight) and learned position embedding "
-                        f"({encoder}pos_embed) in its network_weights")
-    return weights
+                break
+        else:
+            unread.add(key.split(".")[0])
+    return weights, sorted(unread)
 
 
 def pretrain_patch(plan: dict, path: object = "") -> list[int]:
@@ -158,8 +176,9 @@ def _token_grid(tokens: int, patch: Sequence[int], token: Sequence[int], path: o
     return grid
 
 
-def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], path: object) -> dict:
-    """Our checkpoint's ``pretrain`` block from nnssl's pretraining plan (module docstring)."""
+def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], unread: list[str], path: object) -> dict:
+    """Our checkpoint's ``pretrain`` block from nnssl's pretraining plan (module docstring); ``unread``: the modules of
+    ``network_weights`` that are not the encoder's, for the note."""
     name, config = pretrain_configuration(plan, path)
     pretrain_plan = plan["pretrain_plan"]
     schemes = [str(s) for s in config.get("normalization_schemes") or [Z_SCORE] * channels]
@@ -187,24 +206,34 @@ def _pretrain_block(ckpt: dict, plan: dict, channels: int, patch: list[int], pat
         "case_fingerprints": None,  # nnssl records no case list: the leakage guard says it cannot check
         "nnssl_trainer": ckpt.get("trainer_name"),
         "nnssl_pretrain_plan": pretrain_plan,
+        "nnssl_unread": unread,
     }
 
 
-def from_nnssl(ckpt: dict, path: object = "") -> dict:
+def from_nnssl(ckpt: dict, path: object = "", cnn: bool = False) -> dict:
     """An nnssl Primus checkpoint (module docstring) as a checkpoint dict in our layout
     (:func:`~nnunetv2_hiendmae.checkpoint.make_checkpoint`): encoder configuration of kind ``primus`` (8^3 or the
     plan's tokens, the learned position embedding on the pretraining token grid), weights ``encoder.down_projection.*``
     and ``encoder.eva.*``, method ``nnssl <trainer_name>``, and a ``pretrain`` block with the pretraining plan's
-    spacing, ``transpose_forward``, normalisation and patch (``source: nnssl``, no case fingerprints).
+    spacing, ``transpose_forward``, normalisation and patch (``source: nnssl``, no case fingerprints). With ``cnn``,
+    a ResEnc checkpoint too (:func:`_from_resenc`).
 
-    Raises :class:`~nnunetv2_hiendmae.errors.UserError` for a plan without the fields read, a CNN or unknown
-    architecture, weights without the Primus stem or position embedding, or a normalisation that needs intensity
-    statistics. Whether the weights fit the configuration is checked where the encoder is built (strict load)."""
+    Raises :class:`~nnunetv2_hiendmae.errors.UserError` for a plan without the fields read, a CNN (without ``cnn``) or
+    unknown architecture, weights without the Primus stem or position embedding, or a normalisation that needs
+    intensity statistics. Whether the weights fit the configuration is checked where the encoder is built (strict
+    load)."""
     plan = _plain(ckpt["nnssl_adaptation_plan"])
     if not isinstance(plan, dict):
         raise UserError(f"nnssl checkpoint {path}: its nnssl_adaptation_plan is not a dict")
+    arch_plans = _plan_entry(plan, "architecture_plans", path)
+    name = arch_plans.get("arch_class_name") if isinstance(arch_plans, dict) else None
+    if cnn and name in RESENC_CLASSES:
+        return _from_resenc(ckpt, plan, name, path)
     arch, dims = _primus_dimensions(plan, path)
-    weights = _encoder_weights(ckpt["network_weights"], plan, path)
+    weights, unread = _encoder_weights(ckpt["network_weights"], plan, "down_projection.", "eva.", path)
+    if "down_projection.proj.weight" not in weights or "eva.pos_embed" not in weights:
+        raise UserError(f"nnssl checkpoint {path}: no Primus stem ({plan['key_to_stem']}.proj.weight) and learned "
+                        f"position embedding ({plan['key_to_encoder']}.pos_embed) in its network_weights")
     stem, pos = weights["down_projection.proj.weight"], weights["eva.pos_embed"]
     channels = int(stem.shape[1])
     patch = pretrain_patch(plan, path)
@@ -213,23 +242,83 @@ def from_nnssl(ckpt: dict, path: object = "") -> dict:
               "num_heads": dims["num_heads"], "token_size": dims["token_size"], "mlp_ratio": MLP_RATIO,
               "init_values": dims["init_values"], "drop_path_rate": ENCODERS["primus"]["defaults"]["drop_path_rate"],
               "in_channels": channels, "pos_embed": "learned", "pos_embed_grid": grid}
-    pretrain = _pretrain_block(ckpt, plan, channels, [g * t for g, t in zip(grid, dims["token_size"])], path)
+    pretrain = _pretrain_block(ckpt, plan, channels, [g * t for g, t in zip(grid, dims["token_size"])], unread, path)
+    return _ours(ckpt, weights, config, pretrain)
+
+
+def _ours(ckpt: dict, weights: dict[str, torch.Tensor], config: dict, pretrain: dict) -> dict:
+    """Our checkpoint dict of an encoder read from nnssl, its method named after nnssl's trainer."""
     trainer = ckpt.get("trainer_name")
     return make_checkpoint({f"encoder.{k}": v for k, v in weights.items()}, config, {}, pretrain,
                            method=f"nnssl {trainer}" if trainer else "nnssl")
 
 
+def _resenc_kwargs(plan: dict, name: str, path: object) -> dict:
+    """``ResidualEncoder``'s arguments (but ``input_channels``) of a ResEnc plan: nnssl's ResEnc-L for a named one,
+    else the plan's ``arch_kwargs`` without the decoder's."""
+    from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+
+    given = NAMED_RESENC.get(name) or plan["architecture_plans"].get("arch_kwargs")
+    if not isinstance(given, dict):
+        raise UserError(f"nnssl checkpoint {path}: a {name} without arch_kwargs")
+    kwargs = {k: v for k, v in given.items() if k not in DECODER_KWARGS}
+    known = set(inspect.signature(ResidualEncoder).parameters) - {"input_channels", "return_skips"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"nnssl checkpoint {path}: {name} arguments that dynamic-network-architectures' "
+                        f"ResidualEncoder does not take: {', '.join(unknown)}")
+    if "strides" not in kwargs or "n_stages" not in kwargs:
+        raise UserError(f"nnssl checkpoint {path}: a {name} without strides and n_stages in its arch_kwargs")
+    try:
+        resolve_classes(kwargs)
+    except ValueError as e:
+        raise UserError(f"nnssl checkpoint {path}: {e}") from None
+    return kwargs
+
+
+def _from_resenc(ckpt: dict, plan: dict, name: str, path: object) -> dict:
+    """An nnssl ResEnc checkpoint as a checkpoint dict in our layout: encoder configuration of kind ``resenc``
+    (:class:`~nnunetv2_hiendmae.resenc.ResEncFeatures`: ``ResidualEncoder``'s arguments and the feature stage whose
+    stride is closest to 16, :func:`~nnunetv2_hiendmae.resenc.feature_stage`), weights ``encoder.stem.*`` and
+    ``encoder.stages.*``, and the ``pretrain`` block of a Primus. UserError for arguments ``ResidualEncoder`` does not
+    take or classes outside torch.nn and dynamic-network-architectures, weights without the ResEnc stem, or a
+    pretraining patch that is not a multiple of the feature map's stride (its windows must tile the feature map)."""
+    kwargs = _resenc_kwargs(plan, name, path)
+    weights, unread = _encoder_weights(ckpt["network_weights"], plan, "stem.", "stages.", path)
+    if RESENC_STEM_WEIGHT not in weights:
+        raise UserError(f"nnssl checkpoint {path}: no ResEnc stem ({plan['key_to_stem']}.convs.0.conv.weight) in its "
+                        "network_weights")
+    channels = int(weights[RESENC_STEM_WEIGHT].shape[1])
+    stage = feature_stage(kwargs["strides"], int(kwargs["n_stages"]))
+    token = total_strides(kwargs["strides"], int(kwargs["n_stages"]))[stage]
+    patch = pretrain_patch(plan, path)
+    if any(p % t for p, t in zip(patch, token)):
+        raise UserError(f"nnssl checkpoint {path}: its pretraining patch {patch} is not a multiple of the stride "
+                        f"{list(token)} of the feature map read (stage {stage})")
+    config = {"arch": name, "kind": "resenc", "in_channels": channels, "encoder_kwargs": kwargs,
+              "feature_stage": stage}
+    widths = kwargs.get("features_per_stage")
+    pretrain = _pretrain_block(ckpt, plan, channels, patch, unread, path)
+    pretrain["nnssl_features"] = (f"the feature map of stage {stage} of {kwargs['n_stages']} (stride "
+                                  f"{'x'.join(map(str, token))}, "
+                                  f"{widths if isinstance(widths, int) else widths[stage]} channels)")
+    return _ours(ckpt, weights, config, pretrain)
+
+
 def preprocessing_note(pretrain: dict) -> str | None:
-    """One line on the pretraining preprocessing of a checkpoint read from nnssl (None for any other), for the
-    commands to report: spacing, axis order, normalisation and patch from its ``pretrain_plan``."""
+    """One line on a checkpoint read from nnssl (None for any other), for the commands to report: the pretraining
+    preprocessing (spacing, axis order, normalisation and patch from its ``pretrain_plan``), the feature map read of
+    a CNN, and the modules of ``network_weights`` not read."""
     if pretrain.get("source") != "nnssl":
         return None
     spacing = pretrain.get("spacing")
+    features = f"; features: {pretrain['nnssl_features']}" if pretrain.get("nnssl_features") else ""
+    unread = f"; not read: {', '.join(pretrain['nnssl_unread'])}" if pretrain.get("nnssl_unread") else ""
     return (f"nnssl checkpoint ({pretrain.get('nnssl_trainer') or 'trainer not recorded'}, pretrain_plan "
             f"{pretrain.get('plans')}/{pretrain.get('configuration')} of {pretrain.get('nnssl_dataset')}): "
             f"pretraining spacing {spacing if spacing is not None else 'not resampled'}, transpose_forward "
             f"{pretrain.get('transpose_forward')}, normalisation {', '.join(pretrain['normalization_schemes'])}, "
-            f"patch {pretrain.get('patch_size')}")
+            f"patch {pretrain.get('patch_size')}{features}{unread}")
 
 
 # ------------------------------------------------------------------------------------------------- writing

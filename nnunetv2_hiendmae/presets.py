@@ -30,8 +30,11 @@ ENCODERS: dict[str, dict] = {
     "primus": dict(cls="nnunetv2_hiendmae.primus:PrimusEncoder",
                    defaults=dict(mlp_ratio=8 / 3, init_values=0.1, drop_path_rate=0.2), pos_embed="learned",
                    network="nnunetv2_hiendmae.primus_network.PrimusNetwork", network_kwargs={}),
+    # a residual CNN read from nnssl (ResEnc-L): probed and embedded, never pretrained or fine-tuned here
+    "resenc": dict(cls="nnunetv2_hiendmae.resenc:ResEncFeatures", defaults={}, pos_embed=None, network=None,
+                   network_kwargs={}),
 }
-NETWORK_CLASSES = tuple(e["network"] for e in ENCODERS.values())
+NETWORK_CLASSES = tuple(e["network"] for e in ENCODERS.values() if e["network"])
 
 REFERENCE_PATCH = 96  # the reference pretrains (and its UNETR fine-tunes) on 96^3 crops only
 
@@ -66,7 +69,7 @@ def ct_window_statistics(low: float, high: float) -> dict:
 
 
 def encoder_kind(config: dict) -> str:
-    """``vit`` or ``primus``: the encoder class of a preset or of an :func:`encoder_config` dict."""
+    """``vit``, ``primus`` or ``resenc``: the encoder class of a preset or of an :func:`encoder_config` dict."""
     return config.get("kind", "vit")
 
 

@@ -283,8 +283,8 @@ class ProbeResult:
 
 
 def token_grid(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The encoder's final normed tokens without CLS (Primus has none) as a feature volume: ``[B, C, *patch]`` ->
-    ``[B, E, *grid]`` float32."""
+    """The encoder's final normed tokens without CLS (Primus has none; a ResEnc's tokens are its feature map) as a
+    feature volume: ``[B, C, *patch]`` -> ``[B, E, *grid]`` float32."""
     normed, _ = encoder(x)
     return tokens_to_volume(normed.float(), encoder.grid(x.shape[2:]))
 
@@ -437,7 +437,7 @@ def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> 
             # a learned position embedding (Primus) on the pretraining default's 96^3 grid, resized like a checkpoint's
             encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
         return ProbeEncoder(spec, encoder.eval(), None, "random init", 0, None)
-    ckpt = load_checkpoint(spec)
+    ckpt = load_checkpoint(spec, cnn=True)
     channels = int(ckpt["encoder"].get("in_channels", 1))
     if channels != split.channels:
         raise UserError(f"checkpoint {spec} was pretrained on {channels} channels, {split.dataset_name} has "

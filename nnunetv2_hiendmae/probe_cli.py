@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(splits_final.json, else nnU-Net's default 5-fold split, made in memory; default: 0)")
     p.add_argument("-pt", "--pretrained", nargs="+", required=True, metavar="CKPT",
                    help="pretraining checkpoints (checkpoint_final.pth, checkpoint_latest.pth, "
-                        "nnUNetv2_hiendmae_import output, an nnssl Primus checkpoint) and/or random:ARCH "
+                        "nnUNetv2_hiendmae_import output, an nnssl Primus or ResEnc-L checkpoint, a ResEnc probed on "
+                        "its stride-16 feature map) and/or random:ARCH "
                         f"(ARCH one of {', '.join(PRESETS)}: "
                         "that encoder at its initial weights, the floor every checkpoint must beat)")
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",

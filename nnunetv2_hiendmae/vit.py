@@ -114,6 +114,15 @@ class PatchEmbed3D(nn.Module):
         return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
 
 
+def grid_of(spatial_shape: Sequence[int], token_size: Grid) -> Grid:
+    """The token grid of an input of ``spatial_shape`` voxels; every axis must be a multiple of ``token_size``
+    (ValueError otherwise)."""
+    if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, token_size)):
+        raise ValueError(f"input shape {tuple(spatial_shape)} is not a multiple of the token size {token_size} on "
+                         "every axis")
+    return tuple(s // t for s, t in zip(spatial_shape, token_size))  # type: ignore[return-value]
+
+
 class TokenGridEncoder(nn.Module):
     """What every encoder here shares around its own :meth:`forward_patches`: the token grid of an input and the
     call on a whole volume (:class:`ViTEncoder3D`, :class:`~nnunetv2_hiendmae.primus.PrimusEncoder`)."""
@@ -122,12 +131,7 @@ class TokenGridEncoder(nn.Module):
 
     def grid(self, spatial_shape: Sequence[int]) -> Grid:
         """Token grid of an input; every axis must be a multiple of the token size (ValueError otherwise)."""
-        if len(spatial_shape) != 3 or any(s % t for s, t in zip(spatial_shape, self.token_size)):
-            raise ValueError(
-                f"input shape {tuple(spatial_shape)} is not a multiple of the token size {self.token_size} "
-                "on every axis"
-            )
-        return tuple(s // t for s, t in zip(spatial_shape, self.token_size))
+        return grid_of(spatial_shape, self.token_size)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, replace: torch.Tensor | None = None,
                 mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -14,7 +14,8 @@ channel's lowest value (air for CT, as the pretraining crops are padded). Per ca
   (the body rule of the pretraining sampler, :func:`pretrain.unlabeled.body_mask`; padding is never body); a case
   without body voxels averages the tokens over the image instead;
 - ``cls``: the CLS token averaged over the windows (Primus has no CLS token: each window's mean normed token, the
-  summary GL-MAE's consistency reads there too, averaged over the windows);
+  summary GL-MAE's consistency reads there too, averaged over the windows; a ResEnc read from nnssl, whose tokens are
+  the voxels of a feature map, has none either: its global average pooling, averaged over the windows);
 - with ``tokens``: the token map ``[E, *grid]`` in the axis order of the image as nnU-Net's reader returns it, with
   ``token_spacing`` and ``token_origin`` (mm, same axes; :func:`token_geometry` says what they mean) and
   ``token_body`` (the body fraction of each token).

@@ -1,4 +1,4 @@
-"""``nnUNetv2_hiendmae_embed``: per-case embeddings from a pretrained or fine-tuned ViT encoder (docs/embeddings.md)."""
+"""``nnUNetv2_hiendmae_embed``: per-case embeddings from a pretrained or fine-tuned encoder (docs/embeddings.md)."""
 from __future__ import annotations
 
 import argparse
@@ -50,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "fine-tuned checkpoint's plans' reader, as nnUNetv2_predict; for a pretraining checkpoint "
                            "nnU-Net's first reader for each file ending)")
     p.add_argument("-pt", "--checkpoint", required=True, metavar="CKPT",
-                   help="a pretraining checkpoint (nnUNetv2_hiendmae_pretrain or _import) or the checkpoint_final.pth "
-                        "of nnUNetv2_train with an nnUNetTrainerHiEndMAE* trainer (its network's encoder: the ViT "
-                        "or Primus)")
+                   help="a pretraining checkpoint (nnUNetv2_hiendmae_pretrain or _import, or an nnssl Primus or "
+                        "ResEnc-L checkpoint, a ResEnc giving its stride-16 feature map as tokens) or the "
+                        "checkpoint_final.pth of nnUNetv2_train with an nnUNetTrainerHiEndMAE* trainer (its network's "
+                        "encoder: the ViT or Primus)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created if needed)")
     p.add_argument("--pool", nargs="+", choices=("mean", "cls"), default=["mean", "cls"],
                    help="pooled vectors to keep: mean = the token features averaged over the body (each token "
                         "weighted by its fraction of body voxels), cls = the CLS token averaged over the windows; for "
-                        "Primus, which has none, each window's mean token averaged over the windows (default: mean "
-                        "cls)")
+                        "Primus and a ResEnc, which have none, each window's mean token (a ResEnc: global average "
+                        "pooling) averaged over the windows (default: mean cls)")
     p.add_argument("--tokens", action="store_true",
                    help="also keep the token feature map of each case with its spacing and origin, to lay it over "
                         "the image (E x grid floats per case: about 20 MB for ViT-B on a 300^3 voxel case)")

@@ -4,8 +4,9 @@
   weights; preprocessing from the ``pretrain`` block (spacing, ``transpose_forward``, normalisation schemes, mask
   rule and intensity properties; resampling is nnU-Net's default, which the block does not record); the patch is the
   pretraining patch.
-- **nnssl checkpoint** (MIC-DKFZ/nnssl: ``network_weights`` and ``nnssl_adaptation_plan``) of a Primus: read into our
-  layout by :func:`nnunetv2_hiendmae.nnssl.from_nnssl`, then as a pretraining checkpoint; preprocessing from its
+- **nnssl checkpoint** (MIC-DKFZ/nnssl: ``network_weights`` and ``nnssl_adaptation_plan``) of a Primus or a ResEnc
+  (whose stride-16 feature map takes the place of the tokens, :mod:`nnunetv2_hiendmae.resenc`): read into our layout
+  by :func:`nnunetv2_hiendmae.nnssl.from_nnssl`, then as a pretraining checkpoint; preprocessing from its
   ``pretrain_plan`` (spacing, ``transpose_forward``, Z-score normalisation), the patch is the pretraining patch.
 - **Fine-tuned nnU-Net checkpoint** (``checkpoint_final.pth`` or ``checkpoint_best.pth`` of ``nnUNetv2_train`` with
   an ``nnUNetTrainerHiEndMAE*`` trainer, written by nnU-Net's ``nnUNetTrainer.save_checkpoint``): the encoder part
@@ -80,7 +81,7 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         return _from_pretraining(ckpt, path)
     if is_nnssl_checkpoint(ckpt):
-        ours = from_nnssl(ckpt, path)
+        ours = from_nnssl(ckpt, path, cnn=True)
         trained = _from_pretraining(ours, path, f"nnssl checkpoint {path}")
         trained.notes.append(preprocessing_note(ours["pretrain"]))
         return trained

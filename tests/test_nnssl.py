@@ -3,7 +3,8 @@
 The nnssl checkpoint is built here with nnssl's key layout and adaptation-plan fields, from dynamic-network-
 architectures' modules (nnssl itself is not installable from PyPI): a tiny Primus (embed 48, depth 3, 2 heads, 8^3
 tokens, 32^3 pretraining patch) given explicit Primus arguments, as nnU-Net master's ``PretrainedTrainer_Primusx``
-reads them.
+reads them, and a narrow ResEnc (ResEnc-L's six stages and strides, 4 to 14 channels, one block per stage) given
+explicit ``ResidualEncoderUNet`` arguments, as nnssl's ``DynamicArchitecturePlans`` states them.
 """
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import csv
 import importlib.util
 import json
 import math
+import pydoc
 
 import numpy as np
 import pytest
 import torch
 from conftest import TRAIN_ENV, cli_error, run_cli, write_checkpoint
 from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS, Primus
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.eva import Eva
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd, PatchDecode, PatchEmbed
 from einops import rearrange
@@ -25,6 +28,7 @@ from torch import nn
 from nnunetv2_hiendmae import export, nnssl, probe_cli
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.encoders import build_encoder
+from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.plans import build_plan, parser, to_dataset_axes
 from nnunetv2_hiendmae.plans import main as plan_main
 from nnunetv2_hiendmae.presets import encoder_config
@@ -118,6 +122,50 @@ def nnssl_ckpt(tmp_path_factory) -> tuple:
     return write_nnssl_checkpoint(tmp_path_factory.mktemp("nnssl") / "checkpoint_final.pth")
 
 
+# ResidualEncoderUNet's arguments as nnssl's DynamicArchitecturePlans.serialize() writes them (adaptation_plan.py; the
+# form BaseMAETrainer.py's NonResEncL_BaseMAETrainer_Test gives them): ResEnc-L's stages and strides, narrow, every
+# stage of another width, so that reading the wrong stage shows
+RESENC = {
+    "n_stages": 6, "features_per_stage": [4, 6, 8, 10, 12, 14], "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[3, 3, 3]] * 6, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "n_blocks_per_stage": [1] * 6,
+    "n_conv_per_stage_decoder": [1] * 5, "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+EXPLICIT_RESENC = {"arch_class_name": "ResidualEncoderUNet", "arch_kwargs": RESENC,
+                   "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"]}
+# what nnssl's "ResEncL" names: get_res_enc_l (src/nnssl/architectures/architecture_registry.py)
+RESENC_L = {**RESENC, "features_per_stage": [32, 64, 128, 256, 320, 320], "n_blocks_per_stage": [1, 3, 4, 6, 6, 6]}
+
+
+def resenc_plan(arch: dict) -> dict:
+    """The adaptation plan of nnssl's ResEnc trainers (``BaseMAETrainer.build_architecture_and_adaptation_plan``):
+    stem and stages under ``encoder.``, no position embedding."""
+    return adaptation_plan(arch, key_to_encoder="encoder.stages", key_to_stem="encoder.stem",
+                           keys_to_in_proj=["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+                           key_to_lpe=None)
+
+
+def resenc_network(kwargs: dict) -> ResidualEncoderUNet:
+    """The network nnssl's ``get_network_from_plans`` builds from them: dna's ResidualEncoderUNet, classes imported
+    by name."""
+    classes = {k: pydoc.locate(kwargs[k]) for k in EXPLICIT_RESENC["arch_kwargs_requiring_import"]}
+    return ResidualEncoderUNet(input_channels=1, num_classes=2, deep_supervision=False, **{**kwargs, **classes})
+
+
+def write_resenc_checkpoint(path) -> tuple:
+    """``(path, network)``: what nnssl's ``save_checkpoint`` writes for the narrow ResEnc, weights moved off their
+    initial values."""
+    torch.manual_seed(0)
+    network = resenc_network(RESENC)
+    network.apply(network.initialize)  # nnssl's get_network_from_plans
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"network_weights": network.state_dict(), "current_epoch": 3, "trainer_name":
+                "NonResEncL_BaseMAETrainer_Test", "nnssl_adaptation_plan": resenc_plan(EXPLICIT_RESENC)}, path)
+    return path, network.eval()
+
+
 # ------------------------------------------------------------------------------------------------------- reading
 
 @pytest.mark.parametrize("prefix", ["", "encoder."], ids=["MAE layout", "contrastive layout"])
@@ -151,9 +199,106 @@ def test_the_pretrain_patch_size_override_and_the_named_presets_are_read():
                                                     "arch_kwargs_requiring_import": None}
 
 
+def test_an_nnssl_resenc_gives_its_stride_16_feature_map_as_tokens_with_its_preprocessing(tmp_path):
+    """The feature map of stage 4 (stride 16) of dna's network with the checkpoint's weights, voxel for token, in the
+    probe's and the embeddings' own functions."""
+    from nnunetv2_hiendmae.probe import token_grid
+    from pretrain.embed import embed_volume
+
+    path, network = write_resenc_checkpoint(tmp_path / "c.pth")
+    trained = load_trained_encoder(path)
+    encoder = trained.encoder
+    assert (encoder.token_size, encoder.embed_dim) == ((16, 16, 16), 12)
+    x = torch.randn(2, 1, 32, 48, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = network.encoder(x)[4]  # [2, 12, 2, 3, 4]: the skips ResidualEncoderUNet's encoder returns
+        torch.testing.assert_close(token_grid(encoder, x), expected)
+        tokens, cls = embed_volume(encoder, x[0], [32, 48, 64], 0.5, 1)
+    torch.testing.assert_close(tokens, expected[0])
+    torch.testing.assert_close(cls, expected[0].mean((1, 2, 3)))  # no CLS: global average pooling
+    s = trained.settings
+    assert (s.spacing, s.transpose_forward, s.normalization_schemes, s.use_mask_for_norm, s.patch_size) == \
+        (SPACING, TRANSPOSE, ["ZScoreNormalization"], [False], PATCH)
+    assert trained.description == "ResidualEncoderUNet encoder pretrained with nnssl NonResEncL_BaseMAETrainer_Test"
+    assert trained.notes[0].endswith("patch [32, 32, 32]; features: the feature map of stage 4 of 6 (stride "
+                                     "16x16x16, 12 channels); not read: decoder")
+
+
+def test_the_named_resenc_l_is_nnssls_resenc_l_encoder():
+    """nnssl's ResEnc-L checkpoint (its BaseMAETrainer's plan, named ``ResEncL``): every ``encoder.`` weight is read
+    and fits our encoder key for key, shape for shape; the decoder is not read. Built on the meta device: the layout
+    is checked without allocating ResEnc-L's 100 M parameters."""
+    ckpt = {"trainer_name": "BaseMAETrainer", "nnssl_adaptation_plan": resenc_plan(
+        {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None})}
+    with torch.device("meta"):
+        weights = ckpt["network_weights"] = resenc_network(RESENC_L).state_dict()
+        ours = nnssl.from_nnssl(ckpt, "", cnn=True)
+        encoder = build_encoder(ours["encoder"])
+    assert {k: v.shape for k, v in ours["weights"].items()} == \
+        {k: v.shape for k, v in weights.items() if k.startswith("encoder.")}
+    assert {k: v.shape for k, v in encoder.state_dict().items()} == \
+        {k.removeprefix("encoder."): v.shape for k, v in ours["weights"].items()}
+    assert (encoder.feature_stage, encoder.token_size, encoder.embed_dim) == (4, (16, 16, 16), 320)
+    assert ours["pretrain"]["nnssl_unread"] == ["decoder"]
+    with pytest.raises(UserError, match=r"holds a ResEncL \(a CNN\): fine-tuning here takes the Primus family .*"
+                                        "nnUNetv2_hiendmae_probe and _embed read a ResEnc's feature maps"):
+        nnssl.from_nnssl(ckpt, "")  # as plan, study and export read it
+
+
+def test_ddp_and_compile_prefixes_are_removed_from_the_weights():
+    network = EvaMAELayout()
+    ckpt = {"network_weights": {f"module._orig_mod.{k}": v for k, v in network.state_dict().items()},
+            "nnssl_adaptation_plan": adaptation_plan()}
+    weights = nnssl.from_nnssl(ckpt)["weights"]
+    expected = {f"encoder.{k}": v for k, v in network.state_dict().items()
+                if k.startswith(("down_projection.", "eva."))}
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], v) for k, v in expected.items())
+
+
+def test_list_valued_init_values_are_read_as_their_first_value():
+    """nnU-Net master's PretrainedTrainer_Primusx takes ``init_values[0]`` of a list."""
+    arch = {"arch_class_name": "PrimusX", "arch_kwargs": {**TINY, "patch_embed_size": [8, 8, 8],
+                                                          "scale_attn_inner": True, "init_values": [0.25, 0.5]}}
+    assert nnssl._primus_dimensions(adaptation_plan(arch), "")[1]["init_values"] == 0.25
+
+
+def test_a_pretraining_patch_that_is_not_whole_tokens_is_refused():
+    """36 x 32 x 32 voxels give 4 x 4 x 4 tokens of 8 when rounded down: as many as eva.pos_embed has rows."""
+    ckpt = {"network_weights": EvaMAELayout().state_dict(),
+            "nnssl_adaptation_plan": adaptation_plan(pretrain_patch_size=[36, 32, 32])}
+    with pytest.raises(UserError, match=r"pretraining patch \[36, 32, 32\]"):
+        nnssl.from_nnssl(ckpt)
+
+
+@pytest.mark.parametrize("schemes", [["NoNormalization"], ["ZScoreNormalization"]])
+def test_the_mask_rule_and_normalisation_of_the_pretrain_plan_are_read(schemes):
+    """NoNormalization needs no intensity statistics (as Z-score); ``use_mask_for_norm`` is the plan's, not False."""
+    plan = adaptation_plan()
+    config = plan["pretrain_plan"]["configurations"]["onemmiso"]
+    config.update(normalization_schemes=schemes, use_mask_for_norm=[True])
+    pretrain = nnssl.from_nnssl({"network_weights": EvaMAELayout().state_dict(), "nnssl_adaptation_plan": plan})[
+        "pretrain"]
+    assert (pretrain["normalization_schemes"], pretrain["use_mask_for_norm"]) == (schemes, [True])
+
+
+def test_a_primus_m_with_another_layerscale_is_not_written_as_primus_m():
+    """nnU-Net master builds a named preset with LayerScale 0.1: another init_values must travel as PrimusX."""
+    for init in (0.1, 0.2, None):
+        config = {**encoder_config("primus_m", pos_embed_grid=[4, 4, 4]), "init_values": init}
+        arch = nnssl.architecture_plans(config)
+        assert arch["arch_class_name"] == ("PrimusM" if init == 0.1 else "PrimusX"), init
+        assert (arch["arch_kwargs"] or {}).get("init_values") == (None if init == 0.1 else init)
+
+
 def test_unreadable_nnssl_checkpoints_are_one_line_errors(tmp_path, capsys):
     cases = {
-        "resenc": (adaptation_plan({"arch_class_name": "ResEncL", "arch_kwargs": None}), "holds a ResEncL (a CNN)"),
+        "plainconv": (adaptation_plan({"arch_class_name": "PlainConvUNet", "arch_kwargs": RESENC}),
+                      "holds a PlainConvUNet (a CNN): it is not read"),
+        "resenc_without_stem": (resenc_plan(EXPLICIT_RESENC), "no ResEnc stem (encoder.stem.convs.0.conv.weight)"),
+        # a module class, but none that the plan may name: only torch.nn and dna classes are looked up
+        "resenc_foreign_class": (resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": {
+            **RESENC, "nonlin": "nnunetv2_hiendmae.vit.ViTEncoder3D"}}),
+            "nonlin 'nnunetv2_hiendmae.vit.ViTEncoder3D' is not a torch.nn or dynamic-network-architectures module"),
         "no_attn_norm": (adaptation_plan({"arch_class_name": "PrimusX", "arch_kwargs": {
             **TINY, "patch_embed_size": [8, 8, 8], "scale_attn_inner": False, "init_values": 0.1}}),
             "without scale_attn_inner"),
@@ -191,6 +336,40 @@ def test_probe_and_embed_take_an_nnssl_checkpoint_and_say_the_guard_cannot_check
     with np.load(embedded / "case_000.npz") as z:
         tokens, mean = z["tokens"], z["mean"]
     assert tokens.shape[0] == 48 and mean.shape == (48,) and np.isfinite(tokens).all()
+
+
+def test_probe_and_embed_take_an_nnssl_resenc_and_plan_refuses_it(preprocessed_dataset, tmp_path, capsys):
+    path, _ = write_resenc_checkpoint(tmp_path / "resenc.pth")
+    out = tmp_path / "probe"
+    probe_cli.main(["-d", "990", "-pt", str(path), "-o", str(out), "-device", "cpu", "--max-cases", "2",
+                    "--crops-per-case", "2"])
+    assert "features: the feature map of stage 4 of 6 (stride 16x16x16, 12 channels); not read: decoder" in \
+        capsys.readouterr().out
+    row = next(csv.DictReader((out / "probe.csv").open()))
+    assert (row["method"], row["epochs"], row["patch size"]) == ("nnssl NonResEncL_BaseMAETrainer_Test", "3",
+                                                                  "32x32x32")
+    assert 0 <= float(row["mean fg Dice"]) <= 1
+
+    embedded = tmp_path / "embed"
+    embed_cli.main(["-pt", str(path), "-d", "990", "-o", str(embedded), "--tokens", "-np", "0"])
+    with np.load(embedded / "case_000.npz") as z:
+        tokens, mean, cls = z["tokens"], z["mean"], z["cls"]
+    assert tokens.shape[0] == 12 and mean.shape == cls.shape == (12,) and np.isfinite(tokens).all()
+
+    code, err, _ = cli_error(plan_main, ["-d", "990", "-pt", str(path), "-o", "T_resenc"], capsys)
+    assert code == 2 and len(err) == 1 and "holds a ResidualEncoderUNet (a CNN)" in err[0]
+    assert "nnUNetv2_hiendmae_probe and _embed read a ResEnc's feature maps" in err[0]
+    assert not (preprocessed_dataset["preprocessed"] / "T_resenc.json").exists()
+
+
+def test_plan_takes_the_mask_rule_of_the_pretrain_plan(preprocessed_dataset, tmp_path):
+    plan = adaptation_plan()
+    plan["pretrain_plan"]["configurations"]["onemmiso"]["use_mask_for_norm"] = [True]
+    path, _ = write_nnssl_checkpoint(tmp_path / "masked.pth", plan=plan)
+    args = parser().parse_args(["-d", "990", "-pt", str(path), "-o", "T_nnssl_mask"])
+    assert build_plan(args).plans["configurations"]["3d_fullres"]["use_mask_for_norm"] == [True]
+    dataset = json.loads((preprocessed_dataset["preprocessed"] / "nnUNetPlans.json").read_text())
+    assert dataset["configurations"]["3d_fullres"]["use_mask_for_norm"] == [False]  # so it is the checkpoint's
 
 
 def test_plan_follows_the_pretrain_plan(preprocessed_dataset, nnssl_ckpt):
