@@ -9,8 +9,10 @@ dying with a traceback of their own; they end with the training process. A secon
 Under torchrun every rank notes the signal, but not necessarily before the same step: torchrun forwards a SIGTERM to
 its ranks one after the other, and a rank may be inside a collective when it lands. The ranks therefore agree at each
 step on whether any of them was asked to stop (:meth:`StopSignals.agreed`), so that they all stop after the same step
-and none waits forever in a collective the others have left. A terminal's Ctrl-C reaches a rank twice, from the
-terminal and forwarded by torchrun: a repeat of the same signal within :data:`SAME_REQUEST_S` is the same request.
+and none waits forever in a collective the others have left. A terminal's Ctrl-C reaches torchrun alone (it starts
+its ranks in sessions of their own), which forwards it; a scheduler such as Slurm signals every process of the job,
+and torchrun forwards the signal once more: a repeat of the same signal within :data:`SAME_REQUEST_S` is the same
+request.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SAME_REQUEST_S = 2.0  # a repeat of the first signal within this many seconds is the same request (torchrun's copy)
+SAME_REQUEST_S = 2.0  # a repeat of the first signal within this many seconds is the same request (torchrun's)
 
 
 class StopSignals:

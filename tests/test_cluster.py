@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SLOW_RANK_ZERO, TRAIN_ENV, run_cli, start_paused
+from conftest import SLOW_RANK_ZERO, TRAIN_ENV, descendants, run_cli, start_paused
 
 from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
 from nnunetv2_hiendmae.ext import ext_path
@@ -44,13 +44,13 @@ def make_pool(tmp_path: Path) -> str:
 @pytest.mark.slow
 def test_a_node_rehearsal_sigterm_in_an_epoch_resume_on_fewer_ranks_then_plan_and_fine_tune(
         preprocessed_dataset, nnunet_dirs, tmp_path):
-    """4 gloo ranks pretrain on a pool of 200 scans with held-out cases and a probe, rank 0 slowed: fingerprinting
-    costs it 0.1 s a case, 20 s alone, over the 15 s timeout, 5 s for its quarter (the ranks share the work), so the
-    run starts. The scheduler's SIGTERM to torchrun in the middle of epoch 2 stops every rank after the same step:
-    rank 0 saves it, releases the lock and prints the one line that says how to continue; the other ranks say
-    nothing. That command, followed on 2 ranks, finishes the run with the schedule of an uninterrupted one (the
-    learning rate of every epoch, the epochs, the iterations of 2 ranks, every history entry), and nnU-Net plans and
-    fine-tunes a fold from its checkpoint."""
+    """4 gloo ranks pretrain on a pool of 200 scans with held-out cases and a probe, rank 0 slowed: fingerprinting costs
+    it 0.1 s a case, 20 s alone, over the 15 s timeout, 5 s for its quarter (the ranks share the work), so the run
+    starts. The scheduler's SIGTERM in the middle of epoch 2, to every process of the job as Slurm sends it (each rank
+    gets it twice: torchrun forwards it), stops every rank after the same step: rank 0 saves it, releases the lock and
+    prints the one line that says how to continue; the other ranks say nothing. That command, followed on 2 ranks,
+    finishes the run with the schedule of an uninterrupted one (the learning rate of every epoch, the epochs, the
+    iterations of 2 ranks, every history entry), and nnU-Net plans and fine-tunes a fold from its checkpoint."""
     pool = make_pool(tmp_path)
     out = tmp_path / "run"
     epochs, lr = 3, 1e-4
@@ -64,7 +64,8 @@ def test_a_node_rehearsal_sigterm_in_an_epoch_resume_on_fewer_ranks_then_plan_an
     stop_after = iters[4] + iters[4] // 2  # half of epoch 2
     proc = start_paused([*TORCHRUN, "--standalone", "--nproc_per_node", "4", str(SLOW_RANK_ZERO), "0.1", *args],
                         stop_after, tmp_path, RANK_ENV)
-    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to the ranks
+    for pid in [proc.pid, *descendants(proc.pid)]:  # as Slurm signals a job: every process; torchrun forwards it too
+        os.kill(pid, signal.SIGTERM)
     stderr = proc.communicate(timeout=300)[1]
 
     ours = [line for line in stderr.splitlines() if "interrupted" in line]

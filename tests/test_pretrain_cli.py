@@ -126,9 +126,9 @@ def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_datase
 @pytest.mark.slow
 def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_dataset, tmp_path):
     """DDP on CPU (gloo): two ranks, one log and one checkpoint (rank 0), per-rank RNG state. A run killed after
-    epoch 2 (or 3), resumed, stopped by Ctrl-C in the middle of the next epoch (the terminal sends SIGINT to torchrun
-    and to both ranks, and torchrun forwards it once more) and resumed again by the command it printed, ends exactly
-    as the uninterrupted run: both ranks stop after the same step, rank 0 alone saves it and says so in one line."""
+    epoch 2 (or 3), resumed, stopped by Ctrl-C in the middle of the next epoch (the terminal's SIGINT to torchrun's
+    process group, which torchrun forwards to the ranks) and resumed again by the command it printed, ends exactly as
+    the uninterrupted run: both ranks stop after the same step, rank 0 alone saves it and says so in one line."""
     def cmd(out, *extra, program=(console_script("nnUNetv2_hiendmae_pretrain"),)):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
                 *pretrain_args(preprocessed_dataset, out, 4, 4, *extra)[1:]]
