@@ -19,11 +19,12 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """A command stopped by a signal after saving its work; the message says what was saved and how to continue.
-    Exits with 128 + the signal's number, as the shell reports a process the signal ended."""
+    Exits with 128 + the signal's number, as the shell reports a process the signal ended. ``quiet``: exit without
+    printing, for the ranks of a torchrun job other than the one that says it."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, quiet: bool = False):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.exit_code, self.quiet = 128 + signum, quiet
 
 
 def cli_entry(fn: F) -> F:
@@ -38,7 +39,8 @@ def cli_entry(fn: F) -> F:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except Interrupted as e:
-            print(f"interrupted: {e}", file=sys.stderr)
+            if not e.quiet:
+                print(f"interrupted: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

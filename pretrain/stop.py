@@ -5,29 +5,55 @@ lock (:meth:`pretrain.train.PretrainRun.run`).
 The training process only notes the signal; its loader workers ignore both (a terminal sends Ctrl-C to the whole
 process group, a scheduler often SIGTERM too), so that they keep serving the batches the step still needs instead of
 dying with a traceback of their own; they end with the training process. A second signal stops at once.
+
+Under torchrun every rank notes the signal, but not necessarily before the same step: torchrun forwards a SIGTERM to
+its ranks one after the other, and a rank may be inside a collective when it lands. The ranks therefore agree at each
+step on whether any of them was asked to stop (:meth:`StopSignals.agreed`), so that they all stop after the same step
+and none waits forever in a collective the others have left. A terminal's Ctrl-C reaches torchrun alone (it starts
+its ranks in sessions of their own), which forwards it; a scheduler such as Slurm signals every process of the job,
+and torchrun forwards the signal once more: a repeat of the same signal within :data:`SAME_REQUEST_S` is the same
+request.
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 
+import torch
+import torch.distributed as dist
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAME_REQUEST_S = 2.0  # a repeat of the first signal within this many seconds is the same request (torchrun's)
 
 
 class StopSignals:
     """``with StopSignals() as stop:`` while the block runs, the first SIGINT or SIGTERM sets ``stop.requested`` (the
-    signal) instead of ending the process; a second raises :class:`KeyboardInterrupt`. Outside the main thread (where
-    Python cannot install handlers) it does nothing."""
+    signal) instead of ending the process; a second raises :class:`KeyboardInterrupt` (the same signal again within
+    :data:`SAME_REQUEST_S` is taken for the first). Outside the main thread (where Python cannot install handlers) it
+    does nothing."""
 
     def __init__(self) -> None:
         self.requested: signal.Signals | None = None
+        self._at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[signal.Signals, object] = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None:
+        if self.requested is None:
+            self.requested, self._at = signal.Signals(signum), time.monotonic()
+        elif signum != self.requested or time.monotonic() - self._at > SAME_REQUEST_S:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum)
+
+    def agreed(self, group: dist.ProcessGroup | None = None) -> signal.Signals | None:
+        """The signal any rank of the process ``group`` (default: the whole run) was asked to stop by (SIGTERM before
+        SIGINT), or None; a collective on CPU tensors (``group`` must be a gloo group): every rank calls it at the
+        same step. Without a process group, this process's own request."""
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([int(self.requested or 0)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return signal.Signals(int(flag.item())) if flag.item() else None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import threading
 import time
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from nnunetv2_hiendmae import __version__
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
+from nnunetv2_hiendmae.commands import executable
 from nnunetv2_hiendmae.errors import Interrupted, UserError
 from nnunetv2_hiendmae.precision import autocast
 from pretrain.augment import augment_views
@@ -85,6 +87,18 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
             raise
         kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise CheckpointNotWritten(f"cannot write {path}: {cause.strerror or cause}; {kept}") from None
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out`` the way this process was started: on its own, or under torchrun
+    on this node's number of ranks (any other number works too: the position is counted in volumes)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return f"nnUNetv2_hiendmae_pretrain --resume -o {out}"
+    program = f"{executable('nnUNetv2_hiendmae_pretrain')} --resume -o {out}"
+    if int(os.environ["WORLD_SIZE"]) == local:
+        return f"torchrun --standalone --nproc_per_node={local} {program}"
+    return f"on every node, torchrun with the run's rendezvous flags and --nproc_per_node={local}, then {program}"
 
 
 def rng_state(device: torch.device) -> dict:
@@ -246,7 +260,10 @@ class PretrainRun:
         self.history: dict[str, list[float]] = {}
         self.log = Logger(self.out, self.is_main)
         self.writer = CheckpointWriter()
-        self.stop = StopSignals()  # Ctrl-C and SIGTERM stop a one-process run at its next step (run())
+        self.stop = StopSignals()  # Ctrl-C and SIGTERM stop the run after a step all ranks finished (run())
+        # the ranks agree on stopping at every step, on the CPU (gloo): the host need not wait for the GPU
+        self.stop_group = dist.new_group(backend="gloo") if dist.is_initialized() and self.device.type == "cuda" \
+            else None
         self.last_save = time.monotonic()
         self.saved_epochs: int | None = None  # epochs done in the checkpoint_latest.pth this run wrote or resumed
         self.last_plot = -math.inf
@@ -395,8 +412,8 @@ class PretrainRun:
             self.writer.wait()
             kept = self.out / LATEST
             where = f"last good checkpoint kept: {kept}" if kept.exists() else "no checkpoint was written yet"
-            advice = (f"continue it with a lower --lr, --grad-clip 1 or --precision fp32: nnUNetv2_hiendmae_pretrain "
-                      f"--resume -o {self.out} --lr {self.cfg.lr / 2:g}" if kept.exists() else
+            advice = (f"continue it with a lower --lr, --grad-clip 1 or --precision fp32: "
+                      f"{resume_command(self.out)} --lr {self.cfg.lr / 2:g}" if kept.exists() else
                       "start it again with a lower --lr, --grad-clip 1 or --precision fp32")
             raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}; stopping ({where}); "
                                 f"{advice}")
@@ -415,8 +432,8 @@ class PretrainRun:
         self.t = epoch + start / self.data.iters
         self._set_lr()
         for it in range(start, self.data.iters):
-            if self.stop.requested is not None and it % cfg.accum_steps == 0:
-                self._stop_interrupted(epoch, it, sums)
+            if it % cfg.accum_steps == 0 and (signum := self.stop.agreed(self.stop_group)) is not None:
+                self._stop_interrupted(signum, epoch, it, sums)
             try:
                 batch = next(batches)
             except CaseReadError as e:
@@ -459,7 +476,7 @@ class PretrainRun:
         if self.world_size == 1 and it % self.cfg.accum_steps == 0:
             kept = self._save_step(epoch, it, sums)
         raise CaseReadError(f"{said}; stopped ({kept}): preprocess that case again, or continue without it: "
-                            f"nnUNetv2_hiendmae_pretrain --resume -o {self.out} --skip-bad-cases") from None
+                            f"{resume_command(self.out)} --skip-bad-cases") from None
 
     def _stop_diverged(self, epoch: int, loss: float, rise: float, level: float) -> None:
         """The loss rose :data:`LOSS_RISE_STOP` times above the run's level: stop before the NaN, nothing of this
@@ -469,28 +486,35 @@ class PretrainRun:
         lr = f"{self.cfg.lr / 2:g}"
         if self.saved_epochs is not None and (self.out / LATEST).exists():
             advice = (f"{LATEST} holds epoch {self.saved_epochs}, from before the rise: continue it with a lower "
-                      f"--lr: nnUNetv2_hiendmae_pretrain --resume -o {self.out} --lr {lr}")
+                      f"--lr: {resume_command(self.out)} --lr {lr}")
         else:
             advice = (f"no checkpoint from before the rise was written: start the run again with a lower --lr "
                       f"(--lr {lr}), with --checkpoint-minutes small enough to keep one")
         raise Diverged(f"the loss rose to {loss:.4g} at epoch {epoch + 1}, {rise:.0f}x the run's lowest epoch mean "
                        f"({level:.4g}): the run diverges; stopped before the loss becomes NaN; {advice}")
 
-    def _stop_interrupted(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
-        """Ctrl-C or SIGTERM: ``checkpoint_latest.pth`` of the last finished step, then one line saying where the run
-        stopped, what was saved and the command that continues it (the lock is released by :meth:`run`)."""
-        signum = self.stop.requested
+    def _stop_interrupted(self, signum: signal.Signals, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
+        """Ctrl-C or SIGTERM (``signum``, on any rank): ``checkpoint_latest.pth`` of the last finished step (every rank
+        stops at the same one), then one line, from rank 0 alone, saying where the run stopped, what was saved and the
+        command that continues it (the lock is released by :meth:`run`)."""
         kept = self._save_step(epoch, it, sums)
         raise Interrupted(f"{signum.name} at epoch {epoch + 1}, iteration {it + 1} of {self.data.iters}: stopped "
-                          f"after the last finished step; {kept}; continue with: nnUNetv2_hiendmae_pretrain --resume "
-                          f"-o {self.out}", signum)
+                          f"after the last finished step; {kept}; continue with: {resume_command(self.out)}", signum,
+                          quiet=not self.is_main)
 
     def _save_step(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> str:
         """``checkpoint_latest.pth`` after ``it`` iterations of epoch ``epoch`` (0-based), whose loss sums so far are
-        ``sums``; resumable when called between optimiser steps of a one-process run. Returns what it holds."""
+        ``sums`` (averaged over the ranks); resumable when called between optimiser steps, by every rank at the same
+        one. Returns what it holds."""
         self.writer.wait()
+        if self.world_size > 1 and sums:
+            stacked = torch.stack(list(sums.values()))
+            dist.all_reduce(stacked)
+            sums = dict(zip(sums, stacked / self.world_size))
         partial = {k: float(v) for k, v in sums.items()}
-        save_checkpoint(self._checkpoint(epoch, self._rng_states(), iteration=it, partial=partial), self.out / LATEST)
+        rng = self._rng_states()
+        if self.is_main:
+            save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)
         return (f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}" if it else
                 f"{self.out / LATEST} holds {epoch} finished epoch(s)")
 
@@ -580,7 +604,7 @@ class PretrainRun:
         lock is released."""
         final = self.out / FINAL
         try:
-            with self.stop if self.world_size == 1 else nullcontext():
+            with self.stop:
                 if not self._prepare_output():
                     if self.is_main:
                         print(f"already finished: {final} ({self.start_epoch} of {self.cfg.epochs} epochs); "
@@ -588,7 +612,7 @@ class PretrainRun:
                     return final
                 return self._train(final)
         except CheckpointNotWritten as e:
-            resume = (f"nnUNetv2_hiendmae_pretrain --resume -o {self.out}" if (self.out / LATEST).exists() else
+            resume = (resume_command(self.out) if (self.out / LATEST).exists() else
                       "start the run again")
             stopped = CheckpointNotWritten(f"{e}; once {self.out} has room for it, continue: {resume}")
             self.log(f"stopped: {stopped}", echo=False)

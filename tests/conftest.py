@@ -264,6 +264,22 @@ def kill_after_epoch(cmd: list[str], out, epoch: int) -> int:
     return torch.load(latest, weights_only=True)["train_state"]["epoch"]
 
 
+SLOW_RANK_ZERO = Path(__file__).with_name("slow_rank_zero_pretrain.py")  # the command, instrumented for tests
+
+
+def start_paused(cmd: list[str], step: int, tmp_path: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    """Start ``cmd`` (torchrun of :data:`SLOW_RANK_ZERO`; stderr piped) and return once its rank 0 pauses after
+    optimiser step ``step``, waiting for a stop signal: the test's signal then lands between two known steps."""
+    paused = tmp_path / f"paused_at_{step}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen,
+                            env={**os.environ, **(env or {}), "PAUSE_AT_STEP": str(step), "PAUSED_FILE": str(paused)})
+    deadline = time.time() + 600
+    while not paused.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert paused.exists(), f"the run ended or stalled before step {step}: {proc.poll()}"
+    return proc
+
+
 def assert_resumed(out, killed_at: int, resumed, straight) -> None:
     """The resumed run says so and ends with the loss history and weights of the uninterrupted one."""
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))

@@ -2,16 +2,29 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import assert_resumed, cli_error, console_script, kill_after_epoch, make_trainer, pretrain_args, run_cli
+from conftest import (
+    SLOW_RANK_ZERO,
+    assert_resumed,
+    cli_error,
+    console_script,
+    kill_after_epoch,
+    make_trainer,
+    pretrain_args,
+    run_cli,
+    start_paused,
+)
 
 from nnunetv2_hiendmae.checkpoint import FORMAT, encoder_state_dict, load_checkpoint, save_atomic
 from nnunetv2_hiendmae.errors import UserError
 from pretrain import methods
+from pretrain.lock import LOCK
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +125,17 @@ def test_every_method_resumes_exactly_and_fine_tunes(method, preprocessed_datase
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_dataset, tmp_path):
-    """DDP on CPU (gloo): two ranks, one log and one checkpoint (rank 0), per-rank RNG state, exact resume."""
-    def cmd(out, *extra):
-        args = pretrain_args(preprocessed_dataset, out, 4, 4, *extra)
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                console_script(args[0]), *args[1:]]
+    """DDP on CPU (gloo): two ranks, one log and one checkpoint (rank 0), per-rank RNG state. A run killed after
+    epoch 2 (or 3), resumed, stopped by Ctrl-C in the middle of the next epoch (the terminal's SIGINT to torchrun's
+    process group, which torchrun forwards to the ranks) and resumed again by the command it printed, ends exactly as
+    the uninterrupted run: both ranks stop after the same step, rank 0 alone saves it and says so in one line."""
+    def cmd(out, *extra, program=(console_script("nnUNetv2_hiendmae_pretrain"),)):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program,
+                *pretrain_args(preprocessed_dataset, out, 4, 4, *extra)[1:]]
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    proc = subprocess.run(cmd(straight), capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd(straight), capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(straight.glob("training_log_*.txt"))) == 1
     final = load_checkpoint(straight / "checkpoint_final.pth")
@@ -131,36 +146,25 @@ def test_torchrun_two_ranks_shard_data_mask_differently_and_resume(preprocessed_
     out = tmp_path / "killed"
     killed_at = kill_after_epoch(cmd(out), out, 2)
     assert 2 <= killed_at < 4
-    resumed = subprocess.run(cmd(out, "--resume"), capture_output=True, text=True, timeout=900,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ctrl_c = start_paused(cmd(out, "--resume", program=(str(SLOW_RANK_ZERO), "0")), 4 * killed_at + 2, tmp_path, env,
+                          start_new_session=True)
+    os.killpg(ctrl_c.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    stderr = ctrl_c.communicate(timeout=300)[1]
+    ours = [line for line in stderr.splitlines() if "interrupted" in line or "KeyboardInterrupt" in line]
+    assert len(ours) == 1 and ours[0].startswith(f"interrupted: SIGINT at epoch {killed_at + 1}, iteration 3 of 4: "
+                                                 "stopped after the last finished step; "), stderr[-3000:]
+    assert stderr.count("Traceback") == 1 and stderr.rstrip().endswith("got signal: 2"), stderr[-3000:]  # torchrun's
+    assert not (out / LOCK).exists()
+    state = load_checkpoint(out / "checkpoint_latest.pth")["train_state"]
+    assert (state["epoch"], state["iteration"]) == (killed_at, 2)
+
+    command = shlex.split(ours[0].split("continue with: ", 1)[1])  # as printed: the same 2 ranks
+    assert command[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"]
+    resumed = subprocess.run([*cmd(out)[:3], *command[1:]], capture_output=True, text=True, timeout=900, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed(out, killed_at, resumed, straight)
-
-
-@pytest.mark.slow
-def test_resumed_on_more_ranks_the_schedule_goes_on_as_planned(preprocessed_dataset, tmp_path):
-    """A 1-rank run killed after 2 epochs and re-queued on 2 ranks (half the iterations per epoch) has the learning
-    rate of the uninterrupted 1-rank run at every epoch: the schedule counts epochs, not optimiser steps."""
-    def args(out, epochs=6):
-        full = pretrain_args(preprocessed_dataset, out, epochs, 1)
-        at = full.index("--iters-per-epoch")
-        return full[:at] + full[at + 2:] + ["--warmup-epochs", "2"]  # default iterations: cases / (batch x ranks)
-
-    straight = tmp_path / "straight"
-    run_cli(*args(straight), check=True)
-    out = tmp_path / "killed"
-    killed_at = kill_after_epoch([console_script(args(out)[0]), *args(out)[1:]], out, 2)
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              console_script("nnUNetv2_hiendmae_pretrain"), "--resume", "-o", str(out)],
-                             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_checkpoint(straight / "checkpoint_final.pth")["pretrain"]
-    b = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]
-    assert (a["world_size"], b["world_size"], a["iters_per_epoch"], b["iters_per_epoch"]) == (1, 2, 5, 3)
-    assert b["history"]["lr"] == pytest.approx(a["history"]["lr"], rel=1e-9) and a["history"]["lr"][2] > 0
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
-    assert "1 -> 2 rank(s): 2 -> 4 volumes per iteration over all ranks, 5 -> 3 iterations per epoch" in log
-    assert killed_at >= 2
+    assert f"resumed from {out / 'checkpoint_latest.pth'} after epoch {killed_at}, iteration 2" in log
 
 
 def test_a_checkpoint_in_the_middle_of_an_epoch_resumes_on_more_ranks(preprocessed_dataset, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from conftest import console_script, copy_preprocessed_dataset, pretrain_args, run_cli
 
 from nnunetv2_hiendmae.checkpoint import load_checkpoint
+from nnunetv2_hiendmae.errors import Interrupted, cli_entry
 from nnunetv2_hiendmae.fileio import atomic_write
 from pretrain import train
 from pretrain.config import PretrainConfig
@@ -67,6 +68,18 @@ def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to
     resumed = run_cli(*command, check=True)
     assert f"resumed from {out / 'checkpoint_latest.pth'}" in resumed.stdout
     assert len(load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["loss"]) == 2
+
+
+def test_the_ranks_other_than_0_exit_with_the_signal_s_code_and_print_nothing(capsys):
+    """Under torchrun every rank stops; rank 0 says how to continue, the others exit as it does, quietly."""
+    @cli_entry
+    def rank(quiet: bool) -> None:
+        raise Interrupted("SIGTERM at epoch 2, iteration 3 of 4: ...", signal.SIGTERM, quiet=quiet)
+
+    for quiet, said in ((False, "interrupted: SIGTERM at epoch 2, iteration 3 of 4: ...\n"), (True, "")):
+        with pytest.raises(SystemExit) as e:
+            rank(quiet)
+        assert e.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == said
 
 
 class FullDisk(io.RawIOBase):
