@@ -30,9 +30,9 @@ SAME_REQUEST_S = 2.0  # a repeat of the first signal within this many seconds is
 
 class StopSignals:
     """``with StopSignals() as stop:`` while the block runs, the first SIGINT or SIGTERM sets ``stop.requested`` (the
-    signal) instead of ending the process; a second raises :class:`KeyboardInterrupt` (the same signal again within
-    :data:`SAME_REQUEST_S` is taken for the first). Outside the main thread (where Python cannot install handlers) it
-    does nothing."""
+    signal) instead of ending the process; a second raises :class:`KeyboardInterrupt` (under torchrun, the same signal
+    again within :data:`SAME_REQUEST_S` is taken for the first). Outside the main thread (where Python cannot install
+    handlers) it does nothing."""
 
     def __init__(self) -> None:
         self.requested: signal.Signals | None = None
@@ -42,7 +42,8 @@ class StopSignals:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is None:
             self.requested, self._at = signal.Signals(signum), time.monotonic()
-        elif signum != self.requested or time.monotonic() - self._at > SAME_REQUEST_S:
+        elif (signum != self.requested or not dist.is_initialized()  # alone, a second Ctrl-C stops at once
+              or time.monotonic() - self._at > SAME_REQUEST_S):
             raise KeyboardInterrupt
 
     def agreed(self, group: dist.ProcessGroup | None = None) -> signal.Signals | None:

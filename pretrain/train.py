@@ -515,6 +515,8 @@ class PretrainRun:
         rng = self._rng_states()
         if self.is_main:
             save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)
+        if self.world_size > 1:  # the others wait for it: torchrun takes a rank's early exit for a failure, ends rank 0
+            dist.barrier(group=self.stop_group)
         return (f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}" if it else
                 f"{self.out / LATEST} holds {epoch} finished epoch(s)")
 

@@ -82,6 +82,38 @@ def test_the_ranks_other_than_0_exit_with_the_signal_s_code_and_print_nothing(ca
         assert e.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == said
 
 
+
+def test_a_second_ctrl_c_stops_a_lone_run_at_once_but_torchruns_forwarded_repeat_is_one_request(tmp_path, monkeypatch):
+    """Alone, the second signal raises at once; under a process group the same signal again within SAME_REQUEST_S
+    (a scheduler's, then torchrun's forwarded copy) is the first request; a later one or another signal stops at
+    once."""
+    import torch.distributed as dist
+
+    from pretrain import stop as stop_module
+
+    clock = [100.0]
+    monkeypatch.setattr(stop_module.time, "monotonic", lambda: clock[0])
+    alone = stop_module.StopSignals()
+    alone._note(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        alone._note(signal.SIGINT, None)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for second, after, stops in ((signal.SIGTERM, 1.5, False), (signal.SIGTERM, 2.5, True),
+                                     (signal.SIGINT, 0.5, True)):
+            ranked = stop_module.StopSignals()
+            ranked._note(signal.SIGTERM, None)
+            clock[0] += after
+            if stops:
+                with pytest.raises(KeyboardInterrupt):
+                    ranked._note(second, None)
+            else:
+                ranked._note(second, None)
+                assert ranked.requested == signal.SIGTERM and ranked.agreed() == signal.SIGTERM
+    finally:
+        dist.destroy_process_group()
+
 class FullDisk(io.RawIOBase):
     """A file on a disk that fills up after ``room`` bytes: the next write fails as the OS fails it."""
 
