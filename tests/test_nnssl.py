@@ -185,6 +185,9 @@ def test_an_nnssl_primus_reads_as_its_encoder_with_its_preprocessing(prefix, tmp
     assert s.source.startswith("nnssl checkpoint") and "nnssl BaseEvaMAETrainer" in trained.description
     assert "spacing [2.5, 1.25, 1.5], transpose_forward [2, 0, 1], normalisation ZScoreNormalization" in \
         trained.notes[0]
+    # the modules beside the encoder, named as deep as the encoder's own prefix
+    assert trained.notes[0].endswith(f"patch [32, 32, 32]; not read: {prefix}decoder, {prefix}mask_token, "
+                                     f"{prefix}up_projection")
 
 
 def test_the_pretrain_patch_size_override_and_the_named_presets_are_read():
