@@ -237,12 +237,13 @@ def test_an_nnssl_resenc_gives_its_stride_16_feature_map_as_tokens_with_its_prep
                                      "16x16x16, 12 channels); not read: decoder")
 
 
-def test_the_named_resenc_l_is_nnssls_resenc_l_encoder():
-    """nnssl's ResEnc-L checkpoint (its BaseMAETrainer's plan, named ``ResEncL``): every ``encoder.`` weight is read
-    and fits our encoder key for key, shape for shape; the decoder is not read. Built on the meta device: the layout
-    is checked without allocating ResEnc-L's 100 M parameters."""
+@pytest.mark.parametrize("name", ["ResEncL", "NoSkipResEncL"])
+def test_the_named_resenc_l_is_nnssls_resenc_l_encoder(name):
+    """nnssl's ResEnc-L checkpoint (its BaseMAETrainer's plan, named ``ResEncL``; ``NoSkipResEncL``'s encoder is the
+    same): every ``encoder.`` weight is read and fits our encoder key for key, shape for shape; the decoder is not
+    read. Built on the meta device: the layout is checked without allocating ResEnc-L's 100 M parameters."""
     ckpt = {"trainer_name": "BaseMAETrainer", "nnssl_adaptation_plan": resenc_plan(
-        {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None})}
+        {"arch_class_name": name, "arch_kwargs": None, "arch_kwargs_requiring_import": None})}
     with torch.device("meta"):
         network = resenc_network(RESENC_L)
         weights = ckpt["network_weights"] = network.state_dict()
@@ -256,7 +257,7 @@ def test_the_named_resenc_l_is_nnssls_resenc_l_encoder():
         {k.removeprefix("encoder."): v.shape for k, v in ours["weights"].items()}
     assert (encoder.feature_stage, encoder.token_size, encoder.embed_dim) == (4, (16, 16, 16), 320)
     assert ours["pretrain"]["nnssl_unread"] == ["decoder"]
-    with pytest.raises(UserError, match=r"holds a ResEncL \(a CNN\): fine-tuning here takes the Primus family .*"
+    with pytest.raises(UserError, match=rf"holds a {name} \(a CNN\): fine-tuning here takes the Primus family .*"
                                         "nnUNetv2_hiendmae_probe and _embed read a ResEnc's feature maps"):
         nnssl.from_nnssl(ckpt, "")  # as plan, study and export read it
 
@@ -293,6 +294,10 @@ def test_resenc_plans_that_do_not_give_the_encoder_read_are_refused():
     """Arguments ResidualEncoder does not take, no strides, a pretraining patch that is not whole feature-map voxels;
     and, for fine-tuning (without ``cnn``), an explicit ResidualEncoderUNet is refused as ResEnc-L is."""
     weights = resenc_network(RESENC).state_dict()
+    with_decoder = {**RESENC, "num_classes": 3, "deep_supervision": True}  # the decoder's arguments are left out
+    plan = resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": with_decoder})
+    read = nnssl.from_nnssl({"network_weights": weights, "nnssl_adaptation_plan": plan}, "", cnn=True)
+    assert read["encoder"]["encoder_kwargs"] == {k: v for k, v in RESENC.items() if k != "n_conv_per_stage_decoder"}
     cases = [({**RESENC, "pool": "max"}, {}, "ResidualEncoder does not take: pool"),
              ({k: v for k, v in RESENC.items() if k != "strides"}, {}, "without strides and n_stages"),
              (RESENC, {"pretrain_patch_size": [48, 40, 32]},
