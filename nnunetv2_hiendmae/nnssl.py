@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -142,9 +143,11 @@ def _encoder_weights(network: dict, plan: dict, stem_as: str, encoder_as: str,
     """``({stem_as* | encoder_as*: tensor}, modules not read)``: the stem and the encoder under the plan's
     ``key_to_stem`` and ``key_to_encoder`` prefixes (Primus: ``down_projection`` and ``eva`` for nnssl's MAE trainers,
     ``encoder.``-prefixed for its contrastive ones; ResEnc: ``encoder.stem`` and ``encoder.stages``), renamed, with
-    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) removed; and the first name of every other key (the
-    pretraining decoder, ...)."""
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) removed; and the module name of every other key (the
+    pretraining decoder, ...): its first name, or under the parent that the stem and the encoder share
+    (``encoder.`` of a contrastive trainer) its first two, so that the note never names the encoder's parent."""
     stem, encoder = _prefix(_plan_entry(plan, "key_to_stem", path)), _prefix(_plan_entry(plan, "key_to_encoder", path))
+    parent = os.path.commonprefix([stem, encoder]).rpartition(".")[0]  # "encoder" of encoder.eva, encoder.down_...
     weights, unread = {}, set()
     for key, value in network.items():
         key = key.removeprefix("module.").removeprefix("_orig_mod.")
@@ -153,7 +156,8 @@ def _encoder_weights(network: dict, plan: dict, stem_as: str, encoder_as: str,
                 weights[ours + key[len(prefix):]] = value
                 break
         else:
-            unread.add(key.split(".")[0])
+            depth = parent.count(".") + 2 if parent and key.startswith(f"{parent}.") else 1
+            unread.add(".".join(key.split(".")[:depth]))
     return weights, sorted(unread)
 
 

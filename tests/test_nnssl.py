@@ -13,6 +13,9 @@ import importlib.util
 import json
 import math
 import pydoc
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,9 +32,10 @@ from nnunetv2_hiendmae import export, nnssl, probe_cli
 from nnunetv2_hiendmae.checkpoint import load_checkpoint, make_checkpoint, save_atomic
 from nnunetv2_hiendmae.encoders import build_encoder
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.plans import build_plan, parser, to_dataset_axes
+from nnunetv2_hiendmae.plans import build_plan, normalisation, parser, to_dataset_axes
 from nnunetv2_hiendmae.plans import main as plan_main
 from nnunetv2_hiendmae.presets import encoder_config
+from nnunetv2_hiendmae.resenc import ResEncFeatures, feature_stage, resolve_classes, total_strides
 from pretrain import embed_cli
 from pretrain.trained_encoder import load_trained_encoder
 
@@ -181,6 +185,9 @@ def test_an_nnssl_primus_reads_as_its_encoder_with_its_preprocessing(prefix, tmp
     assert s.source.startswith("nnssl checkpoint") and "nnssl BaseEvaMAETrainer" in trained.description
     assert "spacing [2.5, 1.25, 1.5], transpose_forward [2, 0, 1], normalisation ZScoreNormalization" in \
         trained.notes[0]
+    # the modules beside the encoder, named as deep as the encoder's own prefix
+    assert trained.notes[0].endswith(f"patch [32, 32, 32]; not read: {prefix}decoder, {prefix}mask_token, "
+                                     f"{prefix}up_projection")
 
 
 def test_the_pretrain_patch_size_override_and_the_named_presets_are_read():
@@ -211,8 +218,14 @@ def test_an_nnssl_resenc_gives_its_stride_16_feature_map_as_tokens_with_its_prep
     assert (encoder.token_size, encoder.embed_dim) == ((16, 16, 16), 12)
     x = torch.randn(2, 1, 32, 48, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = network.encoder(x)[4]  # [2, 12, 2, 3, 4]: the skips ResidualEncoderUNet's encoder returns
+        skips = network.encoder(x)  # the feature maps of the 6 stages, as ResidualEncoderUNet's encoder returns them
+        expected = skips[4]  # [2, 12, 2, 3, 4]
         torch.testing.assert_close(token_grid(encoder, x), expected)
+        _, maps = encoder(x)  # the maps of the stages up to the one read
+    assert len(maps) == 5
+    for m, skip in zip(maps, skips):
+        torch.testing.assert_close(m, skip)
+    with torch.no_grad():
         tokens, cls = embed_volume(encoder, x[0], [32, 48, 64], 0.5, 1)
     torch.testing.assert_close(tokens, expected[0])
     torch.testing.assert_close(cls, expected[0].mean((1, 2, 3)))  # no CLS: global average pooling
@@ -224,25 +237,93 @@ def test_an_nnssl_resenc_gives_its_stride_16_feature_map_as_tokens_with_its_prep
                                      "16x16x16, 12 channels); not read: decoder")
 
 
-def test_the_named_resenc_l_is_nnssls_resenc_l_encoder():
-    """nnssl's ResEnc-L checkpoint (its BaseMAETrainer's plan, named ``ResEncL``): every ``encoder.`` weight is read
-    and fits our encoder key for key, shape for shape; the decoder is not read. Built on the meta device: the layout
-    is checked without allocating ResEnc-L's 100 M parameters."""
+@pytest.mark.parametrize("name", ["ResEncL", "NoSkipResEncL"])
+def test_the_named_resenc_l_is_nnssls_resenc_l_encoder(name):
+    """nnssl's ResEnc-L checkpoint (its BaseMAETrainer's plan, named ``ResEncL``; ``NoSkipResEncL``'s encoder is the
+    same): every ``encoder.`` weight is read and fits our encoder key for key, shape for shape; the decoder is not
+    read. Built on the meta device: the layout is checked without allocating ResEnc-L's 100 M parameters."""
     ckpt = {"trainer_name": "BaseMAETrainer", "nnssl_adaptation_plan": resenc_plan(
-        {"arch_class_name": "ResEncL", "arch_kwargs": None, "arch_kwargs_requiring_import": None})}
+        {"arch_class_name": name, "arch_kwargs": None, "arch_kwargs_requiring_import": None})}
     with torch.device("meta"):
-        weights = ckpt["network_weights"] = resenc_network(RESENC_L).state_dict()
+        network = resenc_network(RESENC_L)
+        weights = ckpt["network_weights"] = network.state_dict()
         ours = nnssl.from_nnssl(ckpt, "", cnn=True)
         encoder = build_encoder(ours["encoder"])
+    # the same modules with the same settings (norm eps and affine, nonlinearity, kernels, strides), not only shapes
+    assert (repr(encoder.stem), repr(encoder.stages)) == (repr(network.encoder.stem), repr(network.encoder.stages))
     assert {k: v.shape for k, v in ours["weights"].items()} == \
         {k: v.shape for k, v in weights.items() if k.startswith("encoder.")}
     assert {k: v.shape for k, v in encoder.state_dict().items()} == \
         {k.removeprefix("encoder."): v.shape for k, v in ours["weights"].items()}
     assert (encoder.feature_stage, encoder.token_size, encoder.embed_dim) == (4, (16, 16, 16), 320)
     assert ours["pretrain"]["nnssl_unread"] == ["decoder"]
-    with pytest.raises(UserError, match=r"holds a ResEncL \(a CNN\): fine-tuning here takes the Primus family .*"
+    with pytest.raises(UserError, match=rf"holds a {name} \(a CNN\): fine-tuning here takes the Primus family .*"
                                         "nnUNetv2_hiendmae_probe and _embed read a ResEnc's feature maps"):
         nnssl.from_nnssl(ckpt, "")  # as plan, study and export read it
+
+
+def test_the_feature_stage_is_the_one_whose_stride_is_closest_to_16():
+    """Total strides per axis from every form of ResidualEncoder's ``strides`` (one int, an int per stage, a triple
+    per stage); the stage by the geometric mean of its stride on a log scale, the deeper of two as close."""
+    assert total_strides(2, 3) == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert total_strides([1, 2, 2, 2, 2, 2], 6)[4] == (16, 16, 16)
+    assert total_strides([[1, 1, 1], [1, 2, 3], [2, 2, 1]], 3) == [(1, 1, 1), (1, 2, 3), (2, 4, 3)]
+    assert feature_stage(RESENC["strides"], 6) == 4
+    # stage 3 is (4, 8, 8), mean 6.3; stage 4 (8, 16, 16), mean 12.7; stage 5 (16, 32, 32), mean 25.4
+    assert feature_stage([[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], 6) == 4
+    assert feature_stage([1, 2, 2, 2, 4], 5) == 4  # strides 8 and 32 are as close to 16: the deeper
+
+
+def test_a_resenc_names_only_torch_nn_and_dna_module_classes_and_an_existing_stage():
+    from dynamic_network_architectures.building_blocks.residual import BottleneckD
+
+    resolved = resolve_classes({"block": "dynamic_network_architectures.building_blocks.residual.BottleneckD",
+                                "nonlin": nn.GELU, "dropout_op": None, "n_stages": 2})
+    assert resolved == {"block": BottleneckD, "nonlin": nn.GELU, "dropout_op": None, "n_stages": 2}
+    for name in ("torch.nn.parameter.Parameter", "torch.nn.functional.relu", "torch.nn.NoSuchModule"):
+        with pytest.raises(ValueError, match="is not a torch.nn or dynamic-network-architectures module class"):
+            resolve_classes({"nonlin": name})
+    kwargs = {k: v for k, v in RESENC.items() if k != "n_conv_per_stage_decoder"}
+    assert ResEncFeatures(1, kwargs, 5).embed_dim == 14
+    for stage in (-1, 6):
+        with pytest.raises(ValueError, match=f"feature_stage {stage} of an encoder with 6 stages"):
+            ResEncFeatures(1, kwargs, stage)
+
+
+def test_resenc_plans_that_do_not_give_the_encoder_read_are_refused():
+    """Arguments ResidualEncoder does not take, no strides, a pretraining patch that is not whole feature-map voxels;
+    and, for fine-tuning (without ``cnn``), an explicit ResidualEncoderUNet is refused as ResEnc-L is."""
+    weights = resenc_network(RESENC).state_dict()
+    with_decoder = {**RESENC, "num_classes": 3, "deep_supervision": True}  # the decoder's arguments are left out
+    plan = resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": with_decoder})
+    read = nnssl.from_nnssl({"network_weights": weights, "nnssl_adaptation_plan": plan}, "", cnn=True)
+    assert read["encoder"]["encoder_kwargs"] == {k: v for k, v in RESENC.items() if k != "n_conv_per_stage_decoder"}
+    cases = [({**RESENC, "pool": "max"}, {}, "ResidualEncoder does not take: pool"),
+             ({k: v for k, v in RESENC.items() if k != "strides"}, {}, "without strides and n_stages"),
+             (RESENC, {"pretrain_patch_size": [48, 40, 32]},
+              "pretraining patch [48, 40, 32] is not a multiple of the stride [16, 16, 16] of the feature map read "
+              "(stage 4)")]
+    for kwargs, changes, needle in cases:
+        plan = {**resenc_plan({**EXPLICIT_RESENC, "arch_kwargs": kwargs}), **changes}
+        with pytest.raises(UserError, match=re.escape(needle)):
+            nnssl.from_nnssl({"network_weights": weights, "nnssl_adaptation_plan": plan}, "", cnn=True)
+    with pytest.raises(UserError, match=r"holds a ResidualEncoderUNet \(a CNN\): fine-tuning here takes the Primus"):
+        nnssl.from_nnssl({"network_weights": weights, "nnssl_adaptation_plan": resenc_plan(EXPLICIT_RESENC)}, "")
+
+
+def test_plan_gives_every_channel_the_nnssl_pretrainings_normalisation_and_mask_rule():
+    """Channel for channel where the pretraining had as many, else its first channel's for every channel; the
+    dataset's own schemes and mask rule are not kept."""
+    ds = SimpleNamespace(num_channels=2, base_cfg={"normalization_schemes": ["CTNormalization"] * 2,
+                                                   "use_mask_for_norm": [False, False]},
+                         base={"foreground_intensity_properties_per_channel": {"0": {"mean": 1.5}, "1": {"mean": 2.5}}})
+    for schemes, masks, expected in (
+            (["ZScoreNormalization", "NoNormalization"], [True, False],
+             (["ZScoreNormalization", "NoNormalization"], [True, False])),
+            (["NoNormalization"], [True], (["NoNormalization"] * 2, [True, True]))):
+        pretrain = {"source": "nnssl", "normalization_schemes": schemes, "use_mask_for_norm": masks,
+                    "foreground_intensity_properties_per_channel": {str(c): {} for c in range(len(schemes))}}
+        assert normalisation(ds, pretrain, Path("c.pth"), [])[:2] == expected
 
 
 def test_ddp_and_compile_prefixes_are_removed_from_the_weights():

@@ -143,6 +143,16 @@ def test_the_primus_network_is_dnas_primus_with_its_decoder_under_nnunets_head_n
         assert torch.equal(ours.eval()(x), dna.eval()(x))
     back = dna_primus_state_dict(ours.state_dict())
     assert back.keys() == weights.keys() and all(torch.equal(back[k], v) for k, v in weights.items())
+    assert list(dna_primus_state_dict(weights)) == list(weights)  # a state dict in dna's layout stays as it is
+
+    # inside another module (keys under its prefix, as when a trainer wraps the network) dna's layout is read too
+    nested = torch.nn.Sequential(tiny_primus(2, 3, seed=3))
+    nested.load_state_dict({f"0.{k}": v for k, v in weights.items()}, strict=True)
+    assert all(torch.equal(v, back[k]) for k, v in dna_primus_state_dict(nested[0].state_dict()).items())
+    # a state dict with the decoder in both layouts: ours is not overwritten, the dna-layout keys are unexpected
+    ambiguous = {**ours.state_dict(), **{k: v for k, v in weights.items() if k.startswith("up_projection.")}}
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"up_projection\.decode\."):
+        ours.load_state_dict(ambiguous, strict=True)
 
 
 @pytest.mark.parametrize("classes, layout", [(2, "ours"), (3, "ours"), (5, "ours"), (5, "dna")])
