@@ -4,8 +4,11 @@ the augmentation moves the same voxels as on the CPU, the GEMM patch embedding e
 a step's loss for the same weights and masks is the CPU's in fp32, close to it in bf16 and the same under
 ``torch.compile``; a step waits for a copy still in flight and reused pinned buffers stay intact; ``auto`` precision
 follows the GPU's kind; GL-MAE and MiM compile and learn; the CLI trains, evaluates and resumes in fp16 with a
-GradScaler; and DDP runs over NCCL where two GPUs are present."""
+GradScaler; our trainer trains under nnU-Net's compile, continues with ``--c`` and predicts through the real
+``nnUNetv2_train`` and ``nnUNetv2_predict`` on the GPU; and DDP runs over NCCL where two GPUs are present."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +209,46 @@ def test_fp16_with_a_grad_scaler_trains_resumes_and_evaluates_on_the_gpu(preproc
     assert len(history["loss"]) == 2 and all(v == v and abs(v) < 1e3 for v in history["loss"])
     assert all(v == v for v in history["probe_dice"]) and all(v == v for v in history["val_loss"])
 
+
+
+def test_our_trainer_compiled_continued_and_predicted_by_nnunet_on_the_gpu(preprocessed_dataset, tmp_path):
+    """Plans from a checkpoint, then nnU-Net's own commands on the GPU: ``nnUNetv2_train`` with ``nnUNet_compile``
+    (its ``torch.compile`` of our network, validation in fp16 autocast as the predictor runs it), ``--c`` from the
+    checkpoint of epoch 1, and ``nnUNetv2_predict -device cuda`` writing a segmentation of every test image."""
+    import json
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+    from conftest import TRAIN_ENV, run_cli, write_checkpoint
+
+    from nnunetv2_hiendmae.ext import ext_path
+    from nnunetv2_hiendmae.plans import main as plan_main
+
+    folder, raw = preprocessed_dataset["preprocessed"], preprocessed_dataset["raw"]
+    plan_main(["-d", "990", "-pt", str(write_checkpoint(tmp_path / "pre.pth", folder)), "-o", "T_gpu"])
+    env = {**TRAIN_ENV, "nnUNet_compile": "1", "nnUNet_extTrainer": str(ext_path())}
+    train = ("nnUNetv2_train", "990", "3d_fullres", "0", "-tr", "nnUNetTrainerHiEndMAE_smoke", "-p", "T_gpu",
+             "-device", "cuda")
+    proc = run_cli(*train, env=env, check=True)
+    assert "tensors loaded" in proc.stdout and "Using torch.compile" in proc.stdout
+    fold = Path(os.environ["nnUNet_results"]) / folder.name / "nnUNetTrainerHiEndMAE_smoke__T_gpu__3d_fullres" \
+        / "fold_0"
+    state = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    torch.save({**state, "current_epoch": 1}, fold / "checkpoint_latest.pth")
+    (fold / "checkpoint_final.pth").unlink()
+    resumed = run_cli(*train, "--c", env=env, check=True)
+    assert "Epoch 1" in resumed.stdout and "Epoch 0" not in resumed.stdout
+    dice = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert dice == dice  # validated on the GPU, a number
+
+    images, out = raw / "imagesTs", tmp_path / "pred"
+    run_cli("nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "990", "-c", "3d_fullres", "-tr",
+            "nnUNetTrainerHiEndMAE_smoke", "-p", "T_gpu", "-f", "0", "-device", "cuda", env=env, check=True)
+    for image in sorted(images.glob("*_0000.nii.gz")):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / image.name.replace("_0000", ""))))
+        assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape
+        assert set(np.unique(seg)) <= {0, 1, 2, 3}
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_ddp_over_nccl_on_two_gpus(preprocessed_dataset, tmp_path):
