@@ -1,20 +1,87 @@
-"""Errors that tell the user what to do next: each piece of advice, followed exactly as printed, works."""
+"""Errors that tell the user what to do next: each piece of advice, followed exactly as printed, works.
+
+The advice is read out of the message (a flag, a command, a path) and applied; the command then runs, or gets past
+that error. Commands run in this process (their ``main`` with an argv list) where the advice is not about a process.
+
+Which messages advise a next step, and the test that follows each (in this file unless named):
+
+- pretrain, ``--resume`` without a run: "leave out --resume"; a new run on a folder holding one: "pass --resume":
+  test_resume_without_a_run_and_a_new_run_on_a_folder_holding_one_advise_what_works
+- pretrain, a lock of a run on another host: "delete LOCK": test_a_lock_left_by_another_host_advises_deleting_it...
+- pretrain, ``--resume`` with settings of its own: "leave them out"; ``--device cuda`` without a GPU: "use --device
+  cpu": test_pretrain_advice_on_a_device_and_on_resumed_settings_works
+- pretrain, unreadable cases before the run: "pass --skip-bad-cases": tests/test_pretrain_runs.py
+- pretrain, interrupted: "continue with: ... --resume": tests/test_pretrain_interruptions.py
+- pretrain, a loss that diverges or becomes NaN: "--resume -o OUT --lr LR": tests/test_pretrain_divergence.py
+- pretrain, /dev/shm too small: "lower --loader-memory-gib or --num-workers": tests/test_loader_memory.py
+- nnUNetv2_hiendmae_plan, "drop --arch", "give -pt CHECKPOINT ... or --arch ARCH", and a checkpoint without
+  ``pretrain.spacing`` / ``patch_size`` / normalisation: "pass --spacing dataset" / "--patch-size X Y Z" /
+  "--normalization dataset": test_plan_advice_works
+- nnUNetv2_hiendmae_export, "needs -d DATASET and -p PLANS", then "plans ... not found: write them with
+  nnUNetv2_hiendmae_plan ...": test_export_advice_leads_to_the_file
+- fine-tuning trainers, plans not written by nnUNetv2_hiendmae_plan: "create them with 'nnUNetv2_hiendmae_plan ...'
+  and pass their name with -p"; a checkpoint changed since its plans: "write the plans again with
+  nnUNetv2_hiendmae_plan ...": test_trainer_advice_on_plans_works
+- nnUNetv2_hiendmae_study / nnUNetv2_hiendmae_compare, a fold not in the split file: "choose among them, or leave
+  out -f": tests/test_scored_folds.py
+- nnUNetv2_hiendmae_embed, embeddings of other settings: "use another -o": tests/test_embed.py
+- nnUNetv2_hiendmae_preprocess_unlabeled, "--like ...: drop --spacing, --ct-window and --modality":
+  tests/test_unlabeled.py; "give the modality of each channel, e.g. --modality ...": tests/test_unlabeled_channels.py
+- nnUNetv2_hiendmae_import, "a reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import":
+  tests/test_import_reference.py
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 
-from conftest import pretrain_args, run_cli
+import pytest
+import torch
+from conftest import cli_error, copy_preprocessed_dataset, make_trainer, pretrain_args, run_cli, write_checkpoint
 
-from nnunetv2_hiendmae.checkpoint import load_checkpoint
+from nnunetv2_hiendmae.checkpoint import encoder_state_dict, load_checkpoint
+from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.export import main as export_main
+from nnunetv2_hiendmae.plans import DEFAULT_NAME
+from nnunetv2_hiendmae.plans import main as plan_main
+from nnunetv2_hiendmae.trainers import nnUNetTrainerHiEndMAE_smoke
+from pretrain.cli import main as pretrain_main
 from pretrain.lock import LOCK
+
+ADVICE_ID = 962  # a private copy of dataset 990: the advice below writes plans into it
 
 
 def one_error_line(proc) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     return lines[0]
+
+
+def refused(main, argv: list[str], capsys) -> str:
+    """The one ``error:`` line of a command's ``main`` run in this process on ``argv``."""
+    code, lines, _ = cli_error(main, argv, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def advised_command(message: str, program: str, end: str = "") -> list[str]:
+    """The arguments of the ``program`` command a message advises (after the last mention of the program's name, up
+    to ``end``), split as a shell splits them."""
+    assert program in message, message
+    command = message.rsplit(program, 1)[1]
+    return shlex.split(command.split(end, 1)[0] if end else command)
+
+
+@pytest.fixture(scope="module")
+def advice_dataset(preprocessed_dataset, nnunet_dirs):
+    """The preprocessed folder of a copy of dataset 990 under its own name, for the plans the advice writes."""
+    folder = copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], nnunet_dirs["nnUNet_preprocessed"],
+                                       ADVICE_ID, "Advice")
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    (folder / "nnUNetPlans.json").write_text(json.dumps({**plans, "dataset_name": folder.name}))
+    return folder
 
 
 def test_resume_without_a_run_and_a_new_run_on_a_folder_holding_one_advise_what_works(preprocessed_dataset,
@@ -47,3 +114,107 @@ def test_a_lock_left_by_another_host_advises_deleting_it_which_lets_the_run_star
     os.remove(path)  # as advised
     run_cli(*args, check=True)
     assert (out / "checkpoint_final.pth").is_file() and not (out / LOCK).exists()
+
+
+def test_pretrain_advice_on_a_device_and_on_resumed_settings_works(preprocessed_dataset, tmp_path, monkeypatch,
+                                                                   capsys):
+    """``--device cuda`` where torch sees no GPU: 'use --device cpu' runs; resumed with a setting the run fixed:
+    'leave them out' resumes it."""
+    out = tmp_path / "run"
+    args = pretrain_args(preprocessed_dataset, out, 1, 1)[1:]
+    device = args.index("--device") + 1
+    args[device] = "cuda"
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        line = refused(pretrain_main, args, capsys)
+        assert line.endswith("use --device cpu")
+        flag, value = advised_command(line, "use ")
+        args[args.index(flag) + 1] = value
+        pretrain_main(args)
+    assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
+
+    longer = ["-o", str(out), "--resume", "--epochs", "2", "--mask-ratio", "0.6", "--batch-size", "1"]
+    line = refused(pretrain_main, longer, capsys)
+    changed = re.search(r"these differ: (.*) \(leave them out", line)[1].split(", ")
+    assert sorted(c.split(" ")[0] for c in changed) == ["batch_size", "mask_ratio"], line
+    for setting in changed:  # left out, as advised: the flag and its value
+        at = longer.index("--" + setting.split(" ")[0].replace("_", "-"))
+        del longer[at:at + 2]
+    pretrain_main(longer)
+    assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 2
+
+
+def checkpoint_without(path, folder, key: str):
+    """A checkpoint (as the fixtures write) whose pretrain block lacks ``key``."""
+    ckpt = load_checkpoint(write_checkpoint(path, folder))
+    del ckpt["pretrain"][key]
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("missing", ["spacing", "patch_size", "normalization_schemes"])
+def test_plan_advice_for_a_checkpoint_without_a_pretrain_value_works(advice_dataset, tmp_path, capsys, missing):
+    """The flag the error names in place of the missing value, its placeholders filled in, writes the plans."""
+    name = f"A_without_{missing}"
+    argv = ["-d", str(ADVICE_ID), "-pt", checkpoint_without(tmp_path / "ckpt.pth", advice_dataset, missing), "-o", name]
+    line = refused(plan_main, argv, capsys)
+    plan_main(argv + [{"X": "32", "Y": "64", "Z": "64"}.get(f, f) for f in advised_command(line, ": pass ", ", or")])
+    plans = json.loads((advice_dataset / f"{name}.json").read_text())
+    info, cfg = plans["pretrain_info"], plans["configurations"]["3d_fullres"]
+    assert {"spacing": info["spacing"] == "dataset", "patch_size": cfg["patch_size"] == [32, 64, 64],
+            "normalization_schemes": info["normalization"] == "dataset"}[missing], line
+
+
+def test_plan_advice_on_arch_works(advice_dataset, tmp_path, capsys):
+    """'drop --arch' (another preset than the checkpoint's) and 'give -pt CHECKPOINT ... or --arch ARCH' (neither
+    given), each followed, write the plans."""
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", advice_dataset))
+    argv = ["-d", str(ADVICE_ID), "-pt", ckpt, "--arch", "vit_b16", "-o", "A_arch"]
+    line = refused(plan_main, argv, capsys)
+    assert line.endswith(": drop --arch")
+    del argv[argv.index("--arch"):argv.index("--arch") + 2]
+    plan_main(argv)
+    assert json.loads((advice_dataset / "A_arch.json").read_text())["pretrain_info"]["arch"] == "vit_tiny"
+
+    argv = ["-d", str(ADVICE_ID), "-o", "A_scratch"]
+    line = refused(plan_main, argv, capsys)
+    flag, placeholder = advised_command(line, " or ", " (from-scratch")
+    assert (flag, placeholder) == ("--arch", "ARCH"), line
+    plan_main(argv + [flag, "vit_tiny"])
+    assert json.loads((advice_dataset / "A_scratch.json").read_text())["pretrain_info"]["method"] == "scratch"
+
+
+def test_export_advice_leads_to_the_file(advice_dataset, tmp_path, capsys):
+    """pretrained_weights without plans: 'needs -d DATASET and -p PLANS', then, for plans not yet written, 'write them
+    with nnUNetv2_hiendmae_plan ...' (CHECKPOINT filled in): the export then writes its file."""
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", advice_dataset))
+    target = tmp_path / "weights.pth"
+    argv = ["-pt", ckpt, "--format", "pretrained_weights", "-o", str(target)]
+    line = refused(export_main, argv, capsys)
+    assert "needs -d DATASET and -p PLANS" in line
+    argv += ["-d", str(ADVICE_ID), "-p", "A_export"]
+    line = refused(export_main, argv, capsys)
+    plan_main([ckpt if a == "CHECKPOINT" else a for a in advised_command(line, "nnUNetv2_hiendmae_plan")])
+    export_main(argv)
+    assert torch.load(target, weights_only=True)["network_weights"]
+
+
+def test_trainer_advice_on_plans_works(advice_dataset, tmp_path):
+    """Plans nnUNetv2_hiendmae_plan did not write: the plans command advised (CHECKPOINT filled in), its plans passed
+    by name, train; a checkpoint changed since its plans: the plans command advised, run as printed, trains again."""
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", advice_dataset))
+    with pytest.raises(UserError) as e:
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, advice_dataset, "nnUNetPlans").initialize()
+    assert "and pass their name with -p" in str(e.value)
+    plan_main([ckpt if a == "CHECKPOINT" else a for a in advised_command(str(e.value), "nnUNetv2_hiendmae_plan", "'")])
+    make_trainer(nnUNetTrainerHiEndMAE_smoke, advice_dataset, DEFAULT_NAME).initialize()
+
+    write_checkpoint(tmp_path / "ckpt.pth", advice_dataset, seed=1)  # the same file, other weights
+    with pytest.raises(UserError) as e:
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, advice_dataset, DEFAULT_NAME).initialize()
+    assert "changed since the plans were written" in str(e.value)
+    plan_main(advised_command(str(e.value), "write the plans again with nnUNetv2_hiendmae_plan"))
+    trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, advice_dataset, DEFAULT_NAME)
+    trainer.initialize()
+    loaded = trainer.network.encoder.state_dict()["blocks.0.attn.qkv.weight"]
+    assert torch.equal(loaded, encoder_state_dict(load_checkpoint(tmp_path / "ckpt.pth"))["blocks.0.attn.qkv.weight"])
