@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import sys
 
 import pytest
 import torch
@@ -218,3 +219,41 @@ def test_trainer_advice_on_plans_works(advice_dataset, tmp_path):
     trainer.initialize()
     loaded = trainer.network.encoder.state_dict()["blocks.0.attn.qkv.weight"]
     assert torch.equal(loaded, encoder_state_dict(load_checkpoint(tmp_path / "ckpt.pth"))["blocks.0.attn.qkv.weight"])
+
+
+def test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_that_lets_each_run(
+        preprocessed_dataset, nnunet_dirs, tmp_path, monkeypatch, capsys):
+    """A dataset only in nnUNet_raw (given by name, which nnU-Net's -d does not take): the plans, the study, the
+    pretraining and --like of the unlabelled preprocessing each advise the same nnU-Net command; run once as printed
+    (with one process: -np/-npfp only set its parallelism), every one of them gets past that error."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry
+
+    from nnunetv2_hiendmae.demo.synthetic import make_datasets
+    from nnunetv2_hiendmae.study import main as study_main
+    from pretrain.unlabeled_cli import main as unlabeled_main
+
+    name = "Dataset963_AdviceRaw"
+    make_datasets(nnunet_dirs["nnUNet_raw"], 963, name="AdviceRaw", n_labelled=5, n_unlabelled=0, n_test=0, scale=0.4)
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", preprocessed_dataset["preprocessed"]))
+    commands = {
+        plan_main: ["-d", name, "-pt", ckpt, "-o", "A_raw", "--spacing", "dataset", "--normalization", "dataset"],
+        study_main: ["-d", name, "-pt", ckpt, "-f", "0", "--budgets", "100", "--arms", "frozen", "--dry-run"],
+        pretrain_main: pretrain_args({"id": name, "unlabelled_id": preprocessed_dataset["unlabelled_id"]},
+                                     tmp_path / "run", 1, 1)[1:],
+        unlabeled_main: ["-i", str(preprocessed_dataset["unlabelled_scans"]), "-d", "964", "--name", "AdvicePool",
+                         "--like", name, "-np", "1"],
+    }
+    advised = set()
+    for main, argv in commands.items():
+        line = refused(main, argv, capsys)
+        advised.add(tuple(re.search(r"nnUNetv2_plan_and_preprocess((?: -\w+ \w+)+)['`]? (first|creates)", line)[1]
+                          .split()))
+    assert advised == {("-d", "963", "-c", "3d_fullres")}, advised
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_plan_and_preprocess", *advised.pop(), "-np", "1", "-npfp", "1"])
+    plan_and_preprocess_entry()
+    for main, argv in commands.items():
+        main(argv)
+    capsys.readouterr()
+    assert (nnunet_dirs["nnUNet_preprocessed"] / name / "A_raw.json").is_file()
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
+    assert (nnunet_dirs["nnUNet_preprocessed"] / "Dataset964_AdvicePool" / "nnUNetPlans.json").is_file()
