@@ -117,10 +117,10 @@ def test_a_lock_left_by_another_host_advises_deleting_it_which_lets_the_run_star
     assert (out / "checkpoint_final.pth").is_file() and not (out / LOCK).exists()
 
 
-def test_pretrain_advice_on_a_device_and_on_resumed_settings_works(preprocessed_dataset, tmp_path, monkeypatch,
-                                                                   capsys):
-    """``--device cuda`` where torch sees no GPU: 'use --device cpu' runs; resumed with a setting the run fixed:
-    'leave them out' resumes it."""
+def test_pretrain_advice_works(preprocessed_dataset, advice_dataset, tmp_path, monkeypatch, capsys):
+    """'--json goes with --estimate' estimates; ``--device cuda`` where torch sees no GPU: 'use --device cpu' runs,
+    and the plans command it prints next writes plans; resumed with a setting the run fixed: 'leave them out'
+    resumes it."""
     out = tmp_path / "run"
     args = pretrain_args(preprocessed_dataset, out, 1, 1)[1:]
     device = args.index("--device") + 1
@@ -131,8 +131,16 @@ def test_pretrain_advice_on_a_device_and_on_resumed_settings_works(preprocessed_
         assert line.endswith("use --device cpu")
         flag, value = advised_command(line, "use ")
         args[args.index(flag) + 1] = value
+        line = refused(pretrain_main, [*args, "--json"], capsys)
+        assert line == "error: --json goes with --estimate"
+        pretrain_main([*args, "--json", "--estimate"])
+        assert json.loads(capsys.readouterr().out)["fits"] is True
         pretrain_main(args)
     assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
+    plan = advised_command(capsys.readouterr().out.strip().splitlines()[-1], "next: nnUNetv2_hiendmae_plan")
+    plan_main([{"DATASET": str(ADVICE_ID)}.get(a, a) for a in plan])
+    assert json.loads((advice_dataset / f"{DEFAULT_NAME}.json").read_text())["pretrain_info"]["checkpoint"] == \
+        str(out / "checkpoint_final.pth")
 
     longer = ["-o", str(out), "--resume", "--epochs", "2", "--mask-ratio", "0.6", "--batch-size", "1"]
     line = refused(pretrain_main, longer, capsys)
@@ -257,3 +265,36 @@ def test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_th
     assert (nnunet_dirs["nnUNet_preprocessed"] / name / "A_raw.json").is_file()
     assert load_checkpoint(tmp_path / "run" / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
     assert (nnunet_dirs["nnUNet_preprocessed"] / "Dataset964_AdvicePool" / "nnUNetPlans.json").is_file()
+
+
+def test_trainer_advice_on_scratch_plans_and_on_pretrained_weights_works(advice_dataset, tmp_path, monkeypatch,
+                                                                         capsys):
+    """From-scratch plans given to a pretrained trainer: '-tr TWIN' trains them; a pretraining checkpoint given to
+    nnU-Net's -pretrained_weights: the plans command, then the trainer and plans named, train (CHECKPOINT, DATASET
+    filled in)."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    from nnunetv2_hiendmae import trainers
+    from nnunetv2_hiendmae.errors import one_line_errors_in_nnunet_commands
+
+    plan_main(["-d", str(ADVICE_ID), "--arch", "vit_tiny", "-o", "A_tr_scratch"])
+    with pytest.raises(UserError) as e:
+        make_trainer(nnUNetTrainerHiEndMAE_smoke, advice_dataset, "A_tr_scratch").initialize()
+    twin = advised_command(str(e.value), "train them with -tr", ", or")
+    make_trainer(getattr(trainers, *twin), advice_dataset, "A_tr_scratch").initialize()
+
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", advice_dataset))
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    one_line_errors_in_nnunet_commands()
+    with pytest.raises(KeyError) as e:
+        load_pretrained_weights(torch.nn.Linear(1, 1), ckpt)
+    capsys.readouterr()
+    sys.excepthook(e.type, e.value, e.tb)
+    line = capsys.readouterr().err.strip()
+    plans, train = line.split("through plans: ", 1)[1].split(", then ")
+    plan_main([{"DATASET": str(ADVICE_ID)}.get(a, a) for a in advised_command(plans, "nnUNetv2_hiendmae_plan")])
+    train = advised_command(train, "nnUNetv2_train", " (without")
+    trainer = make_trainer(getattr(trainers, train[train.index("-tr") + 1]), advice_dataset,
+                           train[train.index("-p") + 1])
+    trainer.initialize()
+    assert "-pretrained_weights" not in train and trainer.was_initialized
