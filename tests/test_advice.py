@@ -61,10 +61,11 @@ def one_error_line(proc) -> str:
 
 
 def refused(main, argv: list[str], capsys) -> str:
-    """The one ``error:`` line of a command's ``main`` run in this process on ``argv``."""
+    """The one ``error:`` line (after any notes) of a command's ``main`` run in this process on ``argv``."""
     code, lines, _ = cli_error(main, argv, capsys)
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == 2 and errors == lines[-1:], lines
+    return lines[-1]
 
 
 def advised_command(message: str, program: str, end: str = "") -> list[str]:
@@ -298,3 +299,23 @@ def test_trainer_advice_on_scratch_plans_and_on_pretrained_weights_works(advice_
                            train[train.index("-p") + 1])
     trainer.initialize()
     assert "-pretrained_weights" not in train and trainer.was_initialized
+
+
+def test_import_advice_works(tmp_path, capsys):
+    """A reference checkpoint imported with another patch size than its position embedding's: the --patch-size the
+    error names imports it; a file with Python objects and --weights-only: 'drop --weights-only' imports it."""
+    import argparse
+
+    from test_import_reference import reference_state_dict, write_reference
+
+    from pretrain.import_reference import main as import_main
+
+    reference = write_reference(tmp_path / "ref.pth", reference_state_dict("sincos"), args=argparse.Namespace())
+    argv = ["-i", str(reference), "-o", str(tmp_path / "ours.pth"), "--patch-size", "64"]
+    line = refused(import_main, argv, capsys)
+    flag, size = advised_command(line, "tokens: ", ")")
+    argv[argv.index(flag) + 1] = size
+    line = refused(import_main, [*argv, "--weights-only"], capsys)
+    assert line.endswith("drop --weights-only to unpickle it (only for files from a trusted source)")
+    import_main(argv)  # --weights-only dropped
+    assert load_checkpoint(tmp_path / "ours.pth")["pretrain"]["patch_size"] == [int(size)] * 3
