@@ -3,32 +3,38 @@
 The advice is read out of the message (a flag, a command, a path) and applied; the command then runs, or gets past
 that error. Commands run in this process (their ``main`` with an argv list) where the advice is not about a process.
 
-Which messages advise a next step, and the test that follows each (in this file unless named):
+Which messages advise a next step, and where each is followed (here unless a module is named):
 
-- pretrain, ``--resume`` without a run: "leave out --resume"; a new run on a folder holding one: "pass --resume":
-  test_resume_without_a_run_and_a_new_run_on_a_folder_holding_one_advise_what_works
-- pretrain, a lock of a run on another host: "delete LOCK": test_a_lock_left_by_another_host_advises_deleting_it...
-- pretrain, ``--resume`` with settings of its own: "leave them out"; ``--device cuda`` without a GPU: "use --device
-  cpu": test_pretrain_advice_on_a_device_and_on_resumed_settings_works
-- pretrain, unreadable cases before the run: "pass --skip-bad-cases": tests/test_pretrain_runs.py
-- pretrain, interrupted: "continue with: ... --resume": tests/test_pretrain_interruptions.py
-- pretrain, a loss that diverges or becomes NaN: "--resume -o OUT --lr LR": tests/test_pretrain_divergence.py
-- pretrain, /dev/shm too small: "lower --loader-memory-gib or --num-workers": tests/test_loader_memory.py
-- nnUNetv2_hiendmae_plan, "drop --arch", "give -pt CHECKPOINT ... or --arch ARCH", and a checkpoint without
-  ``pretrain.spacing`` / ``patch_size`` / normalisation: "pass --spacing dataset" / "--patch-size X Y Z" /
-  "--normalization dataset": test_plan_advice_works
-- nnUNetv2_hiendmae_export, "needs -d DATASET and -p PLANS", then "plans ... not found: write them with
-  nnUNetv2_hiendmae_plan ...": test_export_advice_leads_to_the_file
-- fine-tuning trainers, plans not written by nnUNetv2_hiendmae_plan: "create them with 'nnUNetv2_hiendmae_plan ...'
-  and pass their name with -p"; a checkpoint changed since its plans: "write the plans again with
-  nnUNetv2_hiendmae_plan ...": test_trainer_advice_on_plans_works
-- nnUNetv2_hiendmae_study / nnUNetv2_hiendmae_compare, a fold not in the split file: "choose among them, or leave
-  out -f": tests/test_scored_folds.py
-- nnUNetv2_hiendmae_embed, embeddings of other settings: "use another -o": tests/test_embed.py
-- nnUNetv2_hiendmae_preprocess_unlabeled, "--like ...: drop --spacing, --ct-window and --modality":
-  tests/test_unlabeled.py; "give the modality of each channel, e.g. --modality ...": tests/test_unlabeled_channels.py
-- nnUNetv2_hiendmae_import, "a reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import":
-  tests/test_import_reference.py
+- nnUNetv2_hiendmae_pretrain: ``--resume`` without a run, "leave out --resume"; a new run on a folder holding one,
+  "pass --resume": test_resume_without_a_run_and_a_new_run_on_a_folder_holding_one_advise_what_works. A lock of a run
+  on another host, "delete LOCK": test_a_lock_left_by_another_host_advises_deleting_it_which_lets_the_run_start.
+  "--json goes with --estimate", "use --device cpu", the "next: nnUNetv2_hiendmae_plan ..." it prints, and
+  ``--resume`` with settings the run fixed, "leave them out": test_pretrain_advice_works. Unreadable cases, "pass
+  --skip-bad-cases": tests/test_pretrain_runs.py. Interrupted, "continue with: ... --resume -o OUT":
+  tests/test_pretrain_interruptions.py. A climbing or NaN loss, "--resume -o OUT --lr LR":
+  tests/test_pretrain_divergence.py.
+- nnUNetv2_hiendmae_plan: "drop --arch", "give -pt CHECKPOINT ... or --arch ARCH": test_plan_advice_on_arch_works.
+  A checkpoint without ``pretrain.spacing`` / ``patch_size`` / normalisation, "pass --spacing dataset" /
+  "--patch-size X Y Z" / "--normalization dataset": test_plan_advice_for_a_checkpoint_without_a_pretrain_value_works.
+- A dataset only in nnUNet_raw, "run nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres" (the plans, the study, the
+  pretraining, ``--like`` of the unlabelled preprocessing):
+  test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_that_lets_each_run.
+- nnUNetv2_hiendmae_export: "needs -d DATASET and -p PLANS", "write them with nnUNetv2_hiendmae_plan ...":
+  test_export_advice_leads_to_the_file.
+- The fine-tuning trainers: plans nnUNetv2_hiendmae_plan did not write, "create them with '...' and pass their name
+  with -p"; a checkpoint changed since its plans, "write the plans again with nnUNetv2_hiendmae_plan ...":
+  test_trainer_advice_on_plans_works. From-scratch plans, "train them with -tr TWIN"; a pretraining checkpoint given
+  to nnU-Net's -pretrained_weights, "nnUNetv2_hiendmae_plan ..., then nnUNetv2_train ... -tr ... -p ...":
+  test_trainer_advice_on_scratch_plans_and_on_pretrained_weights_works.
+- nnUNetv2_hiendmae_study / nnUNetv2_hiendmae_compare: a fold not in the split file, "choose among them, or leave out
+  -f": tests/test_scored_folds.py.
+- nnUNetv2_hiendmae_preprocess_unlabeled: "drop --spacing, --ct-window and --modality", "--ct-window is for CT
+  channels (--modality CT, ...)": test_unlabelled_preprocessing_advice_works.
+- nnUNetv2_hiendmae_import: "--patch-size N" of a cubic position embedding, "drop --weights-only":
+  test_import_advice_works; "pass --force": tests/test_import_reference.py.
+- Every command's usage mistake, "(see PROG --help)": tests/test_cli_help.py.
+
+Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here.
 """
 from __future__ import annotations
 
@@ -319,3 +325,33 @@ def test_import_advice_works(tmp_path, capsys):
     assert line.endswith("drop --weights-only to unpickle it (only for files from a trusted source)")
     import_main(argv)  # --weights-only dropped
     assert load_checkpoint(tmp_path / "ours.pth")["pretrain"]["patch_size"] == [int(size)] * 3
+
+
+def without_flags(argv: list[str], flags: list[str]) -> list[str]:
+    """``argv`` less each of ``flags`` and the values that follow it."""
+    kept, skipping = [], False
+    for a in argv:
+        skipping = a in flags or (skipping and not a.startswith("--"))
+        if not skipping:
+            kept.append(a)
+    return kept
+
+
+def test_unlabelled_preprocessing_advice_works(preprocessed_dataset, nnunet_dirs, capsys):
+    """--like with settings of its own: 'drop --spacing, --ct-window and --modality'; a CT window on MR scans:
+    '--ct-window is for CT channels (--modality CT, ...)': each followed, the pool is preprocessed."""
+    from pretrain.unlabeled_cli import main as unlabeled_main
+
+    scans = ["-i", str(preprocessed_dataset["unlabelled_scans"]), "-np", "1"]
+    argv = [*scans, "-d", "965", "--name", "AdviceLike", "--like", "990", "--spacing", "1", "1", "1", "--modality",
+            "CT"]
+    line = refused(unlabeled_main, argv, capsys)
+    unlabeled_main(without_flags(argv, re.findall(r"--[\w-]+", line.split(": drop ", 1)[1])))
+
+    argv = [*scans, "-d", "966", "--name", "AdviceWindow", "--modality", "MR", "--ct-window", "-175", "250"]
+    line = refused(unlabeled_main, argv, capsys)
+    modality = advised_command(line, "(", ",")
+    assert modality == ["--modality", "CT"], line
+    unlabeled_main([*without_flags(argv, ["--modality"]), *modality])
+    for name in ("Dataset965_AdviceLike", "Dataset966_AdviceWindow"):
+        assert (nnunet_dirs["nnUNet_preprocessed"] / name / "nnUNetPlans.json").is_file()
