@@ -31,7 +31,9 @@ Which messages advise a next step, and where each is followed (here unless a mod
 - nnUNetv2_hiendmae_preprocess_unlabeled: "drop --spacing, --ct-window and --modality", "--ct-window is for CT
   channels (--modality CT, ...)": test_unlabelled_preprocessing_advice_works.
 - nnUNetv2_hiendmae_import: "--patch-size N" of a cubic position embedding, "drop --weights-only":
-  test_import_advice_works; "pass --force": tests/test_import_reference.py.
+  test_import_advice_works; "pass --force": tests/test_import_reference.py. A reference Hi-End-MAE file given where
+  our checkpoint goes, "convert it with nnUNetv2_hiendmae_import -i FILE -o CONVERTED.pth":
+  test_a_reference_checkpoint_given_for_ours_advises_the_import_that_makes_it_one.
 - Every command's usage mistake, "(see PROG --help)": tests/test_cli_help.py.
 
 Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here.
@@ -355,3 +357,21 @@ def test_unlabelled_preprocessing_advice_works(preprocessed_dataset, nnunet_dirs
     unlabeled_main([*without_flags(argv, ["--modality"]), *modality])
     for name in ("Dataset965_AdviceLike", "Dataset966_AdviceWindow"):
         assert (nnunet_dirs["nnUNet_preprocessed"] / name / "nnUNetPlans.json").is_file()
+
+
+def test_a_reference_checkpoint_given_for_ours_advises_the_import_that_makes_it_one(advice_dataset, tmp_path, capsys):
+    """The released Hi-End-MAE layout given to nnUNetv2_hiendmae_plan: the import command the error names, its output
+    filled in, makes a checkpoint the plans take."""
+    from test_import_reference import reference_state_dict, write_reference
+
+    from pretrain.import_reference import main as import_main
+
+    reference = write_reference(tmp_path / "released.pth", reference_state_dict("sincos"))
+    argv = ["-d", str(ADVICE_ID), "-pt", str(reference), "-o", "A_imported", "--spacing", "dataset",
+            "--normalization", "dataset"]
+    line = refused(plan_main, argv, capsys)
+    converted = str(tmp_path / "converted.pth")
+    import_main([converted if a == "CONVERTED.pth" else a for a in advised_command(line, "nnUNetv2_hiendmae_import")])
+    argv[argv.index("-pt") + 1] = converted
+    plan_main(argv)
+    assert json.loads((advice_dataset / "A_imported.json").read_text())["pretrain_info"]["checkpoint"] == converted
