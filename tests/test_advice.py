@@ -27,7 +27,9 @@ Which messages advise a next step, and where each is followed (here unless a mod
   to nnU-Net's -pretrained_weights, "nnUNetv2_hiendmae_plan ..., then nnUNetv2_train ... -tr ... -p ...":
   test_trainer_advice_on_scratch_plans_and_on_pretrained_weights_works.
 - nnUNetv2_hiendmae_study / nnUNetv2_hiendmae_compare: a fold not in the split file, "choose among them, or leave out
-  -f": tests/test_scored_folds.py.
+  -f": tests/test_scored_folds.py. The study on plans written for another checkpoint, "pass -p ANOTHER_NAME", and
+  a dataset id two datasets share, "give the full name of one" (the names listed):
+  test_an_ambiguous_dataset_id_and_plans_of_another_checkpoint_advise_names_that_work.
 - nnUNetv2_hiendmae_preprocess_unlabeled: "drop --spacing, --ct-window and --modality", "--ct-window is for CT
   channels (--modality CT, ...)": test_unlabelled_preprocessing_advice_works.
 - nnUNetv2_hiendmae_import: "--patch-size N" of a cubic position embedding, "drop --weights-only":
@@ -375,3 +377,30 @@ def test_a_reference_checkpoint_given_for_ours_advises_the_import_that_makes_it_
     argv[argv.index("-pt") + 1] = converted
     plan_main(argv)
     assert json.loads((advice_dataset / "A_imported.json").read_text())["pretrain_info"]["checkpoint"] == converted
+
+
+def test_an_ambiguous_dataset_id_and_plans_of_another_checkpoint_advise_names_that_work(
+        preprocessed_dataset, advice_dataset, nnunet_dirs, tmp_path, capsys):
+    """Two datasets with one id: the full name of one, as listed, plans it; a study on plans written for another
+    checkpoint: '-p ANOTHER_NAME' (a name of its own filled in) plans the study."""
+    from nnunetv2_hiendmae.study import main as study_main
+
+    copy_preprocessed_dataset(preprocessed_dataset["preprocessed"], nnunet_dirs["nnUNet_preprocessed"], 967, "Ours")
+    (nnunet_dirs["nnUNet_raw"] / "Dataset967_Theirs").mkdir()
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pth", advice_dataset))
+    argv = ["-d", "967", "-pt", ckpt, "-o", "A_full_name"]
+    line = refused(plan_main, argv, capsys)
+    named = re.search(r"ambiguous: (.*) have that id", line)[1].split(", ")
+    assert named == ["Dataset967_Ours", "Dataset967_Theirs"], line
+    plan_main(["-d", named[0], *argv[2:]])
+    assert (nnunet_dirs["nnUNet_preprocessed"] / named[0] / "A_full_name.json").is_file()
+
+    plan_main(["-d", str(ADVICE_ID), "-pt", ckpt, "-o", "A_study"])
+    other = str(write_checkpoint(tmp_path / "other.pth", advice_dataset, seed=1))
+    argv = ["-d", str(ADVICE_ID), "-pt", other, "-p", "A_study", "-f", "0", "--budgets", "100", "--arms", "frozen",
+            "--dry-run"]
+    line = refused(study_main, argv, capsys)
+    flag, placeholder = advised_command(line, "pass ", " to study")
+    argv[argv.index(flag) + 1] = placeholder.replace("ANOTHER_NAME", "A_study_other")
+    study_main(argv)
+    assert "nnUNetTrainerHiEndMAE_frozen" in capsys.readouterr().out
