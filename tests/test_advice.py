@@ -36,6 +36,9 @@ Which messages advise a next step, and where each is followed (here unless a mod
   test_import_advice_works; "pass --force": tests/test_import_reference.py. A reference Hi-End-MAE file given where
   our checkpoint goes, "convert it with nnUNetv2_hiendmae_import -i FILE -o CONVERTED.pth":
   test_a_reference_checkpoint_given_for_ours_advises_the_import_that_makes_it_one.
+- The trainers' _recompute variants on Primus plans, "train it with a trainer without _recompute":
+  test_a_recompute_trainer_on_primus_plans_advises_the_trainer_without_it_which_trains.
+- nnUNetv2_hiendmae_probe, "use -device cpu": test_the_probe_on_cuda_without_a_gpu_advises_the_cpu_which_probes.
 - Every command's usage mistake, "(see PROG --help)": tests/test_cli_help.py.
 
 Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here.
@@ -404,3 +407,31 @@ def test_an_ambiguous_dataset_id_and_plans_of_another_checkpoint_advise_names_th
     argv[argv.index(flag) + 1] = placeholder.replace("ANOTHER_NAME", "A_study_other")
     study_main(argv)
     assert "nnUNetTrainerHiEndMAE_frozen" in capsys.readouterr().out
+
+
+def test_a_recompute_trainer_on_primus_plans_advises_the_trainer_without_it_which_trains(advice_dataset):
+    """Primus has no full-resolution block to recompute: 'a trainer without _recompute', named so, builds it."""
+    from nnunetv2_hiendmae import trainers
+
+    plan_main(["-d", str(ADVICE_ID), "--arch", "primus_tiny", "-o", "A_primus"])
+    name = "nnUNetTrainerHiEndMAE_scratch_recompute_smoke"
+    with pytest.raises(UserError) as e:
+        make_trainer(getattr(trainers, name), advice_dataset, "A_primus").initialize()
+    without = advised_command(str(e.value), "a trainer without ")[0]
+    trainer = make_trainer(getattr(trainers, name.replace(without, "")), advice_dataset, "A_primus")
+    trainer.initialize()
+    assert type(trainer.network).__name__ == "PrimusNetwork"
+
+
+def test_the_probe_on_cuda_without_a_gpu_advises_the_cpu_which_probes(advice_dataset, tmp_path, monkeypatch, capsys):
+    """-device cuda where torch sees no GPU: the -device the error names probes."""
+    from nnunetv2_hiendmae.probe_cli import main as probe_main
+
+    argv = ["-d", str(ADVICE_ID), "-pt", "random:vit_tiny", "--patch-size", "32", "32", "32", "--crops-per-case", "1",
+            "--max-cases", "2", "-o", str(tmp_path / "probe"), "-device", "cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = refused(probe_main, argv, capsys)
+    flag, value = advised_command(line, "; use ")
+    argv[argv.index(flag) + 1] = value
+    probe_main(argv)
+    assert (tmp_path / "probe" / "probe.csv").is_file()
