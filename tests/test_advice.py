@@ -10,8 +10,9 @@ Which messages advise a next step, and where each is followed (here unless a mod
   on another host, "delete LOCK": test_a_lock_left_by_another_host_advises_deleting_it_which_lets_the_run_start.
   "--json goes with --estimate", "use --device cpu", the "next: nnUNetv2_hiendmae_plan ..." it prints, and
   ``--resume`` with settings the run fixed, "leave them out": test_pretrain_advice_works. Unreadable cases, "pass
-  --skip-bad-cases": tests/test_pretrain_runs.py. Interrupted, "continue with: ... --resume -o OUT":
-  tests/test_pretrain_interruptions.py. A climbing or NaN loss, "--resume -o OUT --lr LR":
+  --skip-bad-cases": tests/test_pretrain_runs.py, and for a held-out case
+  test_an_unreadable_held_out_case_advises_skip_bad_cases_which_leaves_it_out. Interrupted, "continue with: ...
+  --resume -o OUT": tests/test_pretrain_interruptions.py. A climbing or NaN loss, "--resume -o OUT --lr LR":
   tests/test_pretrain_divergence.py.
 - nnUNetv2_hiendmae_plan: "drop --arch", "give -pt CHECKPOINT ... or --arch ARCH": test_plan_advice_on_arch_works.
   A checkpoint without ``pretrain.spacing`` / ``patch_size`` / normalisation, "pass --spacing dataset" /
@@ -435,3 +436,27 @@ def test_the_probe_on_cuda_without_a_gpu_advises_the_cpu_which_probes(advice_dat
     argv[argv.index(flag) + 1] = value
     probe_main(argv)
     assert (tmp_path / "probe" / "probe.csv").is_file()
+
+
+def test_an_unreadable_held_out_case_advises_skip_bad_cases_which_leaves_it_out(preprocessed_dataset, nnunet_dirs,
+                                                                                tmp_path, capsys):
+    """A held-out case that cannot be read refuses the run like a training case: '--skip-bad-cases', added, leaves it
+    out of the held-out cases and the run ends."""
+    from pretrain.data import resolve_sources
+    from pretrain.heldout import held_out_cases
+
+    pool = copy_preprocessed_dataset(preprocessed_dataset["unlabelled_preprocessed"],
+                                     nnunet_dirs["nnUNet_preprocessed"], 969, "AdvicePool")
+    datasets = [str(preprocessed_dataset["id"]), "969"]
+    seed, case = next((s, c) for s in range(50) for c in held_out_cases(resolve_sources(datasets), 1, s)
+                      if c.startswith(pool.name))  # a seed that holds out a case of the private copy
+    data = pool / "nnUNetPlans_3d_fullres" / f"{case.split('/')[1]}.b2nd"
+    data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])  # truncated, as a copy cut short is
+    out = tmp_path / "run"
+    argv = [*pretrain_args(preprocessed_dataset, out, 1, 1)[1:], "--val-cases", "1", "--seed", str(seed)]
+    argv[argv.index("-d") + 2] = "969"
+    line = refused(pretrain_main, argv, capsys)
+    assert f"{case}: unreadable" in line and line.endswith("or pass --skip-bad-cases to leave them out"), line
+    pretrain_main([*argv, advised_command(line, "or pass ", " to leave")[0]])
+    pretrain = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]
+    assert pretrain["epochs_done"] == 1 and case not in pretrain["val_cases"]
