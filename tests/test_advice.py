@@ -19,7 +19,8 @@ Which messages advise a next step, and where each is followed (here unless a mod
   "--patch-size X Y Z" / "--normalization dataset": test_plan_advice_for_a_checkpoint_without_a_pretrain_value_works.
 - A dataset only in nnUNet_raw, "run nnUNetv2_plan_and_preprocess -d ID -c 3d_fullres" (the plans, the study, the
   pretraining, ``--like`` of the unlabelled preprocessing):
-  test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_that_lets_each_run.
+  test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_that_lets_each_run; its preprocessed
+  data lost, "nnUNetv2_preprocess -d ID -plans_name PLANS -c 3d_fullres" (the pretraining), in the same test.
 - nnUNetv2_hiendmae_export: "needs -d DATASET and -p PLANS", "write them with nnUNetv2_hiendmae_plan ...":
   test_export_advice_leads_to_the_file.
 - The fine-tuning trainers: plans nnUNetv2_hiendmae_plan did not write, "create them with '...' and pass their name
@@ -50,6 +51,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -248,8 +250,12 @@ def test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_th
         preprocessed_dataset, nnunet_dirs, tmp_path, monkeypatch, capsys):
     """A dataset only in nnUNet_raw (given by name, which nnU-Net's -d does not take): the plans, the study, the
     pretraining and --like of the unlabelled preprocessing each advise the same nnU-Net command; run once as printed
-    (with one process: -np/-npfp only set its parallelism), every one of them gets past that error."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry
+    (with one process: -np/-npfp only set its parallelism), every one of them gets past that error. Its preprocessed
+    data deleted: the nnUNetv2_preprocess command the pretraining advises writes it again."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import (
+        plan_and_preprocess_entry,
+        preprocess_entry,
+    )
 
     from nnunetv2_hiendmae.demo.synthetic import make_datasets
     from nnunetv2_hiendmae.study import main as study_main
@@ -274,12 +280,20 @@ def test_commands_on_a_dataset_not_yet_preprocessed_advise_the_nnunet_command_th
     assert advised == {("-d", "963", "-c", "3d_fullres")}, advised
     monkeypatch.setattr(sys, "argv", ["nnUNetv2_plan_and_preprocess", *advised.pop(), "-np", "1", "-npfp", "1"])
     plan_and_preprocess_entry()
+    pretrain_argv = commands.pop(pretrain_main)
     for main, argv in commands.items():
         main(argv)
-    capsys.readouterr()
     assert (nnunet_dirs["nnUNet_preprocessed"] / name / "A_raw.json").is_file()
-    assert load_checkpoint(tmp_path / "run" / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
     assert (nnunet_dirs["nnUNet_preprocessed"] / "Dataset964_AdvicePool" / "nnUNetPlans.json").is_file()
+
+    # its preprocessed data lost: the pretraining names the nnU-Net command that writes it again
+    shutil.rmtree(nnunet_dirs["nnUNet_preprocessed"] / name / "nnUNetPlans_3d_fullres")
+    line = refused(pretrain_main, pretrain_argv, capsys)
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_preprocess", *advised_command(line, "nnUNetv2_preprocess", "`"),
+                                      "-np", "1"])
+    preprocess_entry()
+    pretrain_main(pretrain_argv)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint_final.pth")["pretrain"]["epochs_done"] == 1
 
 
 def test_trainer_advice_on_scratch_plans_and_on_pretrained_weights_works(advice_dataset, tmp_path, monkeypatch,
