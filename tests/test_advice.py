@@ -43,7 +43,10 @@ Which messages advise a next step, and where each is followed (here unless a mod
 - nnUNetv2_hiendmae_probe, "use -device cpu": test_the_probe_on_cuda_without_a_gpu_advises_the_cpu_which_probes.
 - Every command's usage mistake, "(see PROG --help)": tests/test_cli_help.py.
 
-Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here.
+Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here, nor advice that
+needs more than a test can give: a larger /dev/shm ("docker run --shm-size"), several GPUs ("train it on one GPU"),
+whole nnUNetv2_train runs (the study's and the demo's "re-run to continue"); a case that breaks during a run,
+"--resume -o OUT --skip-bad-cases", is resumed in tests/test_pretrain_runs.py once the case reads again.
 """
 from __future__ import annotations
 
