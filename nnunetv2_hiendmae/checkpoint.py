@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import shlex
 from pathlib import Path
 
 import torch
@@ -76,6 +77,11 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", weights_o
                         f"{_first_line(e)})") from None
 
 
+def import_command(path: str | os.PathLike) -> str:
+    """The command that converts a reference Hi-End-MAE file at ``path`` into one of our checkpoints."""
+    return f"nnUNetv2_hiendmae_import -i {shlex.quote(str(path))} -o CONVERTED.pth"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", nnssl: bool = True,
                     cnn: bool = False) -> dict:
     """Load and validate one of our checkpoints; a missing, corrupt or foreign file is a :class:`UserError`.
@@ -86,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
     except HoldsPythonObjects as e:
         raise UserError(f"{e}: nnunetv2_hiendmae checkpoints load with weights_only=True (a reference Hi-End-MAE "
-                        f"file converts with nnUNetv2_hiendmae_import)") from None
+                        f"file converts with {import_command(path)})") from None
     if nnssl:
         from nnunetv2_hiendmae.nnssl import from_nnssl, is_nnssl_checkpoint
 
@@ -95,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and "state_dict" in ckpt:
-            hint = "; it looks like a reference Hi-End-MAE checkpoint: convert it with nnUNetv2_hiendmae_import"
+            hint = f"; it looks like a reference Hi-End-MAE checkpoint: convert it with {import_command(path)}"
         found = ", ".join(sorted(map(str, ckpt))[:8]) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is a torch file but not a nnunetv2_hiendmae pretraining checkpoint: expected the "
                         f"keys {', '.join(KEYS)}{' (or an nnssl checkpoint)' if nnssl else ''}, found "

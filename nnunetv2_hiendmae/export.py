@@ -79,7 +79,8 @@ def network_for_plans(dataset: str, plans_name: str, configuration: str, seed: i
     folder = nnunet_folder("nnUNet_preprocessed") / dataset_name(dataset)
     path = folder / f"{plans_name}.json"
     if not path.is_file():
-        raise UserError(f"plans {path} not found: write them with nnUNetv2_hiendmae_plan -d {dataset} -pt CHECKPOINT")
+        raise UserError(f"plans {path} not found: write them with nnUNetv2_hiendmae_plan -d {dataset} -pt CHECKPOINT "
+                        f"-o {plans_name}")
     plans = json.loads(path.read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())
     manager = PlansManager(plans)

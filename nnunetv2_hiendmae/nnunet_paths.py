@@ -33,8 +33,11 @@ def dataset_name(dataset: str | int) -> str:
         return str(maybe_convert_to_dataset_name(str(dataset)))
     except (RuntimeError, ValueError) as e:
         if "More than one" in str(e):
-            raise UserError(f"dataset {dataset!r} is ambiguous: more than one DatasetXXX_* folder has that id in "
-                            "nnUNet_raw, nnUNet_preprocessed or nnUNet_results; give the full name") from None
+            named = sorted({p.name for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+                            if os.environ.get(var) for p in Path(os.environ[var]).glob(f"Dataset{int(dataset):03d}_*")
+                            if p.is_dir()})
+            raise UserError(f"dataset {dataset!r} is ambiguous: {', '.join(named)} have that id in nnUNet_raw, "
+                            "nnUNet_preprocessed or nnUNet_results; give the full name of one") from None
         raise UserError(f"dataset {dataset!r} not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results "
                         "(give an id like 4 or a name like Dataset004_Hippocampus)") from None
 

@@ -81,7 +81,8 @@ class Source:
     pretrain: dict = field(default_factory=dict)
     checkpoint: Path | None = None
     transpose_forward: list[int] | None = None  # of the pretraining plans: axis order of spacing and patch size
-    patch_size: list[int] = field(default_factory=lambda: list(SCRATCH_PATCH))  # the pretraining patch size
+    # the pretraining patch size (None: the checkpoint does not record it)
+    patch_size: list[int] | None = field(default_factory=lambda: list(SCRATCH_PATCH))
 
 
 def find_dataset(dataset: str, base_name: str) -> Dataset:
@@ -139,10 +140,22 @@ def check_patch(patch: Sequence[int], token: Sequence[int]) -> list[int]:
     return list(patch)
 
 
+# the flag that makes nnUNetv2_hiendmae_plan do without a value the checkpoint's pretrain block lacks
+INSTEAD_OF_PRETRAIN_VALUE = {"spacing": "--spacing dataset", "patch_size": "--patch-size X Y Z",
+                             "normalization_schemes": "--normalization dataset",
+                             "use_mask_for_norm": "--normalization dataset",
+                             "foreground_intensity_properties_per_channel": "--normalization dataset"}
+
+
+def missing_pretrain_value(ckpt_path: Path, key: str) -> UserError:
+    """The refusal of a checkpoint without ``pretrain.<key>``, naming the flag that does without it."""
+    return UserError(f"checkpoint {ckpt_path} does not record pretrain.{key}: pass {INSTEAD_OF_PRETRAIN_VALUE[key]}, "
+                     f"or use a checkpoint written by nnUNetv2_hiendmae_pretrain")
+
+
 def pretrain_value(ckpt_path: Path, pretrain: dict, key: str):
     if pretrain.get(key) is None:
-        raise UserError(f"checkpoint {ckpt_path} does not record pretrain.{key}: use --spacing/--normalization "
-                        f"dataset and --patch-size, or a checkpoint written by nnUNetv2_hiendmae_pretrain")
+        raise missing_pretrain_value(ckpt_path, key)
     return pretrain[key]
 
 
@@ -256,12 +269,14 @@ def pretrained_source(path_arg: str, arch: str | None, ds: Dataset, notes: list[
     if read_from_nnssl:
         notes.append(read_from_nnssl)
     pre_tf = [int(a) for a in pretrain.get("transpose_forward") or range(3)]
-    patch = to_dataset_axes(pretrain_value(path, pretrain, "patch_size"), pre_tf, ds.base["transpose_forward"])
+    recorded = pretrain.get("patch_size")  # needed only without --patch-size (build_plan)
+    patch = to_dataset_axes(recorded, pre_tf, ds.base["transpose_forward"]) if recorded is not None else None
     from nnunetv2_hiendmae.checkpoint import encoder_fingerprint
 
     info = {"checkpoint": str(path), "encoder_sha256": encoder_fingerprint(ckpt), "arch": ckpt_arch,
             "method": ckpt.get("method")}
-    return Source(plans_encoder_config(ckpt["encoder"]), info, pretrain, path, pre_tf, [int(c) for c in patch])
+    return Source(plans_encoder_config(ckpt["encoder"]), info, pretrain, path, pre_tf,
+                  [int(c) for c in patch] if patch is not None else None)
 
 
 def plans_encoder_config(encoder: dict) -> dict:
@@ -338,8 +353,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
         props = ds.base["foreground_intensity_properties_per_channel"]
 
     token = list(token_size_3d(src.encoder["token_size"]))  # applied to this dataset's (transposed) axes as it is
-    patch = check_patch(args.patch_size, token) if args.patch_size else default_patch(median, token, src.patch_size)
-    if src.encoder.get("pos_embed") == "learned" and patch != src.patch_size:
+    if args.patch_size:
+        patch = check_patch(args.patch_size, token)
+    elif src.patch_size is None:
+        raise missing_pretrain_value(src.checkpoint, "patch_size")
+    else:
+        patch = default_patch(median, token, src.patch_size)
+    if src.encoder.get("pos_embed") == "learned" and src.patch_size and patch != src.patch_size:
         notes.append(f"patch size {patch} differs from the pretraining patch size {src.patch_size}: the learned "
                      f"position embedding is interpolated onto the patch's token grid")
 

@@ -60,15 +60,15 @@ def find_preprocessed(dataset: str | int, plans: str = "nnUNetPlans", configurat
     name = dataset_name(dataset)
     dataset_id = nnunet_dataset_id(name)
     base = nnunet_folder("nnUNet_preprocessed") / name
+    plan_and_preprocess = f"`nnUNetv2_plan_and_preprocess -d {dataset_id} -c {configuration}`"
     if not base.is_dir():
-        raise UserError(f"{base} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates it")
+        raise UserError(f"{base} not found; {plan_and_preprocess} creates it")
     plans_file = base / f"{plans}.json"
     if not plans_file.is_file():
-        raise UserError(f"plans file {plans_file} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` creates "
-                        f"nnUNetPlans (other plans names come from their own planner)")
+        raise UserError(f"plans file {plans_file} not found; {plan_and_preprocess} creates nnUNetPlans (other plans "
+                        f"names come from their own planner)")
     if not (base / "dataset.json").is_file():
-        raise UserError(f"{base / 'dataset.json'} not found; `nnUNetv2_plan_and_preprocess -d {dataset_id}` "
-                        f"creates it")
+        raise UserError(f"{base / 'dataset.json'} not found; {plan_and_preprocess} creates it")
     manager = PlansManager(str(plans_file))
     if configuration not in manager.available_configurations:
         raise UserError(f"configuration {configuration!r} is not in {plans_file}; available: "

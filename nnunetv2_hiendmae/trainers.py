@@ -18,6 +18,7 @@ epochs the encoder is frozen in (``freezing``), ``recompute_full_resolution``, t
 from __future__ import annotations
 
 import pydoc
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,7 +178,9 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
             twin = variants.trainer_name(replace(variant, arm="scratch")) if variant else "a _scratch trainer"
             raise UserError(f"plans '{name}' name no pretrained checkpoint (from-scratch plans): train them with "
                             f"-tr {twin}, or create plans with '{plan_cmd}'")
-        return verify_checkpoint(info["checkpoint"], info.get("encoder_sha256"))
+        modes = "".join(f" --{key} {info[key]}" for key in ("spacing", "normalization") if info.get(key))
+        replan = f"nnUNetv2_hiendmae_plan -d {dataset} -pt {shlex.quote(info['checkpoint'])} -o {name}{modes}"
+        return verify_checkpoint(info["checkpoint"], info.get("encoder_sha256"), replan)
 
     def initialize(self) -> None:
         """nnU-Net's initialize, with the pretrained encoder loaded into the freshly built, bare network.

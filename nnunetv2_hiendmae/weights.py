@@ -35,15 +35,17 @@ class LoadReport:
         return f"pretrained encoder: {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted{adapted}"
 
 
-def verify_checkpoint(path: str | os.PathLike, expected_encoder: str | None) -> dict:
-    """Load a checkpoint, refusing one whose encoder differs from the one the plans were written for."""
+def verify_checkpoint(path: str | os.PathLike, expected_encoder: str | None,
+                      replan: str = "nnUNetv2_hiendmae_plan") -> dict:
+    """Load a checkpoint, refusing one whose encoder differs from the one the plans were written for; ``replan``:
+    the command that writes those plans again, which the refusal advises."""
     ckpt = load_checkpoint(path)
     if expected_encoder is not None:
         actual = encoder_fingerprint(ckpt)
         if actual != expected_encoder:
             raise UserError(f"checkpoint {path} changed since the plans were written: its encoder is not the one "
                             f"they were made for (encoder sha256 {actual[:12]}..., the plans expect "
-                            f"{expected_encoder[:12]}...): write the plans again with nnUNetv2_hiendmae_plan")
+                            f"{expected_encoder[:12]}...): write the plans again with {replan}")
     return ckpt
 
 

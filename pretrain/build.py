@@ -136,7 +136,11 @@ def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
         sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
     val_sources = split_off(sources, val_cases)
     progress = place.is_main and cfg.progress_bar
-    notes = check_cases(sources, cfg.skip_bad_cases, progress) + check_cases(val_sources, False, progress)
+    notes = check_cases(sources, cfg.skip_bad_cases, progress)
+    notes += check_cases(val_sources, cfg.skip_bad_cases, progress, held_out=True)
+    val_sources = [s for s in val_sources if s.identifiers]
+    readable = {f"{s.dataset_name}/{case}" for s in val_sources for case in s.identifiers}
+    val_cases = [case for case in val_cases if case in readable]
     notes += normalisation_differences(sources)
     meta = pretrain_metadata(sources, cfg.plans, cfg.configuration)
     notes += data_changes(stored["datasets"], meta["datasets"]) if "datasets" in stored else []

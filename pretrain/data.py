@@ -113,9 +113,11 @@ def case_problem(source: PreprocessedData, dataset, identifier: str) -> str | No
     return None
 
 
-def check_cases(sources: list[PreprocessedData], skip: bool = False, progress: bool = True) -> list[str]:
+def check_cases(sources: list[PreprocessedData], skip: bool = False, progress: bool = True,
+                held_out: bool = False) -> list[str]:
     """Every case of every source checked (:func:`case_problem`) before training starts. Bad cases refuse the run in
-    one line naming them, or, with ``skip``, are dropped from their source; returns the notes on dropped cases."""
+    one line naming them, or, with ``skip``, are dropped from their source; returns the notes on dropped cases.
+    ``held_out``: the sources are the held-out cases, which may all be dropped (the run then scores none)."""
     problems = []
     for src in sources:
         dataset = infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
@@ -134,7 +136,7 @@ def check_cases(sources: list[PreprocessedData], skip: bool = False, progress: b
                         f"out")
     for src, case, _ in problems:
         src.identifiers.remove(case)
-    if not any(src.identifiers for src in sources):
+    if not held_out and not any(src.identifiers for src in sources):
         raise UserError("no readable case is left: preprocess the datasets again")
     return [f"left out (--skip-bad-cases): {n}" for n in named]
 

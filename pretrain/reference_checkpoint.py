@@ -196,10 +196,12 @@ def convert(obj: object, arch: str | None = None, patch_size: Sequence[int] = (R
     if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != embed_dim:
         raise UserError(f"'encoder_pos_embed' has shape {list(pe.shape)}; expected [1, L, {embed_dim}]")
     if pe.shape[1] != n_tokens:
+        side = round(pe.shape[1] ** (1 / 3))
+        cube = f" (a cube of {side}^3 tokens: --patch-size {side * token})" if side ** 3 == pe.shape[1] else ""
         raise UserError(
             f"'encoder_pos_embed' has {pe.shape[1]} tokens but a {'x'.join(map(str, patch))} patch with token size "
             f"{token} gives {'x'.join(map(str, grid))} = {n_tokens}; give the patch size the model was pretrained on "
-            "with --patch-size"
+            f"with --patch-size{cube}"
         )
     if torch.allclose(pe, sincos_pos_embed_3d(grid, embed_dim), atol=SINCOS_ATOL, rtol=0.0):
         enc_cfg = encoder_config(arch, in_channels=in_channels, pos_embed="sincos")

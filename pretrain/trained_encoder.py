@@ -32,6 +32,7 @@ from nnunetv2_hiendmae.checkpoint import (
     KEYS,
     encoder_fingerprint,
     encoder_state_dict,
+    import_command,
     read_torch_file,
     upgraded,
 )
@@ -91,7 +92,7 @@ def load_trained_encoder(path: str | os.PathLike) -> TrainedEncoder:
     raise UserError(f"{path} is neither a nnunetv2_hiendmae pretraining checkpoint (keys {', '.join(KEYS)}), an "
                     f"nnssl checkpoint (keys {', '.join(NNSSL_KEYS)}) nor an nnU-Net training checkpoint (keys "
                     f"{', '.join(NNUNET_KEYS)}); found {found or 'none'} (a "
-                    f"reference Hi-End-MAE file converts with nnUNetv2_hiendmae_import)")
+                    f"reference Hi-End-MAE file converts with {import_command(path)})")
 
 
 def _load(config: dict, weights: dict[str, torch.Tensor], path: Path) -> Encoder:

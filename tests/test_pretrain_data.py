@@ -313,7 +313,7 @@ def test_unknown_dataset_plans_or_configuration(preprocessed_dataset):
     with pytest.raises(UserError, match="dataset 'abc' not found"):
         resolve_sources(["abc"])
     missing = preprocessed_dataset["preprocessed"].parent / "Dataset978_Nothing"
-    with pytest.raises(UserError, match=f"{missing} not found; `nnUNetv2_plan_and_preprocess -d 978`"):
+    with pytest.raises(UserError, match=f"{missing} not found; `nnUNetv2_plan_and_preprocess -d 978 -c 3d_fullres`"):
         resolve_sources(["Dataset978_Nothing"])
     plans_file = preprocessed_dataset["preprocessed"] / "NoSuchPlans.json"
     with pytest.raises(UserError, match=f"plans file {plans_file} not found.*nnUNetv2_plan_and_preprocess -d 990"):
