@@ -32,6 +32,7 @@ from pretrain.data import (
     loader_memory,
     normalisation_differences,
     pretrain_metadata,
+    recorded_unreadable,
     resolve_sources,
 )
 from pretrain.heldout import HeldOutLoss, held_out_cases, held_out_count, split_off
@@ -136,8 +137,9 @@ def build_data(cfg: PretrainConfig, place: Placement, stored: dict) -> RunData:
         sources, held_out_count(cfg.val_cases, sum(len(s.identifiers) for s in sources)), cfg.seed)
     val_sources = split_off(sources, val_cases)
     progress = place.is_main and cfg.progress_bar
-    notes = check_cases(sources, cfg.skip_bad_cases, progress)
-    notes += check_cases(val_sources, cfg.skip_bad_cases, progress, held_out=True)
+    broke = recorded_unreadable(cfg.output_dir)
+    notes = check_cases(sources, cfg.skip_bad_cases, progress, broke=broke)
+    notes += check_cases(val_sources, cfg.skip_bad_cases, progress, held_out=True, broke=broke)
     val_sources = [s for s in val_sources if s.identifiers]
     readable = {f"{s.dataset_name}/{case}" for s in val_sources for case in s.identifiers}
     val_cases = [case for case in val_cases if case in readable]

@@ -43,6 +43,7 @@ import random
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from nnunetv2_hiendmae.errors import UserError
+from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.preprocessed import PreprocessedData, find_preprocessed
 from pretrain.stop import ignore_stop_signals
 
@@ -113,17 +115,35 @@ def case_problem(source: PreprocessedData, dataset, identifier: str) -> str | No
     return None
 
 
+UNREADABLE = "unreadable_cases.json"  # in a run's folder: the cases that broke while it ran
+
+
+def record_unreadable(output_dir: str | os.PathLike, case: str) -> None:
+    """Add ``case`` (``DatasetXXX_Name/case``) to the run's :data:`UNREADABLE` record, which ``--skip-bad-cases``
+    leaves out when the run resumes: a case can break where the check before the run does not read it."""
+    path = Path(output_dir) / UNREADABLE
+    atomic_write_json(path, sorted(set(recorded_unreadable(output_dir)) | {case}))
+
+
+def recorded_unreadable(output_dir: str | os.PathLike) -> list[str]:
+    """The cases of the run in ``output_dir`` that broke while it ran (:func:`record_unreadable`); [] if none."""
+    path = Path(output_dir) / UNREADABLE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def check_cases(sources: list[PreprocessedData], skip: bool = False, progress: bool = True,
-                held_out: bool = False) -> list[str]:
+                held_out: bool = False, broke: Sequence[str] = ()) -> list[str]:
     """Every case of every source checked (:func:`case_problem`) before training starts. Bad cases refuse the run in
-    one line naming them, or, with ``skip``, are dropped from their source; returns the notes on dropped cases.
+    one line naming them, or, with ``skip``, are dropped from their source, as are the cases in ``broke``
+    (``DatasetXXX_Name/case`` that broke during an earlier part of the run); returns the notes on dropped cases.
     ``held_out``: the sources are the held-out cases, which may all be dropped (the run then scores none)."""
     problems = []
     for src in sources:
         dataset = infer_dataset_class(src.folder)(src.folder, list(src.identifiers))
         for identifier in tqdm(src.identifiers, desc=f"checking {src.dataset_name}", disable=not progress,
                                leave=False):
-            problem = case_problem(src, dataset, identifier)
+            problem = "could not be read during the run" if skip and f"{src.dataset_name}/{identifier}" in broke \
+                else case_problem(src, dataset, identifier)
             if problem is not None:
                 problems.append((src, identifier, problem))
     if not problems:

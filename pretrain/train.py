@@ -40,6 +40,7 @@ from pretrain.data import (
     check_shared_memory,
     device_batches,
     make_loader,
+    record_unreadable,
 )
 from pretrain.figures import plot_progress, plot_reconstruction
 from pretrain.lock import RunLock
@@ -469,9 +470,11 @@ class PretrainRun:
 
     def _stop_unreadable(self, error: CaseReadError, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
         """A case that cannot be read stops the run in one line naming it, after ``checkpoint_latest.pth`` of the last
-        finished step (one process, at an optimiser step: the state is then whole), so no work is lost."""
+        finished step (one process, at an optimiser step: the state is then whole), so no work is lost. The case is
+        recorded in the run's folder, so that the resume ``--skip-bad-cases`` advises leaves it out."""
         # a loader worker's error comes back with its traceback in the message: keep what the case's reader said
         said = str(error).strip().splitlines()[-1].split(f"{CaseReadError.__name__}: ", 1)[-1]
+        record_unreadable(self.out, said.removeprefix("cannot read ").split(" (", 1)[0])  # for --skip-bad-cases
         kept = "the last checkpoint kept"
         if self.world_size == 1 and it % self.cfg.accum_steps == 0:
             kept = self._save_step(epoch, it, sums)

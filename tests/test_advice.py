@@ -45,8 +45,9 @@ Which messages advise a next step, and where each is followed (here unless a mod
 
 Advice that only names a value to choose ("choose another -o", "choose from A, B") is not run here, nor advice that
 needs more than a test can give: a larger /dev/shm ("docker run --shm-size"), several GPUs ("train it on one GPU"),
-whole nnUNetv2_train runs (the study's and the demo's "re-run to continue"); a case that breaks during a run,
-"--resume -o OUT --skip-bad-cases", is resumed in tests/test_pretrain_runs.py once the case reads again.
+whole nnUNetv2_train runs (the study's and the demo's "re-run to continue"). A case that breaks during a run,
+"--resume -o OUT --skip-bad-cases": followed as printed in tests/test_pretrain_runs.py
+(test_a_case_that_stays_broken_is_left_out_by_the_advised_resume_with_skip_bad_cases).
 """
 from __future__ import annotations
 

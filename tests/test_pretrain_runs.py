@@ -114,6 +114,45 @@ def test_a_case_that_breaks_during_the_run_stops_it_in_one_line_and_the_run_resu
 
 # ------------------------------------------------------------------------------------------------------ the lock
 
+
+def test_a_case_that_stays_broken_is_left_out_by_the_advised_resume_with_skip_bad_cases(private_root, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The check before the run passes a case that fails to load in epoch 2 (the check reads less of it), and keeps
+    failing: the advice, '--resume -o OUT --skip-bad-cases', followed as printed, finishes the run without it."""
+    import shlex
+
+    from pretrain.cli import main as pretrain_main
+
+    crops, calls, broken = pretrain_data.PretrainCrops, [], []
+    real = crops._nnunet_dataset
+
+    def flaky(self, s):  # from the 5th read on, the case read then fails every time
+        dataset = real(self, s)
+
+        class Flaky:
+            def load_case(self, identifier):
+                calls.append(identifier)
+                if len(calls) == 5 and not broken:
+                    broken.append(identifier)
+                if identifier in broken:
+                    raise OSError("blosc2 decompression error: truncated chunk")
+                return dataset.load_case(identifier)
+
+        return Flaky()
+
+    monkeypatch.setattr(crops, "_nnunet_dataset", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(pretrain_data.CaseReadError) as e:
+        PretrainRun(PretrainConfig(datasets=["990"], output_dir=str(out), epochs=3, iters_per_epoch=3, **TINY)).run()
+    command = shlex.split(str(e.value).split("continue without it: ", 1)[1])
+    assert command[0] == "nnUNetv2_hiendmae_pretrain" and "--skip-bad-cases" in command
+    pretrain_main(command[1:])  # as printed; the case still fails to load
+    case = f"Dataset990_HiEndTest/{broken[0]}"
+    assert f"note: left out (--skip-bad-cases): {case}: could not be read during the run" in log_of(out)
+    pretrain = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]
+    assert pretrain["epochs_done"] == 3 and pretrain["datasets"][0]["num_cases"] == 5
+    assert json.loads((out / pretrain_data.UNREADABLE).read_text()) == [case]
+
 def test_the_lock_is_taken_over_from_a_process_that_is_gone_and_refused_while_its_holder_lives(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
