@@ -66,6 +66,28 @@ def test_a_corrupt_case_refuses_the_run_before_it_starts_or_is_left_out_on_reque
     assert load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["datasets"][1]["num_cases"] == 2
 
 
+
+def failing_reads(monkeypatch, fails) -> list[str]:
+    """Make the run's case reads fail as a truncated file does where ``fails(identifier, reads so far)``; returns
+    the identifiers read, in order."""
+    crops, calls = pretrain_data.PretrainCrops, []
+    real = crops._nnunet_dataset
+
+    def flaky(self, s):
+        dataset = real(self, s)
+
+        class Flaky:
+            def load_case(self, identifier):
+                calls.append(identifier)
+                if fails(identifier, calls):
+                    raise OSError("blosc2 decompression error: truncated chunk")
+                return dataset.load_case(identifier)
+
+        return Flaky()
+
+    monkeypatch.setattr(crops, "_nnunet_dataset", flaky)
+    return calls
+
 def test_a_case_that_breaks_during_the_run_stops_it_in_one_line_and_the_run_resumes_exactly(private_root, tmp_path,
                                                                                           monkeypatch):
     """Item 3 of epoch 2 fails to read: the run stops naming the case, after a checkpoint of the last finished step
@@ -74,22 +96,9 @@ def test_a_case_that_breaks_during_the_run_stops_it_in_one_line_and_the_run_resu
         return PretrainConfig(datasets=["990"], output_dir=str(out), epochs=3, iters_per_epoch=3, **TINY)
 
     PretrainRun(config(tmp_path / "straight")).run()
-    crops, calls = pretrain_data.PretrainCrops, []
-    real = crops._nnunet_dataset
-
-    def flaky(self, s):  # the 9th case read (item 8: epoch 2, iteration 2 of 3) fails as a truncated file does
-        dataset = real(self, s)
-
-        class Flaky:
-            def load_case(self, identifier):
-                calls.append(identifier)
-                if len(calls) == 9:
-                    raise OSError("blosc2 decompression error: truncated chunk")
-                return dataset.load_case(identifier)
-
-        return Flaky()
-
-    monkeypatch.setattr(crops, "_nnunet_dataset", flaky)
+    crops, real = pretrain_data.PretrainCrops, pretrain_data.PretrainCrops._nnunet_dataset
+    # the 9th case read (item 8: epoch 2, iteration 2 of 3) fails as a truncated file does
+    calls = failing_reads(monkeypatch, lambda identifier, calls: len(calls) == 9)
     out = tmp_path / "broken"
     with pytest.raises(pretrain_data.CaseReadError) as e:
         PretrainRun(config(out)).run()
@@ -123,24 +132,14 @@ def test_a_case_that_stays_broken_is_left_out_by_the_advised_resume_with_skip_ba
 
     from pretrain.cli import main as pretrain_main
 
-    crops, calls, broken = pretrain_data.PretrainCrops, [], []
-    real = crops._nnunet_dataset
+    broken = []
 
-    def flaky(self, s):  # from the 5th read on, the case read then fails every time
-        dataset = real(self, s)
+    def fails(identifier, calls):  # the case of the 5th read, from then on every time
+        if len(calls) == 5 and not broken:
+            broken.append(identifier)
+        return identifier in broken
 
-        class Flaky:
-            def load_case(self, identifier):
-                calls.append(identifier)
-                if len(calls) == 5 and not broken:
-                    broken.append(identifier)
-                if identifier in broken:
-                    raise OSError("blosc2 decompression error: truncated chunk")
-                return dataset.load_case(identifier)
-
-        return Flaky()
-
-    monkeypatch.setattr(crops, "_nnunet_dataset", flaky)
+    failing_reads(monkeypatch, fails)
     out = tmp_path / "run"
     with pytest.raises(pretrain_data.CaseReadError) as e:
         PretrainRun(PretrainConfig(datasets=["990"], output_dir=str(out), epochs=3, iters_per_epoch=3, **TINY)).run()
