@@ -164,6 +164,9 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch, tmp_pa
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         assert train.resume_command(tmp_path) == command
+        if env.get("WORLD_SIZE") != "8":  # a command as printed, pasted into a shell, names the run's folder
+            spaced = tmp_path / "my runs" / "run 1"
+            assert shlex.split(train.resume_command(spaced))[-2:] == ["-o", str(spaced)]
 
 
 def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_for_it(monkeypatch, tmp_path):
