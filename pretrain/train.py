@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shlex
 import signal
 import threading
 import time
@@ -92,11 +93,12 @@ def save_checkpoint(ckpt: dict, path: Path) -> None:
 
 def resume_command(out: Path) -> str:
     """The command that continues the run in ``out`` the way this process was started: on its own, or under torchrun
-    on this node's number of ranks (any other number works too: the position is counted in volumes)."""
+    on this node's number of ranks (any other number works too: the position is counted in volumes); quoted for the
+    shell, as it is to be pasted."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return f"nnUNetv2_hiendmae_pretrain --resume -o {out}"
-    program = f"{executable('nnUNetv2_hiendmae_pretrain')} --resume -o {out}"
+        return f"nnUNetv2_hiendmae_pretrain --resume -o {shlex.quote(str(out))}"
+    program = f"{shlex.quote(executable('nnUNetv2_hiendmae_pretrain'))} --resume -o {shlex.quote(str(out))}"
     if int(os.environ["WORLD_SIZE"]) == local:
         return f"torchrun --standalone --nproc_per_node={local} {program}"
     return f"on every node, torchrun with the run's rendezvous flags and --nproc_per_node={local}, then {program}"

@@ -114,6 +114,96 @@ def test_a_second_ctrl_c_stops_a_lone_run_at_once_but_torchruns_forwarded_repeat
     finally:
         dist.destroy_process_group()
 
+
+def test_the_ranks_agree_on_any_rank_s_signal_sigterm_before_sigint_on_the_group_they_are_given(monkeypatch):
+    """Every rank stops when any of them was asked to, by that rank's signal (SIGTERM over SIGINT, whatever the order
+    of the ranks), on the process group it is given; a process alone stops by its own."""
+    import torch.distributed as dist
+
+    from pretrain import stop as stop_module
+
+    def with_another_rank(theirs, asked):
+        def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None):
+            assert group is asked
+            both = torch.stack([tensor, torch.tensor([int(theirs or 0)])])
+            reduce = {dist.ReduceOp.MAX: torch.amax, dist.ReduceOp.MIN: torch.amin, dist.ReduceOp.SUM: torch.sum}
+            tensor.copy_(reduce[op](both, 0))
+        return all_reduce
+
+    alone = stop_module.StopSignals()
+    assert alone.agreed() is None
+    alone._note(signal.SIGINT, None)
+    assert alone.agreed() == signal.SIGINT
+
+    monkeypatch.setattr(stop_module.dist, "is_initialized", lambda: True)
+    for asked in (object(), None):  # a gloo group of its own (a run on GPUs), or the whole run's
+        int_, term = signal.SIGINT, signal.SIGTERM
+        for ours, theirs, agreed in ((None, None, None), (None, int_, int_), (int_, None, int_), (int_, int_, int_),
+                                     (term, int_, term), (int_, term, term)):
+            monkeypatch.setattr(stop_module.dist, "all_reduce", with_another_rank(theirs, asked))
+            rank = stop_module.StopSignals()
+            rank.requested = ours
+            assert rank.agreed(asked) == agreed and rank.requested == ours
+
+
+def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch, tmp_path):
+    """Alone: the command; under torchrun on one node: torchrun --standalone on its number of ranks; on several nodes:
+    the same number of ranks on every node, with the run's rendezvous flags."""
+    from nnunetv2_hiendmae.commands import executable
+
+    alone = f"nnUNetv2_hiendmae_pretrain --resume -o {tmp_path}"
+    program = f"{executable('nnUNetv2_hiendmae_pretrain')} --resume -o {tmp_path}"
+    for env, command in (({}, alone), ({"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, alone),
+                         ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
+                          f"torchrun --standalone --nproc_per_node=2 {program}"),
+                         ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+                          f"on every node, torchrun with the run's rendezvous flags and --nproc_per_node=4, then "
+                          f"{program}")):
+        for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert train.resume_command(tmp_path) == command
+        if env.get("WORLD_SIZE") != "8":  # a command as printed, pasted into a shell, names the run's folder
+            spaced = tmp_path / "my runs" / "run 1"
+            assert shlex.split(train.resume_command(spaced))[-2:] == ["-o", str(spaced)]
+
+
+def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_for_it(monkeypatch, tmp_path):
+    """Every rank averages the loss sums of the epoch so far over the ranks; rank 0 alone saves them, and every rank
+    waits for it on the stop group before it ends, rank 0 saying how to continue, the others quiet."""
+    from types import SimpleNamespace
+
+    saved, waited, group = [], [], object()
+
+    def all_reduce(tensor, op=train.dist.ReduceOp.SUM, group=None):  # the other rank's sums: twice ours
+        assert op == train.dist.ReduceOp.SUM
+        tensor += 2 * tensor
+
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(train.dist, "barrier", lambda group=None: waited.append(group))
+    monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: saved.append((ckpt, path)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for is_main in (True, False):
+        saved.clear(), waited.clear()
+        rank = SimpleNamespace(
+            is_main=is_main, world_size=2, out=tmp_path, stop_group=group, data=SimpleNamespace(iters=4),
+            writer=SimpleNamespace(wait=lambda: None), _rng_states=lambda: ["rng 0", "rng 1"],
+            _checkpoint=lambda epoch, rng, iteration, partial: dict(epoch=epoch, rng=rng, it=iteration,
+                                                                    partial=partial))
+        rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
+        with pytest.raises(Interrupted) as e:
+            sums = {"loss": torch.tensor(3.0), "mse": torch.tensor(1.0)}
+            PretrainRun._stop_interrupted(rank, signal.SIGTERM, 1, 2, sums)
+        assert e.value.quiet is not is_main and e.value.exit_code == 128 + signal.SIGTERM and waited == [group]
+        assert saved == ([(dict(epoch=1, rng=["rng 0", "rng 1"], it=2, partial={"loss": 4.5, "mse": 1.5}),
+                           tmp_path / "checkpoint_latest.pth")] if is_main else [])
+        assert str(e.value).startswith("SIGTERM at epoch 2, iteration 3 of 4: stopped after the last finished step; "
+                                       f"{tmp_path / 'checkpoint_latest.pth'} holds epoch 2 up to iteration 2; ")
+        assert str(e.value).endswith(f"; continue with: {train.resume_command(tmp_path)}")
+
+
 class FullDisk(io.RawIOBase):
     """A file on a disk that fills up after ``room`` bytes: the next write fails as the OS fails it."""
 
