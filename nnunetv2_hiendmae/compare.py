@@ -321,12 +321,14 @@ def collect_entry(name: str, folder: Path, folds: Sequence[int] | None,
     return EntryResult(name, folder, results), warnings
 
 
-def leakage_guard(entry: EntryResult, dataset: str, strict: bool = False) -> tuple[list[str], list[str]]:
+def leakage_guard(entry: EntryResult, dataset: str, strict: bool = False,
+                  checked: dict | None = None) -> tuple[list[str], list[str]]:
     """The leakage guard of ``nnUNetv2_hiendmae_plan`` for an entry fine-tuned from a pretrained encoder (its trainer
     loads one and the model folder's ``plans.json`` names the checkpoint in ``pretrain_info``), on the validation
     cases of the folds it is scored on: ``(warnings, notes)``, each line naming the entry; ``([], [])`` for an
     entry without a pretrained encoder (nnU-Net's trainers, a ViT from scratch). ``strict``: UserError on a
-    validation case the pretraining saw."""
+    validation case the pretraining saw. ``checked``: the guard's results by checkpoint and folds, shared by the
+    entries of one comparison, so that entries fine-tuned from the same checkpoint read the dataset's images once."""
     from nnunetv2_hiendmae import trainers
     from nnunetv2_hiendmae.checkpoint import load_checkpoint
     from nnunetv2_hiendmae.leakage import check_checkpoint
@@ -342,11 +344,15 @@ def leakage_guard(entry: EntryResult, dataset: str, strict: bool = False) -> tup
     if not checkpoint or not Path(checkpoint).is_file():
         return [], [f"{entry.name}: its pretraining checkpoint {checkpoint} is not there: the leakage guard cannot "
                     "check what the encoder saw"]
-    try:
-        warnings, notes = check_checkpoint(load_checkpoint(checkpoint)["pretrain"], dataset, strict,
-                                           scored_folds=entry.fold_ids())
-    except UserError as e:
-        raise UserError(f"{entry.name}: {e}") from None
+    checked = {} if checked is None else checked
+    key = (checkpoint, tuple(entry.fold_ids()))
+    if key not in checked:
+        try:
+            checked[key] = check_checkpoint(load_checkpoint(checkpoint)["pretrain"], dataset, strict,
+                                            scored_folds=entry.fold_ids())
+        except UserError as e:
+            raise UserError(f"{entry.name}: {e}") from None
+    warnings, notes = checked[key]
     return [f"{entry.name}: {line.strip()}" for line in warnings], [f"{entry.name}: {n}" for n in notes]
 
 
@@ -642,8 +648,9 @@ def compare(dataset: str | int, entries: Sequence[str], configuration: str = DEF
         warnings += w
     warnings += fold_set_warnings(loaded)
     guard: list[str] = []
+    checked: dict = {}
     for entry in loaded:
-        leaks, notes = leakage_guard(entry, name, strict)
+        leaks, notes = leakage_guard(entry, name, strict, checked)
         warnings += leaks
         guard += leaks[:1] + notes  # the report names the leak once; the warnings list every case
 

@@ -195,3 +195,34 @@ def test_compare_checks_each_pretrained_entry_on_its_folds_and_says_so(two_folds
     out, err = capsys.readouterr()
     assert ("note: nnUNetTrainerHiEndMAE_smoke__T_leak: leakage guard: no validation case of fold(s) 0 of "
             "Dataset990_HiEndTest is among the 2 pretraining cases") in out and "warning" not in err
+
+
+def test_compare_guards_entries_of_one_checkpoint_and_folds_with_one_check(tmp_path, monkeypatch):
+    """The frozen and the full fine-tuning of one checkpoint, scored on the same folds: the dataset's images are read
+    for the guard once, and each entry gets the result under its own name; other folds are checked again."""
+    from nnunetv2_hiendmae import checkpoint as checkpoint_module
+    from nnunetv2_hiendmae import compare, leakage
+
+    ckpt = tmp_path / "pre.pth"
+    ckpt.write_bytes(b"")
+    calls = []
+
+    def check(pretrain, dataset, strict, scored_folds):
+        calls.append(list(scored_folds))
+        return [f"  fold {scored_folds[-1]} validation: case_00{len(calls)}"], []
+
+    monkeypatch.setattr(leakage, "check_checkpoint", check)
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda path: {"pretrain": {}})
+    entries = []
+    for name, folds in (("nnUNetTrainerHiEndMAE_smoke__P", (0, 1)), ("nnUNetTrainerHiEndMAE_frozen_smoke__P", (0, 1)),
+                        ("nnUNetTrainerHiEndMAE_staged_smoke__P", (0, 2))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "plans.json").write_text(json.dumps({"pretrain_info": {"checkpoint": str(ckpt)}}))
+        entries.append(compare.EntryResult(name, folder, dict.fromkeys(folds)))
+    checked: dict = {}
+    said = [compare.leakage_guard(entry, "Dataset990_HiEndTest", False, checked)[0] for entry in entries]
+    assert calls == [[0, 1], [0, 2]]
+    assert said == [["nnUNetTrainerHiEndMAE_smoke__P: fold 1 validation: case_001"],
+                    ["nnUNetTrainerHiEndMAE_frozen_smoke__P: fold 1 validation: case_001"],
+                    ["nnUNetTrainerHiEndMAE_staged_smoke__P: fold 2 validation: case_002"]]
