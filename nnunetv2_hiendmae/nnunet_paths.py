@@ -47,6 +47,12 @@ def dataset_id(name: str) -> int:
     return int(name[len("Dataset"):len("Dataset") + 3])
 
 
+def plan_and_preprocess_command(name: str, configuration: str) -> str:
+    """The nnU-Net command that plans and preprocesses dataset ``name`` (``DatasetXXX_Name``) for ``configuration``:
+    by id, the only form its ``-d`` takes, and one configuration, not all of them."""
+    return f"nnUNetv2_plan_and_preprocess -d {dataset_id(name)} -c {configuration}"
+
+
 DEFAULT_SPLIT = "nnU-Net's default 5-fold split"
 
 

@@ -26,7 +26,7 @@ from nnunetv2_hiendmae.errors import ArgumentParser, UserError, cli_entry
 from nnunetv2_hiendmae.ext import EXPORT_LINE
 from nnunetv2_hiendmae.fileio import atomic_write_json
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
-from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder, plan_and_preprocess_command
 from nnunetv2_hiendmae.presets import ENCODERS, PRESETS, encoder_config, encoder_kind, token_size_3d
 
 CONFIGURATION = "3d_fullres"
@@ -89,7 +89,7 @@ def find_dataset(dataset: str, base_name: str) -> Dataset:
     pre = nnunet_folder("nnUNet_preprocessed")
     name = dataset_name(dataset)
     dataset_id = nnunet_dataset_id(name)
-    create = f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {CONFIGURATION}"
+    create = plan_and_preprocess_command(name, CONFIGURATION)
     folder = pre / name
     if not folder.is_dir():
         raise UserError(f"{name} is not in nnUNet_preprocessed ({pre}): run '{create}' first")

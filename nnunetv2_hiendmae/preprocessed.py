@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunetv2_hiendmae.errors import UserError
-from nnunetv2_hiendmae.nnunet_paths import crossval_splits, dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import crossval_splits, dataset_name, nnunet_folder, plan_and_preprocess_command
 from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
 
 
@@ -60,7 +60,7 @@ def find_preprocessed(dataset: str | int, plans: str = "nnUNetPlans", configurat
     name = dataset_name(dataset)
     dataset_id = nnunet_dataset_id(name)
     base = nnunet_folder("nnUNet_preprocessed") / name
-    plan_and_preprocess = f"`nnUNetv2_plan_and_preprocess -d {dataset_id} -c {configuration}`"
+    plan_and_preprocess = f"`{plan_and_preprocess_command(name, configuration)}`"
     if not base.is_dir():
         raise UserError(f"{base} not found; {plan_and_preprocess} creates it")
     plans_file = base / f"{plans}.json"

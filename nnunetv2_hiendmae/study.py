@@ -162,7 +162,7 @@ def existing_plans_for(path: Path, checkpoint: Path) -> bool:
 
 def setup(args: argparse.Namespace) -> Study:
     """Check the arguments and the nnU-Net folders; writes nothing. UserError on anything wrong."""
-    from nnunetv2_hiendmae.nnunet_paths import crossval_folds, dataset_id, dataset_name, nnunet_folder
+    from nnunetv2_hiendmae.nnunet_paths import crossval_folds, dataset_name, nnunet_folder, plan_and_preprocess_command
 
     folds = None if args.folds is None else _unique(args.folds, "-f")
     budgets, arms = _unique(args.budgets, "--budgets"), _unique(args.arms, "--arms")
@@ -171,7 +171,7 @@ def setup(args: argparse.Namespace) -> Study:
         raise UserError(f"checkpoint not found: {checkpoint}")
     name = dataset_name(args.dataset)
     preprocessed = nnunet_folder("nnUNet_preprocessed") / name
-    plan_and_preprocess = f"nnUNetv2_plan_and_preprocess -d {dataset_id(name)} -c {CONFIGURATION}"
+    plan_and_preprocess = plan_and_preprocess_command(name, CONFIGURATION)
     if not (preprocessed / "dataset.json").is_file():
         raise UserError(f"{name} is not preprocessed ({preprocessed}): run {plan_and_preprocess} first")
     if variants.NNUNET_ARM in arms and not (preprocessed / f"{args.nnunet_plans}.json").is_file():

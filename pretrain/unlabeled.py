@@ -46,8 +46,7 @@ from tqdm import tqdm
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.fileio import atomic_write, atomic_write_json, publish
 from nnunetv2_hiendmae.leakage import FINGERPRINTS_FILE, content_fingerprint
-from nnunetv2_hiendmae.nnunet_paths import dataset_id as nnunet_dataset_id
-from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder
+from nnunetv2_hiendmae.nnunet_paths import dataset_name, nnunet_folder, plan_and_preprocess_command
 from nnunetv2_hiendmae.presets import ct_window_statistics
 from nnunetv2_hiendmae.workers import parallel
 from pretrain.data import N_BACKGROUND_SAMPLES, ct_body_threshold, sampled_body_threshold
@@ -405,7 +404,7 @@ def settings_like(dataset: str, plans_name: str, configuration: str, patch_size:
     folder = nnunet_folder("nnUNet_preprocessed") / name
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
-        made_by = (f"run nnUNetv2_plan_and_preprocess -d {nnunet_dataset_id(name)} -c {configuration} first"
+        made_by = (f"run {plan_and_preprocess_command(name, configuration)} first"
                    if plans_name == "nnUNetPlans" else "run the planner that writes them first")
         raise UserError(f"--like {dataset}: {plans_file} not found ({made_by})")
     manager = PlansManager(str(plans_file))
