@@ -464,11 +464,18 @@ class PretrainRun:
             if it == start and self.is_main and self._want_recon(epoch):
                 self._reconstruction(self.model.figure_input(views), epoch)
         bar.close()
-        means = torch.stack(list(sums.values())) / self.data.iters
+        return self._mean_over_ranks({k: v / self.data.iters for k, v in sums.items()})
+
+    def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``values`` (scalar tensors) averaged over the ranks, as floats; a collective: every rank calls it at the
+        same point."""
+        if not values:
+            return {}
+        stacked = torch.stack(list(values.values()))
         if self.world_size > 1:
-            dist.all_reduce(means)
-            means /= self.world_size
-        return dict(zip(sums, means.tolist()))
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        return dict(zip(values, stacked.tolist()))
 
     def _stop_unreadable(self, error: CaseReadError, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> None:
         """A case that cannot be read stops the run in one line naming it, after ``checkpoint_latest.pth`` of the last
@@ -512,11 +519,7 @@ class PretrainRun:
         ``sums`` (averaged over the ranks); resumable when called between optimiser steps, by every rank at the same
         one. Returns what it holds."""
         self.writer.wait()
-        if self.world_size > 1 and sums:
-            stacked = torch.stack(list(sums.values()))
-            dist.all_reduce(stacked)
-            sums = dict(zip(sums, stacked / self.world_size))
-        partial = {k: float(v) for k, v in sums.items()}
+        partial = self._mean_over_ranks(sums)
         rng = self._rng_states()
         if self.is_main:
             save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)

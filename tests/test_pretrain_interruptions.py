@@ -193,6 +193,7 @@ def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_
             _checkpoint=lambda epoch, rng, iteration, partial: dict(epoch=epoch, rng=rng, it=iteration,
                                                                     partial=partial))
         rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
+        rank._mean_over_ranks = lambda values, rank=rank: PretrainRun._mean_over_ranks(rank, values)
         with pytest.raises(Interrupted) as e:
             sums = {"loss": torch.tensor(3.0), "mse": torch.tensor(1.0)}
             PretrainRun._stop_interrupted(rank, signal.SIGTERM, 1, 2, sums)
