@@ -90,14 +90,16 @@ class HeldOutLoss:
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)  # the same masks at every evaluation
-            for start in range(0, len(self.views), cases_per_batch):
-                chunk = self.views[start:start + cases_per_batch]
-                batch = {k: torch.stack([v[k] for v in chunk]).to(device).float() for k in chunk[0]}
-                with autocast(device, precision):
-                    losses = model(batch)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() * len(chunk)
-        model.train(was_training)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self.seed)  # the same masks at every evaluation
+                for start in range(0, len(self.views), cases_per_batch):
+                    chunk = self.views[start:start + cases_per_batch]
+                    batch = {k: torch.stack([v[k] for v in chunk]).to(device).float() for k in chunk[0]}
+                    with autocast(device, precision):
+                        losses = model(batch)
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float() * len(chunk)
+        finally:  # also where a stop request cuts it short (pretrain.stop)
+            model.train(was_training)
         return {f"val_{k}": float(v) / len(self.views) for k, v in sums.items()}

@@ -13,12 +13,18 @@ and none waits forever in a collective the others have left. A terminal's Ctrl-C
 its ranks in sessions of their own), which forwards it; a scheduler such as Slurm signals every process of the job,
 and torchrun forwards the signal once more: a repeat of the same signal within :data:`SAME_REQUEST_S` is the same
 request.
+
+Work that may be dropped, such as the held-out loss and the probe at an epoch's end, runs under
+:meth:`StopSignals.cut_short`: a stop asked for there ends it at once (:class:`StopRequested`) rather than after it,
+since it can outlast the grace period a scheduler gives between its SIGTERM and its SIGKILL (torchrun's own: 30 s).
 """
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 import torch
@@ -26,6 +32,11 @@ import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SAME_REQUEST_S = 2.0  # a repeat of the first signal within this many seconds is the same request (torchrun's)
+
+
+class StopRequested(BaseException):
+    """Raised inside :meth:`StopSignals.cut_short` by a stop request; a BaseException, like KeyboardInterrupt, so
+    that no library's ``except Exception`` takes it for an error of its own."""
 
 
 class StopSignals:
@@ -38,10 +49,13 @@ class StopSignals:
         self.requested: signal.Signals | None = None
         self._at = 0.0  # time.monotonic() of the first signal
         self._previous: dict[signal.Signals, object] = {}
+        self._cutting = False  # inside cut_short()
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is None:
             self.requested, self._at = signal.Signals(signum), time.monotonic()
+            if self._cutting:
+                raise StopRequested
         elif (signum != self.requested or not dist.is_initialized()  # alone, a second Ctrl-C stops at once
               or time.monotonic() - self._at > SAME_REQUEST_S):
             raise KeyboardInterrupt
@@ -55,6 +69,18 @@ class StopSignals:
         flag = torch.tensor([int(self.requested or 0)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return signal.Signals(int(flag.item())) if flag.item() else None
+
+    @contextmanager
+    def cut_short(self) -> Iterator[None]:
+        """``with stop.cut_short():`` a block that a stop request (this process's, made before it or inside it) ends
+        at once with :class:`StopRequested`; for work that can be dropped, whose state is restored on the way out."""
+        if self.requested is not None:
+            raise StopRequested
+        self._cutting = True
+        try:
+            yield
+        finally:
+            self._cutting = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

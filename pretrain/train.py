@@ -45,7 +45,7 @@ from pretrain.data import (
 )
 from pretrain.figures import plot_progress, plot_reconstruction
 from pretrain.lock import RunLock
-from pretrain.stop import StopSignals
+from pretrain.stop import StopRequested, StopSignals
 
 LATEST, FINAL, BEST = "checkpoint_latest.pth", "checkpoint_final.pth", "checkpoint_best.pth"
 SYNC_EVERY = 25  # iterations between host-device synchronisations (non-finite check, progress bar)
@@ -509,22 +509,34 @@ class PretrainRun:
         """Ctrl-C or SIGTERM (``signum``, on any rank): ``checkpoint_latest.pth`` of the last finished step (every rank
         stops at the same one), then one line, from rank 0 alone, saying where the run stopped, what was saved and the
         command that continues it (the lock is released by :meth:`run`)."""
-        kept = self._save_step(epoch, it, sums)
+        kept = self._save_step(epoch, it, sums, signum)
         raise Interrupted(f"{signum.name} at epoch {epoch + 1}, iteration {it + 1} of {self.data.iters}: stopped "
                           f"after the last finished step; {kept}; continue with: {resume_command(self.out)}", signum,
                           quiet=not self.is_main)
 
-    def _save_step(self, epoch: int, it: int, sums: dict[str, torch.Tensor]) -> str:
+    def _save_step(self, epoch: int, it: int, sums: dict[str, torch.Tensor],
+                   signum: signal.Signals = signal.SIGTERM) -> str:
         """``checkpoint_latest.pth`` after ``it`` iterations of epoch ``epoch`` (0-based), whose loss sums so far are
         ``sums`` (averaged over the ranks); resumable when called between optimiser steps, by every rank at the same
-        one. Returns what it holds."""
+        one. Returns what it holds. Where rank 0 cannot write it, rank 0 raises :class:`CheckpointNotWritten` and the
+        others end quietly with ``signum``'s exit code."""
         self.writer.wait()
         partial = self._mean_over_ranks(sums)
         rng = self._rng_states()
+        failed: CheckpointNotWritten | None = None
         if self.is_main:
-            save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)
-        if self.world_size > 1:  # the others wait for it: torchrun takes a rank's early exit for a failure, ends rank 0
-            dist.barrier(group=self.stop_group)
+            try:
+                save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)
+            except CheckpointNotWritten as e:
+                failed = e
+        if self.world_size > 1:  # the others wait for it (torchrun takes a rank's early exit for a failure, ends
+            # rank 0), and learn whether it was written: if not, they end at once, quietly, rank 0 saying why
+            written = torch.tensor([int(failed is None)])
+            dist.broadcast(written, 0, group=self.stop_group)
+            if not written.item() and not self.is_main:
+                raise Interrupted("rank 0 could not save the stopped step", signum, quiet=True)
+        if failed is not None:
+            raise failed
         return (f"{self.out / LATEST} holds epoch {epoch + 1} up to iteration {it}" if it else
                 f"{self.out / LATEST} holds {epoch} finished epoch(s)")
 
@@ -533,32 +545,47 @@ class PretrainRun:
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         """The held-out losses (every ``--val-every`` epochs and after the last) and the probe's score (every
-        ``--probe-every`` epochs and after the last, keeping ``checkpoint_best.pth``), on rank 0."""
-        cfg, figures = self.cfg, {}
-        if self.signals.held_out is not None and self._due(epoch, cfg.val_every):
-            figures.update(self.signals.held_out(self.model, self.device, self.precision, cfg.batch_size))
-        if self.signals.probe is not None and self._due(epoch, cfg.probe_interval()):
-            from nnunetv2_hiendmae.probe import probe_score
+        ``--probe-every`` epochs and after the last, keeping ``checkpoint_best.pth``), on rank 0. A stop request cuts
+        either short (:meth:`~pretrain.stop.StopSignals.cut_short`): what it did not measure is left out of the
+        epoch's figures, and the run stops at its next step, with the epoch saved."""
+        cfg, figures, doing = self.cfg, {}, None
+        try:
+            if self.signals.held_out is not None and self._due(epoch, cfg.val_every):
+                doing = "held-out loss"
+                with self.stop.cut_short():
+                    held_out = self.signals.held_out(self.model, self.device, self.precision, cfg.batch_size)
+                figures.update(held_out)
+            if self.signals.probe is not None and self._due(epoch, cfg.probe_interval()):
+                from nnunetv2_hiendmae.probe import probe_score
 
-            result = probe_score(self.model.encoder, self.signals.probe, self.device, batch_size=cfg.batch_size,
-                                 precision=self.precision)
-            figures["probe_dice"] = result.score
-            seen = (" (on validation cases the pretraining saw: see the warning above)"
-                    if self.signals.probe_leakage else "")
-            if result.score > self.best:
-                self.best = result.score
-                best = self._checkpoint(epoch + 1)
-                split = self.signals.probe.split
-                best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
-                                            "probe_dataset": split.dataset_name, "probe_fold": split.fold,
-                                            "probe_leakage": self.signals.probe_leakage}
-                self.writer.write(best, self.out / BEST)
-                self.log(f"probe: mean foreground Dice {result.score:.4f} on {split.dataset_name} fold {split.fold}, "
-                         f"the best so far: {self.out / BEST} ({result.seconds:.1f} s){seen}")
-            else:
-                self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
-                         f"{result.seconds:.1f} s){seen}")
+                doing = "probe"
+                with self.stop.cut_short():
+                    result = probe_score(self.model.encoder, self.signals.probe, self.device,
+                                         batch_size=cfg.batch_size, precision=self.precision)
+                self._record_probe(result, epoch)
+                figures["probe_dice"] = result.score
+        except StopRequested:
+            then = "stops at its next step" if epoch + 1 < cfg.epochs else "ends, as it was its last epoch"
+            self.log(f"{self.stop.requested.name}: the {doing} of epoch {epoch + 1} was cut short and is left out "
+                     f"with the rest of the epoch's evaluation; the run {then}")
         return figures
+
+    def _record_probe(self, result, epoch: int) -> None:
+        """Log the probe's score after ``epoch`` (0-based); the best so far goes to ``checkpoint_best.pth``."""
+        seen = " (on validation cases the pretraining saw: see the warning above)" if self.signals.probe_leakage else ""
+        if result.score > self.best:
+            self.best = result.score
+            best = self._checkpoint(epoch + 1)
+            split = self.signals.probe.split
+            best["pretrain"]["best"] = {"epoch": epoch + 1, "probe_dice": result.score,
+                                        "probe_dataset": split.dataset_name, "probe_fold": split.fold,
+                                        "probe_leakage": self.signals.probe_leakage}
+            self.writer.write(best, self.out / BEST)
+            self.log(f"probe: mean foreground Dice {result.score:.4f} on {split.dataset_name} fold {split.fold}, "
+                     f"the best so far: {self.out / BEST} ({result.seconds:.1f} s){seen}")
+        else:
+            self.log(f"probe: mean foreground Dice {result.score:.4f} (the best: {self.best:.4f}; "
+                     f"{result.seconds:.1f} s){seen}")
 
     def _record(self, record: dict[str, float]) -> None:
         """Append one epoch to the history; a figure not measured this epoch (or before it appeared) is NaN."""

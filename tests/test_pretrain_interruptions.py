@@ -70,6 +70,52 @@ def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to
     assert len(load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["loss"]) == 2
 
 
+@pytest.mark.parametrize("cut", ["held-out loss", "probe"])
+def test_a_stop_during_the_evaluation_cuts_it_short_and_saves_the_finished_epoch(
+        preprocessed_dataset, tmp_path, monkeypatch, cut):
+    """SIGTERM while the held-out loss or the probe of epoch 2 runs (work that can outlast the grace period before a
+    scheduler's SIGKILL) ends that work at once: what it did not measure is NaN in the epoch's history, and the run
+    saves the two finished epochs at its next step."""
+    from nnunetv2_hiendmae import probe
+    from pretrain.heldout import HeldOutLoss
+
+    real = {"held-out loss": HeldOutLoss.__call__, "probe": probe.probe_score}[cut]
+    calls, finished = [], []
+
+    def slow_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            return real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # 5 s, unless cut short
+            time.sleep(0.05)
+        finished.append(1)
+        return real(*args, **kwargs)
+
+    if cut == "probe":
+        monkeypatch.setattr(probe, "probe_score", slow_in_epoch_2)
+    else:
+        monkeypatch.setattr(HeldOutLoss, "__call__", slow_in_epoch_2)
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=3,
+                         iters_per_epoch=2, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=60,
+                         val_cases="2", probe_dataset=str(preprocessed_dataset["id"]), probe_every=1, recon_every=100)
+    with pytest.raises(Interrupted) as e:
+        PretrainRun(cfg).run()
+    assert not finished and e.value.exit_code == 128 + signal.SIGTERM
+    assert str(e.value).startswith(f"SIGTERM at epoch 3, iteration 1 of 2: stopped after the last finished step; "
+                                   f"{out / 'checkpoint_latest.pth'} holds 2 finished epoch(s)")
+    ckpt = load_checkpoint(out / "checkpoint_latest.pth")
+    assert (ckpt["train_state"]["epoch"], ckpt["train_state"]["iteration"]) == (2, 0)
+    history = ckpt["pretrain"]["history"]
+    val, dice = history["val_loss"], history["probe_dice"]
+    assert len(history["loss"]) == len(val) == len(dice) == 2 and val[0] == val[0] and dice[0] == dice[0]
+    assert dice[1] != dice[1] and (val[1] != val[1]) is (cut == "held-out loss")  # the probe is left out either way
+    assert (f"SIGTERM: the {cut} of epoch 2 was cut short and is left out with the rest of the epoch's evaluation; "
+            "the run stops at its next step") in log_of(out)
+
+
 def test_the_ranks_other_than_0_exit_with_the_signal_s_code_and_print_nothing(capsys):
     """Under torchrun every rank stops; rank 0 says how to continue, the others exit as it does, quietly."""
     @cli_entry
@@ -113,6 +159,30 @@ def test_a_second_ctrl_c_stops_a_lone_run_at_once_but_torchruns_forwarded_repeat
                 assert ranked.requested == signal.SIGTERM and ranked.agreed() == signal.SIGTERM
     finally:
         dist.destroy_process_group()
+
+
+def test_cut_short_ends_its_block_at_a_request_made_before_or_inside_it_and_only_there():
+    """A request made before the block ends it at its start; one inside it, at once; outside the block a request is
+    only noted (the training stops at its next step), and after it was cut short, a second signal still stops at
+    once."""
+    from pretrain.stop import StopRequested, StopSignals
+
+    stop, ran = StopSignals(), []
+    with stop.cut_short():
+        ran.append("before")
+    stop._note(signal.SIGTERM, None)  # between the held-out loss and the probe, say
+    assert stop.requested == signal.SIGTERM
+    with pytest.raises(StopRequested), stop.cut_short():
+        ran.append("after the request")
+    assert ran == ["before"]
+
+    inside = StopSignals()
+    with pytest.raises(StopRequested), inside.cut_short():
+        inside._note(signal.SIGINT, None)
+        ran.append("after the signal")
+    assert ran == ["before"] and inside.requested == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        inside._note(signal.SIGINT, None)
 
 
 def test_the_ranks_agree_on_any_rank_s_signal_sigterm_before_sigint_on_the_group_they_are_given(monkeypatch):
@@ -171,22 +241,37 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch, tmp_pa
 
 def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_for_it(monkeypatch, tmp_path):
     """Every rank averages the loss sums of the epoch so far over the ranks; rank 0 alone saves them, and every rank
-    waits for it on the stop group before it ends, rank 0 saying how to continue, the others quiet."""
+    waits on the stop group for rank 0 to say whether it saved, before it ends: rank 0 saying how to continue, the
+    others quiet. Where rank 0 cannot write the checkpoint, it says why and the others end at once, quietly, with the
+    signal's exit code, instead of waiting for torchrun to end them."""
     from types import SimpleNamespace
 
-    saved, waited, group = [], [], object()
+    saved, told, group = [], [], object()
 
     def all_reduce(tensor, op=train.dist.ReduceOp.SUM, group=None):  # the other rank's sums: twice ours
         assert op == train.dist.ReduceOp.SUM
         tensor += 2 * tensor
 
+    def broadcast(tensor, src, group=None):  # rank 0's word: written or not
+        assert src == 0
+        if rank.is_main:
+            told.append(int(tensor.item()))
+        else:
+            tensor.fill_(int(written))
+        told.append(group)
+
+    def save(ckpt, path):
+        if not written:
+            raise train.CheckpointNotWritten(f"cannot write {path}: No space left on device")
+        saved.append((ckpt, path))
+
     monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(train.dist, "barrier", lambda group=None: waited.append(group))
-    monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: saved.append((ckpt, path)))
+    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(train, "save_checkpoint", save)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    for is_main in (True, False):
-        saved.clear(), waited.clear()
+    for written, is_main in ((True, True), (True, False), (False, True), (False, False)):
+        saved.clear(), told.clear()
         rank = SimpleNamespace(
             is_main=is_main, world_size=2, out=tmp_path, stop_group=group, data=SimpleNamespace(iters=4),
             writer=SimpleNamespace(wait=lambda: None), _rng_states=lambda: ["rng 0", "rng 1"],
@@ -194,13 +279,22 @@ def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_
                                                                     partial=partial))
         rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
         rank._mean_over_ranks = lambda values, rank=rank: PretrainRun._mean_over_ranks(rank, values)
+        sums = {"loss": torch.tensor(3.0), "mse": torch.tensor(1.0)}
+        if not written and is_main:
+            with pytest.raises(train.CheckpointNotWritten, match="No space left on device"):
+                PretrainRun._stop_interrupted(rank, signal.SIGINT, 1, 2, sums)
+            assert told == [0, group]  # the others learn it failed
+            continue
         with pytest.raises(Interrupted) as e:
-            sums = {"loss": torch.tensor(3.0), "mse": torch.tensor(1.0)}
-            PretrainRun._stop_interrupted(rank, signal.SIGTERM, 1, 2, sums)
-        assert e.value.quiet is not is_main and e.value.exit_code == 128 + signal.SIGTERM and waited == [group]
+            PretrainRun._stop_interrupted(rank, signal.SIGINT, 1, 2, sums)
+        assert e.value.quiet is not is_main and e.value.exit_code == 128 + signal.SIGINT
+        assert told == ([1, group] if is_main else [group])
         assert saved == ([(dict(epoch=1, rng=["rng 0", "rng 1"], it=2, partial={"loss": 4.5, "mse": 1.5}),
                            tmp_path / "checkpoint_latest.pth")] if is_main else [])
-        assert str(e.value).startswith("SIGTERM at epoch 2, iteration 3 of 4: stopped after the last finished step; "
+        if not written:
+            assert str(e.value) == "rank 0 could not save the stopped step"
+            continue
+        assert str(e.value).startswith("SIGINT at epoch 2, iteration 3 of 4: stopped after the last finished step; "
                                        f"{tmp_path / 'checkpoint_latest.pth'} holds epoch 2 up to iteration 2; ")
         assert str(e.value).endswith(f"; continue with: {train.resume_command(tmp_path)}")
 

@@ -19,6 +19,7 @@ from conftest import (
 
 from nnunetv2_hiendmae.checkpoint import load_checkpoint
 from pretrain.config import PretrainConfig
+from pretrain.stop import StopRequested
 from pretrain.train import PretrainRun
 
 
@@ -95,6 +96,11 @@ def test_the_held_out_losses_are_means_over_the_cases_whatever_the_batch_size(pr
         assert scores["val_first"] == pytest.approx(torch.stack([v["crops"][0].mean() for v in held.views]).mean()
                                                     .item(), rel=1e-5)
         assert not model.seen_training and model.training  # scored in eval mode, left in training mode
+    state = torch.get_rng_state()
+    model.forward = lambda views: (_ for _ in ()).throw(StopRequested())  # a stop request cuts it short
+    with pytest.raises(StopRequested):
+        held(model, torch.device("cpu"), "fp32", 2)
+    assert model.training and torch.equal(torch.get_rng_state(), state)  # the training's state, as it was
 
 
 def test_checkpoint_best_keeps_the_best_probe_score_across_a_resume(preprocessed_dataset, tmp_path, monkeypatch):
