@@ -43,7 +43,7 @@ from nnunetv2_hiendmae.checkpoint import encoder_state_dict, make_checkpoint
 from nnunetv2_hiendmae.errors import UserError
 from nnunetv2_hiendmae.leakage import pretraining_datasets
 from nnunetv2_hiendmae.presets import ENCODERS, PRESETS, encoder_kind, token_size_3d
-from nnunetv2_hiendmae.resenc import RESENC_L, feature_stage, resolve_classes, total_strides
+from nnunetv2_hiendmae.resenc import RESENC_L, resenc_config, resolve_classes, total_strides
 
 KEYS = ("network_weights", "nnssl_adaptation_plan")  # what makes a torch file an nnssl checkpoint
 # nnssl's named Primus presets (ArchitecturePlans.arch_class_name) and ours of the same dimensions (dynamic-network-
@@ -293,14 +293,13 @@ def _from_resenc(ckpt: dict, plan: dict, name: str, path: object) -> dict:
         raise UserError(f"nnssl checkpoint {path}: no ResEnc stem ({plan['key_to_stem']}.convs.0.conv.weight) in its "
                         "network_weights")
     channels = int(weights[RESENC_STEM_WEIGHT].shape[1])
-    stage = feature_stage(kwargs["strides"], int(kwargs["n_stages"]))
+    config = resenc_config(name, kwargs, channels)
+    stage = config["feature_stage"]
     token = total_strides(kwargs["strides"], int(kwargs["n_stages"]))[stage]
     patch = pretrain_patch(plan, path)
     if any(p % t for p, t in zip(patch, token)):
         raise UserError(f"nnssl checkpoint {path}: its pretraining patch {patch} is not a multiple of the stride "
                         f"{list(token)} of the feature map read (stage {stage})")
-    config = {"arch": name, "kind": "resenc", "in_channels": channels, "encoder_kwargs": kwargs,
-              "feature_stage": stage}
     widths = kwargs.get("features_per_stage")
     pretrain = _pretrain_block(ckpt, plan, channels, patch, unread, path)
     pretrain["nnssl_features"] = (f"the feature map of stage {stage} of {kwargs['n_stages']} (stride "

@@ -72,9 +72,11 @@ from nnunetv2_hiendmae.presets import (
     REFERENCE_PATCH,
     encoder_config_for_patch,
 )
+from nnunetv2_hiendmae.resenc import RANDOM_CNNS, initialize, resenc_config
 from nnunetv2_hiendmae.vit import tokens_to_volume
 
 RANDOM_PREFIX = "random:"
+RANDOM_ARCHS = [*PRESETS, *RANDOM_CNNS]  # random:ARCH: a ViT preset, or nnssl's ResEnc-L (resenc_l)
 POINTS_PER_CLASS = 4096
 LBFGS_STEPS = 100
 WEIGHT_DECAY = 1e-3
@@ -430,12 +432,14 @@ def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> 
     configuration, or a channel count other than ``split``'s."""
     if spec.startswith(RANDOM_PREFIX):
         arch = spec[len(RANDOM_PREFIX):]
-        if arch not in PRESETS:
-            raise UserError(f"-pt {spec}: unknown architecture {arch!r}; choose from {', '.join(PRESETS)}")
+        if arch not in RANDOM_ARCHS:
+            raise UserError(f"-pt {spec}: unknown architecture {arch!r}; choose from {', '.join(RANDOM_ARCHS)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            # a learned position embedding (Primus) on the pretraining default's 96^3 grid, resized like a checkpoint's
-            encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
+            if arch in RANDOM_CNNS:  # as nnU-Net initialises a new ResEnc U-Net
+                encoder = initialize(build_encoder(resenc_config(arch, RANDOM_CNNS[arch], split.channels)))
+            else:  # a learned position embedding (Primus) on the default 96^3 grid, resized like a checkpoint's
+                encoder = build_encoder(encoder_config_for_patch(arch, [REFERENCE_PATCH] * 3, split.channels))
         return ProbeEncoder(spec, encoder.eval(), None, "random init", 0, None)
     ckpt = load_checkpoint(spec, cnn=True)
     channels = int(ckpt["encoder"].get("in_channels", 1))

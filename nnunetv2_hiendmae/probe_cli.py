@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretraining checkpoints (checkpoint_final.pth, checkpoint_latest.pth, "
                         "nnUNetv2_hiendmae_import output, an nnssl Primus or ResEnc-L checkpoint, a ResEnc probed on "
                         "its stride-16 feature map) and/or random:ARCH "
-                        f"(ARCH one of {', '.join(PRESETS)}: "
+                        f"(ARCH one of {', '.join(PRESETS)}, or resenc_l, nnssl's ResEnc-L: "
                         "that encoder at its initial weights, the floor every checkpoint must beat)")
     p.add_argument("-o", "--output-dir", type=Path, metavar="DIR",
                    help="where to write probe.csv and probe.md (default: $nnUNet_results/<Dataset>/"

@@ -19,6 +19,7 @@ import pydoc
 from collections.abc import Sequence
 
 import torch
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
 from nnunetv2_hiendmae.presets import Grid
@@ -39,6 +40,9 @@ RESENC_L = {
     "dropout_op": None, "dropout_op_kwargs": None,
     "nonlin": "torch.nn.modules.activation.LeakyReLU", "nonlin_kwargs": {"inplace": True},
 }
+
+# the CNNs ``random:NAME`` builds at their initial weights for the probe's floor (nnunetv2_hiendmae.probe)
+RANDOM_CNNS = {"resenc_l": RESENC_L}
 
 
 def resolve_classes(kwargs: dict) -> dict:
@@ -75,6 +79,20 @@ def feature_stage(strides: int | Sequence, n_stages: int) -> int:
     totals = total_strides(strides, n_stages)
     return min(range(n_stages),
                key=lambda i: (abs(math.log2(math.prod(totals[i])) / 3 - math.log2(FEATURE_STRIDE)), -i))
+
+
+def resenc_config(arch: str, encoder_kwargs: dict, in_channels: int) -> dict:
+    """The encoder configuration (kind ``resenc``, for :func:`~nnunetv2_hiendmae.encoders.build_encoder`) of a
+    ``ResidualEncoder`` with ``encoder_kwargs`` on ``in_channels`` channels, read at :func:`feature_stage`."""
+    return {"arch": arch, "kind": "resenc", "in_channels": in_channels, "encoder_kwargs": encoder_kwargs,
+            "feature_stage": feature_stage(encoder_kwargs["strides"], int(encoder_kwargs["n_stages"]))}
+
+
+def initialize(encoder: torch.nn.Module) -> torch.nn.Module:
+    """``encoder`` at the initial weights nnU-Net gives a new ResEnc U-Net (``ResidualEncoderUNet.initialize``, applied
+    by nnU-Net's ``get_network_from_plans``: He normal with a negative slope of 1e-2, zero biases, the last norm of
+    every residual block at zero); from the global random state. Returns ``encoder``."""
+    return encoder.apply(ResidualEncoderUNet.initialize)
 
 
 class ResEncFeatures(ResidualEncoder):

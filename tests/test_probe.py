@@ -201,6 +201,37 @@ def test_probe_seed_is_the_pretraining_default():
     assert PretrainConfig(datasets=["1"], output_dir="x").seed == PROBE_SEED
 
 
+def test_random_resenc_l_is_nnssls_resenc_l_at_nnunets_initial_weights_and_is_probed(data):
+    """``random:resenc_l``, the floor of an nnssl ResEnc-L checkpoint: ResEnc-L's encoder (dynamic-network-
+    architectures' layout, every parameter of get_res_enc_l's encoder), initialised as nnU-Net initialises a new ResEnc
+    U-Net (He normal with slope 1e-2, zero biases, the last norm of every residual block at zero) from the seed, and
+    probed at a patch of whole 16-voxel tokens: its first forward on real data."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from nnunetv2_hiendmae.resenc import RESENC_L, resolve_classes
+
+    subject = probe.load_probe_encoder("random:resenc_l", data.split)
+    encoder, state = subject.encoder, subject.encoder.state_dict()
+    with torch.device("meta"):
+        reference = ResidualEncoderUNet(1, **resolve_classes(RESENC_L), num_classes=2,
+                                        n_conv_per_stage_decoder=[1] * 5).encoder.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+    assert (subject.method, subject.epochs, subject.patch_size) == ("random init", 0, None)
+    assert encoder.token_size == (16, 16, 16) and encoder.embed_dim == 320 and not encoder.training
+    last_norms = [k for k in state if k.endswith("conv2.norm.weight")]  # each residual block's last norm
+    assert len(last_norms) == 26 and all(not state[k].any() for k in last_norms)
+    conv = state["stages.3.blocks.2.conv1.conv.weight"]  # [256, 256, 3, 3, 3]: fan-in 256 x 27
+    assert conv.std().item() == pytest.approx((2 / (1 + 1e-4) / (256 * 27)) ** 0.5, rel=0.02)
+    assert not state["stages.3.blocks.2.conv1.conv.bias"].any()
+    again = probe.load_probe_encoder("random:resenc_l", data.split).encoder.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in state.items())  # from the seed, not the global random state
+    assert probe.probe_patch(encoder.token_size, data.split) == list(PATCH)
+    result = probe.probe_score(encoder, data)
+    assert 0 <= result.score <= 1 and list(result.class_dice) == [1, 2, 3]
+    help_text = " ".join(probe_cli.build_parser().format_help().split())
+    assert all(f"{arch}," in help_text or f"{arch}:" in help_text for arch in probe.RANDOM_ARCHS)  # -pt's help
+
+
 # ------------------------------------------------------------------------------------------------------------ command
 
 
@@ -239,6 +270,7 @@ def test_bad_input_is_one_line_and_writes_nothing(preprocessed_dataset, tmp_path
         (["-d", d, "-pt", str(tmp_path / "junk.pth")], "is not a readable checkpoint"),
         (["-d", d, "-pt", str(tmp_path / "missing.pth")], "checkpoint not found"),
         (["-d", d, "-pt", "random:vit_huge"], "unknown architecture 'vit_huge'"),
+        (["-d", d, "-pt", "random:resenc_m"], f"choose from {', '.join(probe.RANDOM_ARCHS)}"),
         (["-d", d, "-pt", "random:vit_tiny", "--patch-size", "20", "48", "48"], "not a multiple of the token size"),
         (["-d", str(preprocessed_dataset["unlabelled_id"]), "-pt", "random:vit_tiny"], "no foreground labels"),
     ]
