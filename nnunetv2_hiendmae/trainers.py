@@ -315,6 +315,8 @@ class nnUNetTrainerHiEndMAE(_Scheduled, nnUNetTrainer_warmup):
                                                                self.inference_allowed_mirroring_axes)
         self.optimizer, self.lr_scheduler = self.configure_optimizers(self._stage())  # the checkpoint epoch's groups
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state"):  # fp16: the loss scale reached
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
 # nnU-Net's trainers and our mixins that generated classes may name as bases (see variants.class_specs)

@@ -179,13 +179,18 @@ def test_pretrained_trainer_needs_a_checkpoint_in_the_plans(setup):
 
 
 def test_load_checkpoint_accepts_a_dict_and_restores_the_stage(setup):
+    """--c from a loaded dict: the epoch, its optimiser stage, the weights, and in fp16 (a GPU without native bf16)
+    the loss scale the GradScaler had reached, as nnU-Net's own load_checkpoint restores it."""
     trainer = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
     trainer.initialize()
     trainer.current_epoch = 1  # saved as "1 epoch done": past the 1-epoch warm-up
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
     path = setup["tmp"] / "nnunet_checkpoint.pth"
     trainer.save_checkpoint(str(path))
     resumed = make_trainer(nnUNetTrainerHiEndMAE_smoke, setup["folder"], "T_tr")
+    resumed.grad_scaler = torch.amp.GradScaler("cpu")  # fp16's, at its default 65,536
     resumed.load_checkpoint(torch.load(path, weights_only=False))
+    assert resumed.grad_scaler.get_scale() == 512.0 and resumed.grad_scaler.get_growth_interval() == 7
     assert resumed.current_epoch == 2 and resumed.training_stage == "train"
     assert "weights come from the nnU-Net checkpoint" in log_text(resumed)
     for key, value in trainer.network.state_dict().items():
