@@ -74,10 +74,10 @@ class StopSignals:
     def cut_short(self) -> Iterator[None]:
         """``with stop.cut_short():`` a block that a stop request (this process's, made before it or inside it) ends
         at once with :class:`StopRequested`; for work that can be dropped, whose state is restored on the way out."""
-        if self.requested is not None:
-            raise StopRequested
-        self._cutting = True
+        self._cutting = True  # first: a signal that lands just after the look below still ends the block
         try:
+            if self.requested is not None:
+                raise StopRequested
             yield
         finally:
             self._cutting = False

@@ -518,13 +518,17 @@ class PretrainRun:
                    signum: signal.Signals = signal.SIGTERM) -> str:
         """``checkpoint_latest.pth`` after ``it`` iterations of epoch ``epoch`` (0-based), whose loss sums so far are
         ``sums`` (averaged over the ranks); resumable when called between optimiser steps, by every rank at the same
-        one. Returns what it holds. Where rank 0 cannot write it, rank 0 raises :class:`CheckpointNotWritten` and the
-        others end quietly with ``signum``'s exit code."""
-        self.writer.wait()
+        one. Returns what it holds. Where rank 0 cannot write it, or could not write the checkpoint it was writing in
+        the background, rank 0 raises :class:`CheckpointNotWritten` and the others end quietly with ``signum``'s exit
+        code."""
+        failed: CheckpointNotWritten | None = None
+        try:
+            self.writer.wait()
+        except CheckpointNotWritten as e:  # raised after the collectives below, which every rank must make
+            failed = e
         partial = self._mean_over_ranks(sums)
         rng = self._rng_states()
-        failed: CheckpointNotWritten | None = None
-        if self.is_main:
+        if self.is_main and failed is None:
             try:
                 save_checkpoint(self._checkpoint(epoch, rng, iteration=it, partial=partial), self.out / LATEST)
             except CheckpointNotWritten as e:

@@ -149,11 +149,12 @@ def resenc_plan(arch: dict) -> dict:
                            key_to_lpe=None)
 
 
-def resenc_network(kwargs: dict) -> ResidualEncoderUNet:
+def resenc_network(kwargs: dict, channels: int = 1) -> ResidualEncoderUNet:
     """The network nnssl's ``get_network_from_plans`` builds from them: dna's ResidualEncoderUNet, classes imported
     by name."""
     classes = {k: pydoc.locate(kwargs[k]) for k in EXPLICIT_RESENC["arch_kwargs_requiring_import"]}
-    return ResidualEncoderUNet(input_channels=1, num_classes=2, deep_supervision=False, **{**kwargs, **classes})
+    return ResidualEncoderUNet(input_channels=channels, num_classes=2, deep_supervision=False,
+                               **{**kwargs, **classes})
 
 
 def write_resenc_checkpoint(path) -> tuple:
@@ -235,6 +236,26 @@ def test_an_nnssl_resenc_gives_its_stride_16_feature_map_as_tokens_with_its_prep
     assert trained.description == "ResidualEncoderUNet encoder pretrained with nnssl NonResEncL_BaseMAETrainer_Test"
     assert trained.notes[0].endswith("patch [32, 32, 32]; features: the feature map of stage 4 of 6 (stride "
                                      "16x16x16, 12 channels); not read: decoder")
+
+
+def test_an_nnssl_resenc_of_two_channels_reads_as_an_encoder_of_two_channels(tmp_path):
+    """A ResEnc pretrained on two channels (CT and PET, say): the encoder read takes two channels, as its stem's
+    weights do, and gives the feature map of stage 4 of dna's network with the checkpoint's weights."""
+    from nnunetv2_hiendmae.probe import token_grid
+
+    torch.manual_seed(0)
+    network = resenc_network(RESENC, channels=2).eval()
+    plan = resenc_plan(EXPLICIT_RESENC)
+    configuration = plan["pretrain_plan"]["configurations"]["onemmiso"]
+    configuration.update(normalization_schemes=["ZScoreNormalization"] * 2, use_mask_for_norm=[False] * 2)
+    plan["pretrain_num_input_channels"] = 2
+    torch.save({"network_weights": network.state_dict(), "current_epoch": 3, "trainer_name":
+                "NonResEncL_BaseMAETrainer_Test", "nnssl_adaptation_plan": plan}, tmp_path / "c.pth")
+    trained = load_trained_encoder(tmp_path / "c.pth")
+    assert trained.encoder.in_channels == 2 and trained.settings.normalization_schemes == ["ZScoreNormalization"] * 2
+    x = torch.randn(1, 2, 32, 48, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(token_grid(trained.encoder, x), network.encoder(x)[4])
 
 
 @pytest.mark.parametrize("name", ["ResEncL", "NoSkipResEncL"])

@@ -116,6 +116,39 @@ def test_a_stop_during_the_evaluation_cuts_it_short_and_saves_the_finished_epoch
             "the run stops at its next step") in log_of(out)
 
 
+def test_a_stop_during_the_last_epoch_s_evaluation_cuts_it_short_and_the_run_ends_as_it_would_have(
+        preprocessed_dataset, tmp_path, monkeypatch):
+    """Ctrl-C while the probe of the last epoch runs cuts it short as in any other epoch, and the log names the signal;
+    no step is left to stop at, so the run ends as it would have: checkpoint_final.pth holds both epochs, the probe of
+    the last one left out (NaN), and the lock is released."""
+    from nnunetv2_hiendmae import probe
+
+    real, calls, finished = probe.probe_score, [], []
+
+    def slow_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # 5 s, unless cut short
+                time.sleep(0.05)
+            finished.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "probe_score", slow_in_epoch_2)
+    out = tmp_path / "run"
+    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
+                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=2,
+                         iters_per_epoch=2, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=60,
+                         probe_dataset=str(preprocessed_dataset["id"]), probe_every=1, recon_every=100)
+    assert PretrainRun(cfg).run() == out / "checkpoint_final.pth"
+    assert len(calls) == 2 and not finished and not (out / LOCK).exists()
+    dice = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["probe_dice"]
+    assert len(dice) == 2 and dice[0] == dice[0] and dice[1] != dice[1]
+    assert ("SIGINT: the probe of epoch 2 was cut short and is left out with the rest of the epoch's evaluation; "
+            "the run ends, as it was its last epoch") in log_of(out)
+    assert f"done: {out / 'checkpoint_final.pth'}" in log_of(out)
+
+
 def test_the_ranks_other_than_0_exit_with_the_signal_s_code_and_print_nothing(capsys):
     """Under torchrun every rank stops; rank 0 says how to continue, the others exit as it does, quietly."""
     @cli_entry
@@ -183,6 +216,41 @@ def test_cut_short_ends_its_block_at_a_request_made_before_or_inside_it_and_only
     assert ran == ["before"] and inside.requested == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
         inside._note(signal.SIGINT, None)
+
+    guarded = StopSignals()  # a request that lands in a library's ``except Exception`` is not taken for its error
+    with pytest.raises(StopRequested), guarded.cut_short():
+        try:
+            guarded._note(signal.SIGTERM, None)
+        except Exception:
+            pass
+        ran.append("after the library's own error")
+    assert ran == ["before"]
+
+
+def test_a_signal_right_after_cut_short_looked_for_an_earlier_request_still_ends_its_block():
+    """A signal that lands between cut_short's look for an earlier request and the start of its block ends the block,
+    as one a moment earlier or later would, instead of letting it run to its end."""
+    from pretrain.stop import StopRequested, StopSignals
+
+    class LandsRightAfterTheLook(StopSignals):
+        looked = False
+
+        @property
+        def requested(self):
+            value = self.__dict__["_requested"]
+            if not self.looked:  # cut_short's look: the signal lands right after it
+                self.looked = True
+                self._note(signal.SIGTERM, None)
+            return value
+
+        @requested.setter
+        def requested(self, value):
+            self.__dict__["_requested"] = value
+
+    stop, ran = LandsRightAfterTheLook(), []
+    with pytest.raises(StopRequested), stop.cut_short():
+        ran.append("the block")
+    assert ran == [] and stop.requested == signal.SIGTERM and not stop._cutting
 
 
 def test_the_ranks_agree_on_any_rank_s_signal_sigterm_before_sigint_on_the_group_they_are_given(monkeypatch):
@@ -297,6 +365,51 @@ def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_
         assert str(e.value).startswith("SIGINT at epoch 2, iteration 3 of 4: stopped after the last finished step; "
                                        f"{tmp_path / 'checkpoint_latest.pth'} holds epoch 2 up to iteration 2; ")
         assert str(e.value).endswith(f"; continue with: {train.resume_command(tmp_path)}")
+
+
+def test_a_stop_after_rank_0_s_background_write_was_refused_ends_every_rank_at_once(monkeypatch, tmp_path):
+    """Where the epoch's checkpoint, written in the background on rank 0, was refused (a full disk) by the time the
+    ranks stop, rank 0 says why and tells the others, which end at once, quietly, with the signal's exit code, instead
+    of waiting for torchrun to end them; every rank still makes the save's collectives (the loss sums, the random
+    states), and rank 0 does not write the stopped step to the disk that refused the epoch."""
+    from types import SimpleNamespace
+
+    saved, told, collectives, group = [], [], [], object()
+
+    def broadcast(tensor, src, group=None):  # rank 0's word: written or not
+        assert src == 0
+        if rank.is_main:
+            told.append(int(tensor.item()))
+        else:
+            tensor.fill_(0)
+        told.append(group)
+
+    def refused():
+        raise train.CheckpointNotWritten(f"cannot write {tmp_path / 'checkpoint_latest.pth'}: No space left on "
+                                         "device; the previous checkpoint_latest.pth is kept")
+
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor, op=None, group=None: collectives.append("sums"))
+    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: saved.append(path))
+    for is_main in (True, False):
+        saved.clear(), told.clear(), collectives.clear()
+        rank = SimpleNamespace(
+            is_main=is_main, world_size=2, out=tmp_path, stop_group=group, data=SimpleNamespace(iters=4),
+            writer=SimpleNamespace(wait=refused if is_main else lambda: None),
+            _rng_states=lambda: collectives.append("rng") or ["rng 0", "rng 1"],
+            _checkpoint=lambda epoch, rng, iteration, partial: {})
+        rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
+        rank._mean_over_ranks = lambda values, rank=rank: PretrainRun._mean_over_ranks(rank, values)
+        sums = {"loss": torch.tensor(3.0)}
+        if is_main:
+            with pytest.raises(train.CheckpointNotWritten, match="No space left on device"):
+                PretrainRun._stop_interrupted(rank, signal.SIGTERM, 2, 1, sums)
+            assert told == [0, group]  # the others learn it failed
+        else:
+            with pytest.raises(Interrupted, match="^rank 0 could not save the stopped step$") as e:
+                PretrainRun._stop_interrupted(rank, signal.SIGTERM, 2, 1, sums)
+            assert e.value.quiet and e.value.exit_code == 128 + signal.SIGTERM and told == [group]
+        assert collectives == ["sums", "rng"] and saved == []
 
 
 class FullDisk(io.RawIOBase):

@@ -101,6 +101,13 @@ def test_the_held_out_losses_are_means_over_the_cases_whatever_the_batch_size(pr
     with pytest.raises(StopRequested):
         held(model, torch.device("cpu"), "fp32", 2)
     assert model.training and torch.equal(torch.get_rng_state(), state)  # the training's state, as it was
+    model.eval()  # a model scored in eval mode is left in eval mode, cut short or not
+    with pytest.raises(StopRequested):
+        held(model, torch.device("cpu"), "fp32", 2)
+    assert not model.training
+    del model.forward
+    assert held(model, torch.device("cpu"), "fp32", 2)["val_loss"] == pytest.approx(per_case.mean().item(), rel=1e-5)
+    assert not model.training
 
 
 def test_checkpoint_best_keeps_the_best_probe_score_across_a_resume(preprocessed_dataset, tmp_path, monkeypatch):

@@ -232,6 +232,17 @@ def test_random_resenc_l_is_nnssls_resenc_l_at_nnunets_initial_weights_and_is_pr
     assert all(f"{arch}," in help_text or f"{arch}:" in help_text for arch in probe.RANDOM_ARCHS)  # -pt's help
 
 
+def test_random_resenc_l_takes_the_dataset_s_channels():
+    """``random:resenc_l`` on a dataset of two channels (CT and PET, say) is ResEnc-L with a stem of two input
+    channels, as nnU-Net builds it for that dataset; a ViT preset likewise."""
+    from types import SimpleNamespace
+
+    two = SimpleNamespace(channels=2)  # all that random:ARCH reads of the split
+    encoder = probe.load_probe_encoder("random:resenc_l", two).encoder
+    assert encoder.in_channels == 2 and encoder.state_dict()["stem.convs.0.conv.weight"].shape == (32, 2, 3, 3, 3)
+    assert probe.load_probe_encoder("random:vit_tiny", two).encoder.in_channels == 2
+
+
 # ------------------------------------------------------------------------------------------------------------ command
 
 
