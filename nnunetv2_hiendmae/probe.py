@@ -425,9 +425,11 @@ class ProbeEncoder:
 
 
 def load_probe_encoder(spec: str, split: ProbeSplit, seed: int = PROBE_SEED) -> ProbeEncoder:
-    """``spec``: a pretraining checkpoint (:mod:`nnunetv2_hiendmae.checkpoint`) or ``random:ARCH`` (the preset's
-    encoder with its default positions, initialised after ``torch.manual_seed(seed)``
-    as a pretraining run with that seed initialises it, without touching the global random state). Raises
+    """``spec``: a pretraining checkpoint (:mod:`nnunetv2_hiendmae.checkpoint`) or ``random:ARCH``, ARCH one of
+    :data:`RANDOM_ARCHS`, initialised after ``torch.manual_seed(seed)`` without touching the global random state: a
+    preset's encoder with its default positions, as a pretraining run with that seed initialises it, or ``resenc_l``,
+    nnssl's ResEnc-L encoder as nnU-Net initialises a new ResEnc U-Net (:func:`~nnunetv2_hiendmae.resenc.initialize`),
+    on ``split``'s channels. Raises
     :class:`UserError` for an unknown architecture, an unreadable or foreign checkpoint, weights that do not fit their
     configuration, or a channel count other than ``split``'s."""
     if spec.startswith(RANDOM_PREFIX):
