@@ -70,6 +70,29 @@ def test_ctrl_c_or_sigterm_saves_the_last_step_releases_the_lock_and_says_how_to
     assert len(load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["loss"]) == 2
 
 
+def slow_after_a_signal(real, signum: int, calls: list, finished: list):
+    """``real`` (the held-out loss or the probe) that, at its second call (epoch 2's), sends this process ``signum``,
+    then works 5 s before it runs, unless cut short: ``finished`` says whether it got to the end."""
+    def slow_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+            for _ in range(100):  # 5 s, unless cut short
+                time.sleep(0.05)
+            finished.append(1)
+        return real(*args, **kwargs)
+    return slow_in_epoch_2
+
+
+def evaluated_run(ds, out, epochs: int, **extra) -> PretrainConfig:
+    """A tiny in-process run of 2 iterations per epoch, probed (and with ``extra``, scored on held-out cases) after
+    every epoch."""
+    return PretrainConfig(datasets=[str(ds["id"])], output_dir=str(out), arch="vit_tiny", patch_size=[16, 32, 32],
+                          batch_size=2, method_settings={"crops_per_volume": 1}, epochs=epochs, iters_per_epoch=2,
+                          num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=60,
+                          probe_dataset=str(ds["id"]), probe_every=1, recon_every=100, **extra)
+
+
 @pytest.mark.parametrize("cut", ["held-out loss", "probe"])
 def test_a_stop_during_the_evaluation_cuts_it_short_and_saves_the_finished_epoch(
         preprocessed_dataset, tmp_path, monkeypatch, cut):
@@ -79,30 +102,12 @@ def test_a_stop_during_the_evaluation_cuts_it_short_and_saves_the_finished_epoch
     from nnunetv2_hiendmae import probe
     from pretrain.heldout import HeldOutLoss
 
-    real = {"held-out loss": HeldOutLoss.__call__, "probe": probe.probe_score}[cut]
     calls, finished = [], []
-
-    def slow_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            return real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100):  # 5 s, unless cut short
-            time.sleep(0.05)
-        finished.append(1)
-        return real(*args, **kwargs)
-
-    if cut == "probe":
-        monkeypatch.setattr(probe, "probe_score", slow_in_epoch_2)
-    else:
-        monkeypatch.setattr(HeldOutLoss, "__call__", slow_in_epoch_2)
+    owner, name = (probe, "probe_score") if cut == "probe" else (HeldOutLoss, "__call__")
+    monkeypatch.setattr(owner, name, slow_after_a_signal(getattr(owner, name), signal.SIGTERM, calls, finished))
     out = tmp_path / "run"
-    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
-                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=3,
-                         iters_per_epoch=2, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=60,
-                         val_cases="2", probe_dataset=str(preprocessed_dataset["id"]), probe_every=1, recon_every=100)
     with pytest.raises(Interrupted) as e:
-        PretrainRun(cfg).run()
+        PretrainRun(evaluated_run(preprocessed_dataset, out, 3, val_cases="2")).run()
     assert not finished and e.value.exit_code == 128 + signal.SIGTERM
     assert str(e.value).startswith(f"SIGTERM at epoch 3, iteration 1 of 2: stopped after the last finished step; "
                                    f"{out / 'checkpoint_latest.pth'} holds 2 finished epoch(s)")
@@ -123,24 +128,10 @@ def test_a_stop_during_the_last_epoch_s_evaluation_cuts_it_short_and_the_run_end
     the last one left out (NaN), and the lock is released."""
     from nnunetv2_hiendmae import probe
 
-    real, calls, finished = probe.probe_score, [], []
-
-    def slow_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(100):  # 5 s, unless cut short
-                time.sleep(0.05)
-            finished.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_score", slow_in_epoch_2)
+    calls, finished = [], []
+    monkeypatch.setattr(probe, "probe_score", slow_after_a_signal(probe.probe_score, signal.SIGINT, calls, finished))
     out = tmp_path / "run"
-    cfg = PretrainConfig(datasets=[str(preprocessed_dataset["id"])], output_dir=str(out), arch="vit_tiny",
-                         patch_size=[16, 32, 32], batch_size=2, method_settings={"crops_per_volume": 1}, epochs=2,
-                         iters_per_epoch=2, num_workers=0, device="cpu", progress_bar=False, checkpoint_minutes=60,
-                         probe_dataset=str(preprocessed_dataset["id"]), probe_every=1, recon_every=100)
-    assert PretrainRun(cfg).run() == out / "checkpoint_final.pth"
+    assert PretrainRun(evaluated_run(preprocessed_dataset, out, 2)).run() == out / "checkpoint_final.pth"
     assert len(calls) == 2 and not finished and not (out / LOCK).exists()
     dice = load_checkpoint(out / "checkpoint_final.pth")["pretrain"]["history"]["probe_dice"]
     assert len(dice) == 2 and dice[0] == dice[0] and dice[1] != dice[1]
@@ -307,46 +298,63 @@ def test_the_resume_command_starts_the_run_as_it_was_started(monkeypatch, tmp_pa
             assert shlex.split(train.resume_command(spaced))[-2:] == ["-o", str(spaced)]
 
 
+class RankZerosWord:
+    """``dist.broadcast`` of whether rank 0 wrote the stopped step, between two ranks: on rank 0 (``is_main``) the
+    value sent is recorded in ``told``, the other rank receives ``written``; every call records its group too."""
+
+    def __init__(self, told: list):
+        self.told, self.is_main, self.written = told, True, True
+
+    def __call__(self, tensor, src, group=None):
+        assert src == 0
+        if self.is_main:
+            self.told.append(int(tensor.item()))
+        else:
+            tensor.fill_(int(self.written))
+        self.told.append(group)
+
+
+def one_of_two_ranks(is_main: bool, out, group, wait=lambda: None, rng_states=lambda: ["rng 0", "rng 1"]):
+    """The part of a :class:`PretrainRun` on one of 2 ranks that a stop reaches (``_stop_interrupted``, ``_save_step``,
+    ``_mean_over_ranks``), 4 iterations per epoch, its background writer waited for by ``wait``; its checkpoint is a
+    dict of what it was given."""
+    from types import SimpleNamespace
+
+    rank = SimpleNamespace(
+        is_main=is_main, world_size=2, out=out, stop_group=group, data=SimpleNamespace(iters=4),
+        writer=SimpleNamespace(wait=wait), _rng_states=rng_states,
+        _checkpoint=lambda epoch, rng, iteration, partial: dict(epoch=epoch, rng=rng, it=iteration, partial=partial))
+    rank._save_step = lambda *a: PretrainRun._save_step(rank, *a)
+    rank._mean_over_ranks = lambda values: PretrainRun._mean_over_ranks(rank, values)
+    return rank
+
+
 def test_a_stop_on_several_ranks_saves_their_mean_loss_sums_on_rank_0_and_waits_for_it(monkeypatch, tmp_path):
     """Every rank averages the loss sums of the epoch so far over the ranks; rank 0 alone saves them, and every rank
     waits on the stop group for rank 0 to say whether it saved, before it ends: rank 0 saying how to continue, the
     others quiet. Where rank 0 cannot write the checkpoint, it says why and the others end at once, quietly, with the
     signal's exit code, instead of waiting for torchrun to end them."""
-    from types import SimpleNamespace
-
     saved, told, group = [], [], object()
+    word = RankZerosWord(told)
 
     def all_reduce(tensor, op=train.dist.ReduceOp.SUM, group=None):  # the other rank's sums: twice ours
         assert op == train.dist.ReduceOp.SUM
         tensor += 2 * tensor
 
-    def broadcast(tensor, src, group=None):  # rank 0's word: written or not
-        assert src == 0
-        if rank.is_main:
-            told.append(int(tensor.item()))
-        else:
-            tensor.fill_(int(written))
-        told.append(group)
-
     def save(ckpt, path):
-        if not written:
+        if not word.written:
             raise train.CheckpointNotWritten(f"cannot write {path}: No space left on device")
         saved.append((ckpt, path))
 
     monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
-    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(train.dist, "broadcast", word)
     monkeypatch.setattr(train, "save_checkpoint", save)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for written, is_main in ((True, True), (True, False), (False, True), (False, False)):
         saved.clear(), told.clear()
-        rank = SimpleNamespace(
-            is_main=is_main, world_size=2, out=tmp_path, stop_group=group, data=SimpleNamespace(iters=4),
-            writer=SimpleNamespace(wait=lambda: None), _rng_states=lambda: ["rng 0", "rng 1"],
-            _checkpoint=lambda epoch, rng, iteration, partial: dict(epoch=epoch, rng=rng, it=iteration,
-                                                                    partial=partial))
-        rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
-        rank._mean_over_ranks = lambda values, rank=rank: PretrainRun._mean_over_ranks(rank, values)
+        word.is_main, word.written = is_main, written
+        rank = one_of_two_ranks(is_main, tmp_path, group)
         sums = {"loss": torch.tensor(3.0), "mse": torch.tensor(1.0)}
         if not written and is_main:
             with pytest.raises(train.CheckpointNotWritten, match="No space left on device"):
@@ -372,34 +380,22 @@ def test_a_stop_after_rank_0_s_background_write_was_refused_ends_every_rank_at_o
     ranks stop, rank 0 says why and tells the others, which end at once, quietly, with the signal's exit code, instead
     of waiting for torchrun to end them; every rank still makes the save's collectives (the loss sums, the random
     states), and rank 0 does not write the stopped step to the disk that refused the epoch."""
-    from types import SimpleNamespace
-
     saved, told, collectives, group = [], [], [], object()
-
-    def broadcast(tensor, src, group=None):  # rank 0's word: written or not
-        assert src == 0
-        if rank.is_main:
-            told.append(int(tensor.item()))
-        else:
-            tensor.fill_(0)
-        told.append(group)
+    word = RankZerosWord(told)
+    word.written = False  # what the other rank receives: rank 0's word is what the test checks on rank 0
 
     def refused():
         raise train.CheckpointNotWritten(f"cannot write {tmp_path / 'checkpoint_latest.pth'}: No space left on "
                                          "device; the previous checkpoint_latest.pth is kept")
 
     monkeypatch.setattr(train.dist, "all_reduce", lambda tensor, op=None, group=None: collectives.append("sums"))
-    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(train.dist, "broadcast", word)
     monkeypatch.setattr(train, "save_checkpoint", lambda ckpt, path: saved.append(path))
     for is_main in (True, False):
         saved.clear(), told.clear(), collectives.clear()
-        rank = SimpleNamespace(
-            is_main=is_main, world_size=2, out=tmp_path, stop_group=group, data=SimpleNamespace(iters=4),
-            writer=SimpleNamespace(wait=refused if is_main else lambda: None),
-            _rng_states=lambda: collectives.append("rng") or ["rng 0", "rng 1"],
-            _checkpoint=lambda epoch, rng, iteration, partial: {})
-        rank._save_step = lambda *a, rank=rank: PretrainRun._save_step(rank, *a)
-        rank._mean_over_ranks = lambda values, rank=rank: PretrainRun._mean_over_ranks(rank, values)
+        word.is_main = is_main
+        rank = one_of_two_ranks(is_main, tmp_path, group, wait=refused if is_main else lambda: None,
+                                rng_states=lambda: collectives.append("rng") or ["rng 0", "rng 1"])
         sums = {"loss": torch.tensor(3.0)}
         if is_main:
             with pytest.raises(train.CheckpointNotWritten, match="No space left on device"):
